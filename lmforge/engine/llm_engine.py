@@ -1,0 +1,202 @@
+"""LLMEngine (add / step / abort) and the offline ``LLM`` class built on it.
+
+``LLMEngine.step()`` is the one loop of lmforge: schedule -> execute -> sample -> update ->
+outputs, as nano-vllm's and vLLM's ``EngineCore.step``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.config import EngineConfig, ModelConfig
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
+from lmforge.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from lmforge.engine.sampler import Sampler
+from lmforge.engine.scheduler import Scheduler, SchedulerOutput
+from lmforge.errors import ContextLengthExceededError, InvalidRequestError
+from lmforge.models.loader import LoadedModel, load_model
+from lmforge.tokenizer import IncrementalDetokenizer
+
+
+class LLMEngine:
+    """The continuous-batching engine over one model.
+
+    Args:
+        config: engine configuration (validated here).
+        loaded: an already loaded model; by default ``config.model`` is loaded.
+
+    Raises:
+        ModelLoadError: the model cannot be loaded.
+        ValueError: the configuration is inconsistent (the message names the fix).
+    """
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
+        loaded = loaded or load_model(config.model)
+        self.config = config
+        self.model_name = loaded.name
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(config.model.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        config.validate(self.max_model_len)
+        cache = config.cache
+        num_blocks = num_kv_blocks(loaded.model, cache, getattr(torch, config.model.dtype))
+        if num_blocks * cache.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * cache.block_size} tokens, fewer than "
+                f"max_model_len ({self.max_model_len}); increase kv_cache_memory_mb / num_blocks "
+                "or decrease max_model_len")
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.model_runner = ModelRunner(loaded.model, self.block_manager, num_blocks,
+                                        cache.block_size)
+        self.sampler = Sampler(loaded.config.vocab_size, self.model_runner.device,
+                               seed=config.model.seed)
+        self.vocab_size = loaded.config.vocab_size
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request. Validation errors are raised here, before anything is queued.
+
+        Raises:
+            InvalidRequestError: empty prompt, token id outside the vocabulary, duplicate id.
+            ContextLengthExceededError: prompt + max_tokens exceeds max_model_len.
+        """
+        self.validate_prompt(prompt_token_ids, params)
+        if request_id in self.scheduler.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids)
+        if request.max_tokens is None:
+            request.max_tokens = self.max_model_len - len(prompt_token_ids)
+        self.detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids, stop=params.stop,
+            skip_special_tokens=params.skip_special_tokens,
+            include_stop_str_in_output=params.include_stop_str_in_output)
+        self.scheduler.add_request(request)
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Check a prompt against the vocabulary and the context length (see ``add_request``)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty; send at least one token",
+                                      param="prompt")
+        bad = next((t for t in prompt_token_ids
+                    if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})",
+                param="prompt")
+        wanted = n + (params.max_tokens or 0)
+        if n >= self.max_model_len or wanted > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {wanted} tokens ({n} in the prompt, {params.max_tokens or 0} for "
+                "the completion). Please reduce the prompt or max_tokens.")
+
+    def abort_request(self, request_id: str) -> None:
+        """Finish a request as aborted and free its KV blocks now. Unknown ids are ignored."""
+        self.scheduler.abort_request(request_id)
+        self.detokenizers.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step and return the outputs of requests that produced a token."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.requests:
+            return []
+        logits = self.model_runner.execute(scheduled)
+        sampled = self.sampler.sample(logits, scheduled.sampling_requests())
+        self.scheduler.update(scheduled, sampled)
+        return self._make_outputs(scheduled)
+
+    def _make_outputs(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+        outputs = []
+        for request in scheduled.sampling_requests():
+            detok = self.detokenizers[request.request_id]
+            token = request.output_token_ids[-1]
+            text = detok.update([token])
+            if detok.stopped:  # a stop string wins over length, as in vLLM
+                self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+                request.status = RequestStatus.FINISHED_STOPPED
+            elif request.status.is_finished():
+                text += detok.flush()
+            if request.status.is_finished():
+                del self.detokenizers[request.request_id]
+            outputs.append(RequestOutput(
+                request_id=request.request_id, text=text, token_ids=[token],
+                finished=request.status.is_finished(),
+                finish_reason=request.status.finish_reason,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_cached_tokens=request.num_cached_tokens,
+                num_output_tokens=request.num_output_tokens))
+        return outputs
+
+
+@dataclass
+class GenerationOutput:
+    """The finished result of one prompt in offline use."""
+
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    num_cached_tokens: int
+
+
+class LLM:
+    """Offline generation: ``LLM("smollm2-135m-instruct").generate(["Hello"], params)``.
+
+    Args:
+        model: alias, GGUF file or HF directory.
+        **kwargs: ModelConfig fields (dtype, device, max_model_len, chat_template, seed).
+    """
+
+    def __init__(self, model: str, config: EngineConfig | None = None, **kwargs):
+        config = config or EngineConfig(model=ModelConfig(model=model, **kwargs))
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts: str | list[str] | list[list[int]],
+                 params: SamplingParams | None = None, use_tqdm: bool = True
+                 ) -> list[GenerationOutput]:
+        """Generate for all prompts in continuous batches; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        return self._run(ids, params or SamplingParams(), use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[GenerationOutput]:
+        """Generate replies to one conversation or a list of them (chat template applied)."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        template = self.engine.config.model.chat_template
+        ids = [self.tokenizer.apply_chat_template(c, chat_template=template) for c in convs]
+        return self._run(ids, params or SamplingParams(), use_tqdm)
+
+    def _run(self, prompt_ids: list[list[int]], params: SamplingParams, use_tqdm: bool):
+        engine = self.engine
+        rids = [f"offline-{next(self._ids)}" for _ in prompt_ids]
+        for rid, ids in zip(rids, prompt_ids):
+            engine.add_request(rid, ids, params)
+        texts = {rid: [] for rid in rids}
+        tokens = {rid: [] for rid in rids}
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(rids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            while len(done) < len(rids):
+                for out in engine.step():
+                    texts[out.request_id].append(out.text)
+                    tokens[out.request_id].extend(out.token_ids)
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [GenerationOutput(ids, "".join(texts[r]), tokens[r], done[r].finish_reason,
+                                 done[r].num_cached_tokens)
+                for r, ids in zip(rids, prompt_ids)]

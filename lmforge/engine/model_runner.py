@@ -1,0 +1,117 @@
+"""SchedulerOutput -> input tensors + attention metadata -> logits. Owns the KV-cache tensors.
+
+The flat batch puts single-token queries (decodes) first, then each multi-token chunk
+(prefills); ``execute`` returns logits only for the requests that sample this step, in the order
+of ``SchedulerOutput.sampling_requests()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.config import CacheConfig
+from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.request import Request
+from lmforge.engine.scheduler import SchedulerOutput
+from lmforge.models.attention import AttentionMetadata, PrefillChunk
+from lmforge.models.llama import LlamaForCausalLM
+
+
+def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """Blocks that fit in ``cache.kv_cache_memory_mb`` (unless ``cache.num_blocks`` is set)."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    cfg = model.config
+    bytes_per_block = (2 * cfg.num_hidden_layers * cache.block_size * cfg.num_key_value_heads
+                       * cfg.head_dim * torch.finfo(dtype).bits // 8)
+    return max(2, cache.kv_cache_memory_mb * 2**20 // bytes_per_block)
+
+
+class ModelRunner:
+    """Runs the model on one scheduled step.
+
+    Args:
+        model: the loaded model (on its device, in its dtype).
+        block_manager: source of each request's block table.
+        num_blocks, block_size: KV cache geometry; K and V per layer are
+            (num_blocks * block_size, n_kv_heads, head_dim) tensors in the model's dtype.
+    """
+
+    def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, num_blocks: int,
+                 block_size: int):
+        self.model = model
+        self.block_manager = block_manager
+        self.block_size = block_size
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        shape = model.kv_cache_shape(num_blocks * block_size)
+        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                           torch.zeros(shape, dtype=self.dtype, device=self.device))
+                          for _ in range(model.config.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+        """Compute one step. Returns (num_sampling_requests, vocab) float32 logits."""
+        order = sorted(range(len(out.requests)), key=lambda i: out.num_new_tokens[i] != 1)
+        reqs = [out.requests[i] for i in order]
+        counts = [out.num_new_tokens[i] for i in order]
+        input_ids, positions, meta, last_rows = self._prepare(reqs, counts)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
+        # logits only for the last row of each sampling request, in the scheduler's order
+        row_of = {id(r): row for r, row in zip(reqs, last_rows)}
+        rows = [row_of[id(r)] for r in out.sampling_requests()]
+        if not rows:
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+
+    def _prepare(self, reqs: list[Request], counts: list[int]):
+        bs = self.block_size
+        tables = [self.block_manager.block_table(r.request_id) for r in reqs]
+        width = max(len(t) for t in tables)
+        block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, width)
+        starts = torch.tensor([r.num_computed_tokens for r in reqs])
+        n = torch.tensor(counts)
+        ctx_lens = starts + n  # (B,) context length after this step
+
+        tokens, last_rows, row = [], [], 0
+        for r, c in zip(reqs, counts):
+            tokens.extend(r.all_token_ids[r.num_computed_tokens:r.num_computed_tokens + c])
+            row += c
+            last_rows.append(row - 1)
+        req_of_row = torch.repeat_interleave(torch.arange(len(reqs)), n)  # (T,)
+        row_start = torch.cumsum(n, 0) - n
+        positions = starts[req_of_row] + torch.arange(len(tokens)) - row_start[req_of_row]
+        slot_mapping = self._slots(block_table[req_of_row], positions[:, None])[:, 0]
+
+        num_decodes = sum(1 for c in counts if c == 1)
+        decode_slots = decode_mask = None
+        if num_decodes:
+            pos = torch.arange(int(ctx_lens[:num_decodes].max()))
+            decode_slots = self._slots(block_table[:num_decodes], pos.expand(num_decodes, -1))  # (Bd, L)
+            decode_mask = (pos[None, :] < ctx_lens[:num_decodes, None])[:, None, None, :]
+        prefills = [self._prefill_chunk(block_table[i], int(starts[i]), counts[i],
+                                        int(row_start[i]))
+                    for i in range(num_decodes, len(reqs))]
+        to = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(to), num_decodes=num_decodes,
+            decode_slots=None if decode_slots is None else decode_slots.to(to),
+            decode_mask=None if decode_mask is None else decode_mask.to(to), prefills=prefills)
+        return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
+
+    def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:
+        if start == 0:  # no cached prefix: attend to the chunk's own K/V, plain causal
+            return PrefillChunk(row, row + n, None, None)
+        pos = torch.arange(start + n)
+        slots = self._slots(table[None], pos[None])[0]  # (L,)
+        q_pos = torch.arange(start, start + n)
+        mask = pos[None, :] <= q_pos[:, None]  # (n, L): causal, offset by the cached prefix
+        return PrefillChunk(row, row + n, slots.to(self.device), mask.to(self.device))
+
+    def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Flat cache slots: ``block_table[r, pos // bs] * bs + pos % bs``.
+
+        block_table: (R, width) int64; positions: (R, L) -> (R, L) slots.
+        """
+        bs = self.block_size
+        return torch.gather(block_table, 1, positions // bs) * bs + positions % bs

@@ -1,0 +1,189 @@
+"""Requests, their states, sampling parameters and the outputs the engine emits. No torch here.
+
+The state machine follows vLLM's ``vllm/v1/request.py``: ``RequestStatus`` is an IntEnum with
+``is_finished()`` and one map to OpenAI ``finish_reason`` strings.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+
+from lmforge.errors import InvalidRequestError
+
+MAX_STOP_SEQUENCES = 16
+
+
+class RequestStatus(enum.IntEnum):
+    """Where a request is in its life. Everything above ``PREEMPTED`` is finished."""
+
+    WAITING = enum.auto()  # queued; holds no KV blocks (or lost them to preemption)
+    RUNNING = enum.auto()  # scheduled this step or holding blocks between steps
+    PREEMPTED = enum.auto()  # blocks freed under memory pressure; recomputed when rescheduled
+    FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = enum.auto()  # max_tokens or the context length reached
+    FINISHED_ABORTED = enum.auto()  # client went away or the request was cancelled
+
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI ``finish_reason`` string, or None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding parameters, with OpenAI (and vLLM) semantics.
+
+    temperature 0 means greedy. ``top_k`` 0 (or -1) disables top-k. Presence and frequency
+    penalties follow the OpenAI formula ``logit - presence * (count > 0) - frequency * count`` over
+    generated tokens; ``repetition_penalty`` follows CTRL (arXiv:1909.05858): logits of tokens seen
+    in the prompt or output are divided by it when positive, multiplied when negative.
+
+    Raises (from ``validate``):
+        InvalidRequestError: naming the parameter and its allowed range.
+    """
+
+    max_tokens: int | None = 16  # None = up to the context length
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self.validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        _check_finite(self, "temperature", "top_p", "min_p", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise InvalidRequestError(
+                f"max_tokens must be at least 1, got {self.max_tokens}", param="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequestError(
+                f"temperature must be between 0 and 2, got {self.temperature}", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(
+                f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if self.top_k < 0:
+            raise InvalidRequestError(
+                f"top_k must be 0 or -1 (disabled) or positive, got {self.top_k}", param="top_k")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(
+                    f"{name} must be between -2 and 2, got {getattr(self, name)}", param=name)
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}",
+                param="repetition_penalty")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidRequestError(
+                f"stop may hold at most {MAX_STOP_SEQUENCES} sequences, got {len(self.stop)}",
+                param="stop")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop sequences must be non-empty strings", param="stop")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise InvalidRequestError(
+                "stop_token_ids must be non-negative integers", param="stop_token_ids")
+
+
+def _check_finite(params: SamplingParams, *names: str) -> None:
+    for name in names:
+        value = getattr(params, name)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidRequestError(f"{name} must be a finite number, got {value!r}", param=name)
+
+
+class Request:
+    """One sequence inside the engine: its tokens, its progress and its KV bookkeeping.
+
+    ``num_computed_tokens`` counts tokens whose K/V are in the cache; the scheduler advances it.
+    ``all_token_ids`` is prompt + output; after preemption everything is recomputed as prefill.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.output_token_ids: list[int] = []
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache (first schedule)
+        self.max_tokens = params.max_tokens  # resolved against the context by the engine
+        self.stop_token_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else eos_token_ids)
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.block_hashes: list[int] = []  # prefix hashes of full blocks, grown lazily
+        self.generator = None  # torch.Generator for a seeded request, created by the sampler
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request (a delta, for streaming).
+
+    ``text`` and ``token_ids`` hold only what is new since the previous output of this request.
+    ``text`` never ends in a broken UTF-8 character nor in a partial stop string.
+    """
+
+    request_id: str
+    text: str  # new text since the previous output
+    token_ids: list[int]  # new token ids since the previous output
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    num_output_tokens: int  # all generated tokens so far

@@ -1,0 +1,133 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral, Qwen2 (Touvron et al. 2023; Qwen2 adds q/k/v bias).
+
+Pre-norm decoder blocks with RMSNorm, rotary positions, grouped-query attention and a SwiGLU MLP.
+Module names equal the Hugging Face checkpoint names (``model.layers.0.self_attn.q_proj``), so
+loading a checkpoint is a name table and PEFT adapters interoperate.
+
+The model runs over a flat batch of T tokens from many requests and the paged KV cache; see
+``lmforge.models.attention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
+from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (num_slots, n_kv_heads, head_dim)
+
+
+@dataclass
+class LlamaConfig:
+    """The hyperparameters of a Llama-family checkpoint (HF ``config.json`` field names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    head_dim: int | None = None  # None = hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    tie_word_embeddings: bool = False
+    architecture: str = "llama"
+    rope_freq_factors: list[float] | None = field(default=None, repr=False)  # GGUF rope_freqs
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        self.scale = self.head_dim ** -0.5
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
+        self.rotary = [rotary]  # in a list: shared by all layers, not a submodule per layer
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_cache: KVCache,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # (T, H, D)
+        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)  # (T, Hkv, D)
+        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
+        q, k = self.rotary[0](positions, q, k)
+        k_cache, v_cache = kv_cache
+        write_kv(k_cache, meta.slot_mapping, k)
+        write_kv(v_cache, meta.slot_mapping, v)
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
+        return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, positions, x, kv_cache, meta):
+        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        freq_factors = (torch.tensor(cfg.rope_freq_factors)
+                        if cfg.rope_freq_factors is not None else None)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                      cfg.rope_scaling, freq_factors)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, self.rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, kv_caches, meta):
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(positions, x, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM over the paged KV cache.
+
+    ``forward(input_ids (T,), positions (T,), kv_caches, meta) -> hidden (T, hidden)``;
+    ``compute_logits(hidden (N, hidden)) -> (N, vocab)`` (float32), called only on the rows that
+    sample, so the vocabulary projection is not paid for every prefill token.
+    """
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def kv_cache_shape(self, num_slots: int) -> tuple[int, int, int]:
+        """Shape of one layer's K (or V) cache: (num_slots, n_kv_heads, head_dim)."""
+        return num_slots, self.config.num_key_value_heads, self.config.head_dim

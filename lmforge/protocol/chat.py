@@ -1,0 +1,177 @@
+"""``/v1/chat/completions`` wire schemas (OpenAI API reference, "Create chat completion" and
+"The chat completion chunk object")."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, Field, model_serializer, model_validator
+
+from lmforge.errors import InvalidRequestError
+from lmforge.protocol.common import RequestModel, ResponseModel, SamplingRequest, Usage
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class TextContentPart(RequestModel):
+    """``{"type": "text", "text": "..."}``; images and audio are not supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(RequestModel):
+    """One message of the conversation, as the chat template receives it.
+
+    ``content`` is a string or a list of text parts (joined with no separator, as OpenAI does for
+    text-only parts). Only an assistant message may omit content (when it carries tool calls).
+    """
+
+    role: Role
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # assistant turns replayed by the client
+    tool_call_id: str | None = None  # role "tool"
+    refusal: str | None = None  # echoed back by clients that replay a response; ignored
+    annotations: list[Any] | None = None  # idem
+
+    @model_validator(mode="after")
+    def _content_present(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"content is required for a {self.role} message")
+        return self
+
+    def text(self) -> str:
+        """The content as one string ("" when absent)."""
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The dict a Hugging Face chat template expects: role, content and any extra keys."""
+        out: dict[str, Any] = {"role": self.role, "content": self.text()}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """The request body. ``max_completion_tokens`` wins over the older ``max_tokens``; both
+    null means "up to the context length"."""
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = (
+        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format",
+        "functions", "function_call", "audio", "prediction", "reasoning_effort",
+        "web_search_options")
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # meaningless without tools; accepted
+    response_format: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    # accepted and ignored: they do not change what is generated
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    def is_default(self, name: str, value: Any) -> bool:
+        if name == "top_logprobs":
+            return value in (None, 0)
+        if name == "tool_choice":
+            return value in (None, "none", "auto")
+        if name == "response_format":
+            return value is None or value == {"type": "text"}
+        return super().is_default(name, value)
+
+    def check(self) -> None:
+        """Also rejects empty ``messages`` and non-text ``modalities``.
+
+        Raises:
+            InvalidRequestError: naming the parameter.
+        """
+        if not self.messages:
+            raise InvalidRequestError("messages must contain at least one message",
+                                      param="messages")
+        if self.modalities not in (None, [], ["text"]):
+            raise InvalidRequestError("only the text modality is supported", param="modalities")
+        super().check()
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name the client used, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+class ChatCompletionMessage(ResponseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: str | None = None
+
+
+class ChatCompletionChoice(ResponseModel):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class ChatCompletion(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    """A streamed message delta. Unset keys are left out, so the finish chunk is ``{}``."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionChunkChoice(ResponseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    """One SSE event. ``usage`` is null except in the last chunk of an ``include_usage``
+    stream, whose ``choices`` is empty."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None

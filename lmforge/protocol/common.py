@@ -1,0 +1,130 @@
+"""Pieces shared by the chat and completions wire schemas (OpenAI API reference, "Chat" and
+"Completions" sections; vLLM's ``vllm/entrypoints/openai/protocol.py`` for the sampling extras).
+
+Requests forbid unknown fields, as the OpenAI API does ("Unrecognized request argument supplied:
+X"); responses are plain models that serialize to the exact OpenAI JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lmforge.errors import InvalidRequestError
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: unknown fields are rejected, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ResponseModel(BaseModel):
+    """Base of every response body (no strictness: we build these ourselves)."""
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False  # send a last chunk with ``choices: []`` and ``usage``
+
+
+class PromptTokensDetails(ResponseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+class Usage(ResponseModel):
+    """Token counts of one response; ``total_tokens = prompt_tokens + completion_tokens``."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+class SamplingRequest(RequestModel):
+    """Fields common to ``/v1/chat/completions`` and ``/v1/completions``.
+
+    ``None`` means "the OpenAI default" for every optional number (temperature 1, top_p 1,
+    penalties 0). ``top_k`` ... ``include_stop_str_in_output`` are vLLM extensions.
+    ``UNSUPPORTED`` names fields that are accepted by the schema only so that a non-default value
+    yields a clear 400 instead of "unrecognized"; ``check()`` enforces that.
+    """
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias",)
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted, ignored
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def check(self) -> None:
+        """Reject what the schema admits but lmforge does not do yet.
+
+        Raises:
+            InvalidRequestError: naming the parameter (``n``, ``stream_options`` or one of
+                ``UNSUPPORTED``).
+        """
+        if self.n is not None and self.n < 1:
+            raise InvalidRequestError(f"n must be at least 1, got {self.n}", param="n")
+        if self.n is not None and self.n > 1:
+            raise InvalidRequestError("n > 1 is not supported yet", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options")
+        for name in self.UNSUPPORTED:
+            if not self.is_default(name, getattr(self, name)):
+                raise InvalidRequestError(
+                    f"{name} is not supported yet; remove it from the request", param=name)
+
+    def is_default(self, name: str, value: Any) -> bool:
+        """Whether an unsupported field holds a value that asks for nothing (null, false, {})."""
+        return value is None or value is False or value == {} or value == []
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``SamplingParams`` (all but ``max_tokens``), OpenAI defaults
+        filled in for nulls. Range checks happen in ``SamplingParams.validate``."""
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return {
+            "temperature": pick(self.temperature, 1.0),
+            "top_p": pick(self.top_p, 1.0),
+            "top_k": pick(self.top_k, 0),
+            "min_p": pick(self.min_p, 0.0),
+            "presence_penalty": pick(self.presence_penalty, 0.0),
+            "frequency_penalty": pick(self.frequency_penalty, 0.0),
+            "repetition_penalty": pick(self.repetition_penalty, 1.0),
+            "seed": self.seed,
+            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            "stop_token_ids": list(self.stop_token_ids or []),
+            "ignore_eos": self.ignore_eos,
+            "skip_special_tokens": self.skip_special_tokens,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+        }

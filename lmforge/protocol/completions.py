@@ -1,0 +1,82 @@
+"""``/v1/completions`` wire schemas (OpenAI API reference, "Create completion")."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from lmforge.errors import InvalidRequestError
+from lmforge.protocol.common import ResponseModel, SamplingRequest, Usage
+
+# A string, several strings, one token-id prompt, or several token-id prompts.
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class CompletionRequest(SamplingRequest):
+    """The request body. ``max_tokens`` defaults to 16, as in the OpenAI API."""
+
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "logprobs", "suffix", "echo",
+                                              "best_of")
+
+    prompt: Prompt
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    suffix: str | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+
+    def is_default(self, name: str, value: Any) -> bool:
+        if name == "logprobs":
+            return value is None  # 0 asks for the sampled token's logprob
+        if name == "suffix":
+            return value in (None, "")
+        if name == "best_of":
+            return value in (None, 1)
+        return super().is_default(name, value)
+
+    def check(self) -> None:
+        """Also rejects an empty prompt list.
+
+        Raises:
+            InvalidRequestError: naming the parameter.
+        """
+        if self.prompt == [] or any(p == [] or p == "" for p in self.prompts()):
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        super().check()
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: each a string or a list of token ids.
+
+        ``"a"`` -> ``["a"]``; ``[1, 2]`` -> ``[[1, 2]]``; lists of either stay as they are.
+        """
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and all(isinstance(t, int) for t in self.prompt):
+            return [list(self.prompt)]  # type: ignore[arg-type]
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None
+
+
+class Completion(ResponseModel):
+    """The response body, and (with ``finish_reason`` null until the end and ``usage`` null but
+    in the last ``include_usage`` chunk) each streamed chunk: OpenAI uses ``text_completion`` for
+    both."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+CompletionChunk = Completion

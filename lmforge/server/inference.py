@@ -1,0 +1,298 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions`` on top of ``AsyncEngine``.
+
+Flow per request: check the body -> check the model -> build ``SamplingParams`` -> prompts to
+token ids -> start one engine request per prompt and wait for each one's first output (the engine
+validates before its first yield, so a bad prompt still gets a plain HTTP 400 even when
+streaming) -> either collect everything into one response, or stream SSE chunks.
+
+A client disconnect aborts the engine requests: while we wait (priming, non-streaming collection)
+a listener task on the ASGI ``receive`` channel cancels the wait; while streaming, Starlette
+cancels the body iterator and ``SSEResponse`` closes it. Either way ``Generation.aclose()`` closes
+the engine iterators, which aborts their requests and frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel
+
+from lmforge.engine.request import RequestOutput, SamplingParams
+from lmforge.errors import (
+    InternalServerError,
+    InvalidRequestError,
+    LMForgeError,
+    ModelNotFoundError,
+)
+from lmforge.protocol import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+from lmforge.server.sse import DONE, SSEResponse, sse_event
+
+if TYPE_CHECKING:
+    from lmforge.engine.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+# (choice index, new text, finish_reason or None) -> one streamed chunk
+ChunkFactory = Callable[[int, str, "str | None"], BaseModel]
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """OpenAI "Create chat completion" (n=1, text only)."""
+    engine: AsyncEngine = request.app.state.engine
+    _check_model(engine, body.model)
+    body.check()
+    params = _sampling_params(body, body.requested_max_tokens, body.max_tokens_param)
+    messages = [m.to_template_dict() for m in body.messages]
+    prompt = engine.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, chat_template=request.app.state.chat_template)
+    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    created = int(time.time())
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> ChatCompletionChunk:
+        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
+        choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[choice])
+
+    if body.stream:
+        role = ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[
+            ChatCompletionChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])
+        usage_chunk = ChatCompletionChunk(id=gen.id, created=created, model=body.model,
+                                          choices=[])
+        return await _stream(request, gen, chunk, [role], usage_chunk if body.include_usage
+                             else None)
+    results = await _collect(request, gen)
+    if isinstance(results, Response):
+        return results
+    texts, usage, reasons = results
+    return ChatCompletion(id=gen.id, created=created, model=body.model, usage=usage, choices=[
+        ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=t),
+                             finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))])
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request):
+    """OpenAI "Create completion": one choice per prompt, generated concurrently."""
+    engine: AsyncEngine = request.app.state.engine
+    _check_model(engine, body.model)
+    body.check()
+    params = _sampling_params(body, body.max_tokens, "max_tokens")
+    prompts = [engine.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
+               for p in body.prompts()]
+    gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+    created = int(time.time())
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> Completion:
+        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+        return Completion(id=gen.id, created=created, model=body.model, choices=[choice])
+
+    if body.stream:
+        usage_chunk = Completion(id=gen.id, created=created, model=body.model, choices=[])
+        return await _stream(request, gen, chunk, [], usage_chunk if body.include_usage
+                             else None)
+    results = await _collect(request, gen)
+    if isinstance(results, Response):
+        return results
+    texts, usage, reasons = results
+    return Completion(id=gen.id, created=created, model=body.model, usage=usage, choices=[
+        CompletionChoice(index=i, text=t, finish_reason=r)
+        for i, (t, r) in enumerate(zip(texts, reasons))])
+
+
+def _check_model(engine: AsyncEngine, model: str) -> None:
+    if model != engine.model_name:
+        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+
+
+def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
+                     max_tokens_param: str) -> SamplingParams:
+    """``SamplingParams`` from the body; its range errors name the parameter the client sent."""
+    try:
+        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs())
+    except InvalidRequestError as e:
+        if e.param == "max_tokens":
+            e.param = max_tokens_param
+            e.message = e.message.replace("max_tokens", max_tokens_param)
+        raise
+
+
+async def _collect(request: Request, gen: Generation
+                   ) -> tuple[list[str], Usage, list[str | None]] | Response:
+    """Run ``gen`` to the end: (text per choice, usage, finish_reason per choice), or an empty
+    response when the client went away (nobody will read it)."""
+    try:
+        await gen.start(request)
+        texts = [""] * gen.num_prompts
+        async for index, out in gen.outputs():
+            texts[index] += out.text
+        return texts, gen.usage(), gen.finish_reasons()
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        await gen.aclose()
+
+
+async def _stream(request: Request, gen: Generation, chunk: ChunkFactory,
+                  opening: list[BaseModel], usage_chunk: BaseModel | None) -> Response:
+    """Start ``gen`` (errors so far become plain HTTP errors) and return its SSE response."""
+    try:
+        await gen.start(request)
+    except ClientDisconnected:
+        await gen.aclose()
+        return Response(status_code=499)
+    except BaseException:
+        await gen.aclose()
+        raise
+    await gen.stop_watching()
+    return SSEResponse(_sse_events(gen, chunk, opening, usage_chunk))
+
+
+async def _sse_events(gen: Generation, chunk: ChunkFactory, opening: list[BaseModel],
+                      usage_chunk: BaseModel | None) -> AsyncIterator[str]:
+    """The SSE body: opening chunks, one chunk per non-empty delta, one ``finish_reason`` chunk
+    per choice, the usage chunk if asked for, ``[DONE]``. Errors become an error event."""
+    try:
+        for c in opening:
+            yield sse_event(c)
+        async for index, out in gen.outputs():
+            if out.text:
+                yield sse_event(chunk(index, out.text, None))
+            if out.finished:
+                yield sse_event(chunk(index, "", out.finish_reason or "stop"))
+        if usage_chunk is not None:
+            yield sse_event(usage_chunk.model_copy(update={"usage": gen.usage()}))
+    except LMForgeError as e:
+        yield sse_event(e.to_envelope())
+    except Exception:
+        logger.exception("error while streaming %s", gen.id)
+        yield sse_event(InternalServerError().to_envelope())
+    finally:
+        await gen.aclose()
+    yield DONE
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away while we waited for the engine."""
+
+
+class Generation:
+    """The engine requests behind one HTTP request, one per prompt, run concurrently.
+
+    ``start()`` waits for every prompt's first output, so validation errors (raised by the
+    engine before its first yield) surface before any response is sent; ``outputs()`` then
+    yields ``(choice index, RequestOutput delta)`` in arrival order; ``aclose()`` cancels what is
+    pending and closes every engine iterator, which aborts unfinished requests.
+    """
+
+    def __init__(self, engine: AsyncEngine, response_id: str, prompts: list[list[int]],
+                 params: SamplingParams):
+        self.id = response_id
+        self.num_prompts = len(prompts)
+        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}"
+                                                       for i in range(len(prompts))]
+        self._iters = [engine.generate(rid, p, params) for rid, p in zip(ids, prompts)]
+        self._pending: dict[asyncio.Future, int] = {}  # next-output task -> choice index
+        self._last: list[RequestOutput | None] = [None] * len(prompts)
+        self._watcher: asyncio.Future | None = None  # resolves when the client disconnects
+
+    async def start(self, request: Request) -> None:
+        """Wait for each prompt's first output, watching for a disconnect meanwhile.
+
+        Raises:
+            InvalidRequestError / ContextLengthExceededError: from the engine's validation.
+            ClientDisconnected: the client went away first.
+        """
+        self._watcher = asyncio.ensure_future(_wait_disconnect(request))
+        for index in range(self.num_prompts):
+            self._schedule(index)
+        while not all(task.done() for task in self._pending):
+            for task in await self._wait_any():
+                task.result()  # re-raise the engine's error at once
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Deltas of all prompts until each has finished (raising ``ClientDisconnected`` if the
+        client goes away, unless ``stop_watching()`` handed that job to the caller)."""
+        while self._pending:
+            ready = [t for t in self._pending if t.done()] or await self._wait_any()
+            for task in sorted(ready, key=self._pending.__getitem__):
+                index = self._pending.pop(task)
+                out = task.result()
+                if out is None:  # iterator ended without a finished output
+                    continue
+                self._last[index] = out
+                if not out.finished:
+                    self._schedule(index)  # the engine keeps going while we send this one
+                yield index, out
+
+    def usage(self) -> Usage:
+        """Token counts summed over the prompts, from each one's latest output."""
+        last = [o for o in self._last if o is not None]
+        return Usage.of(sum(o.num_prompt_tokens for o in last),
+                        sum(o.num_output_tokens for o in last),
+                        sum(o.num_cached_tokens for o in last))
+
+    def finish_reasons(self) -> list[str | None]:
+        return [o.finish_reason if o is not None else None for o in self._last]
+
+    async def aclose(self) -> None:
+        """Cancel pending work and close the engine iterators (aborting unfinished requests)."""
+        await self.stop_watching()
+        tasks = list(self._pending)
+        self._pending.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for it in self._iters:
+            await it.aclose()
+
+    def _schedule(self, index: int) -> None:
+        self._pending[asyncio.ensure_future(_next_output(self._iters[index]))] = index
+
+    async def _wait_any(self) -> set[asyncio.Future]:
+        waiting = {t for t in self._pending if not t.done()}
+        if self._watcher is not None:
+            waiting.add(self._watcher)
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if self._watcher in done:
+            raise ClientDisconnected
+        return done
+
+    async def stop_watching(self) -> None:
+        """Stop listening for the disconnect (Starlette's streaming response listens itself)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+
+
+async def _next_output(it: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the ASGI server reports ``http.disconnect`` (the body is already read, so
+    nothing else can arrive on ``receive``)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,155 @@
+"""The whole engine on a tiny random Llama: batching, prefix caching, preemption, seeds, stops."""
+
+import asyncio
+
+import pytest
+
+from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from lmforge.engine.async_engine import AsyncEngine
+from lmforge.engine.llm_engine import LLM, LLMEngine
+from lmforge.engine.request import SamplingParams
+from lmforge.errors import ContextLengthExceededError, InvalidRequestError
+
+PROMPTS = ["The quick brown fox", "Once upon a time in a land far away",
+           "def fibonacci(n):", "1, 2, 3, 4,"]
+
+
+def make_llm(model_dir, num_blocks=256, block_size=4, budget=512, max_seqs=16,
+             prefix_caching=True) -> LLM:
+    return LLM(str(model_dir), config=EngineConfig(
+        model=ModelConfig(model=str(model_dir), max_model_len=256),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                          enable_prefix_caching=prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)))
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return make_llm(tiny_llama_dir)
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def texts(outs):
+    return [o.token_ids for o in outs]
+
+
+def test_batched_greedy_equals_one_at_a_time(llm):
+    batched = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    alone = [llm.generate([p], greedy(), use_tqdm=False)[0] for p in PROMPTS]
+    assert texts(batched) == texts(alone)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 12 for o in batched)
+
+
+def test_chunked_prefill_and_tiny_budget_give_the_same_tokens(llm, tiny_llama_dir):
+    small = make_llm(tiny_llama_dir, budget=16, max_seqs=16)
+    assert texts(small.generate(PROMPTS, greedy(), use_tqdm=False)) == \
+        texts(llm.generate(PROMPTS, greedy(), use_tqdm=False))
+
+
+def test_preemption_under_a_tiny_cache_still_gives_the_same_tokens(llm, tiny_llama_dir):
+    # 70 blocks x 4 tokens = 280 slots; 8 requests of ~60 tokens each cannot all stay resident
+    tight = make_llm(tiny_llama_dir, num_blocks=70, budget=64)
+    prompts = [p * 4 for p in PROMPTS] * 2
+    preempted = []
+    scheduler = tight.engine.scheduler
+    orig_schedule = scheduler.schedule
+
+    def schedule():
+        out = orig_schedule()
+        preempted.extend(out.preempted)
+        return out
+
+    scheduler.schedule = schedule
+    got = tight.generate(prompts, greedy(40), use_tqdm=False)
+    assert preempted, "the cache was meant to be too small for all requests at once"
+    assert texts(got) == texts(llm.generate(prompts, greedy(40), use_tqdm=False))
+    assert tight.engine.block_manager.num_free_blocks == 70
+
+
+def test_prefix_cache_reuses_a_shared_prompt_and_changes_nothing(llm, tiny_llama_dir):
+    system = "You are a helpful assistant who answers in one short sentence. " * 3
+    prompts = [system + q for q in ("Why is the sky blue?", "What is 2+2?")]
+    first = llm.generate(prompts[:1], greedy(), use_tqdm=False)[0]
+    second = llm.generate(prompts[1:], greedy(), use_tqdm=False)[0]
+    assert second.num_cached_tokens >= 32 and second.num_cached_tokens % 4 == 0
+    uncached = make_llm(tiny_llama_dir, prefix_caching=False)
+    assert texts(uncached.generate(prompts, greedy(), use_tqdm=False)) == \
+        [first.token_ids, second.token_ids]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], seeded, use_tqdm=False)[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)] * 3
+    engine = llm.engine
+    engine.add_request("x1", llm.tokenizer.encode(PROMPTS[1]), others[0])
+    engine.add_request("seeded", llm.tokenizer.encode(PROMPTS[0]), seeded)
+    engine.add_request("x2", llm.tokenizer.encode(PROMPTS[2]), others[1])
+    tokens = []
+    while engine.has_unfinished_requests():
+        tokens += [t for o in engine.step() if o.request_id == "seeded" for t in o.token_ids]
+    assert tokens == alone
+    other_seed = SamplingParams(temperature=1.0, seed=99, max_tokens=16, ignore_eos=True)
+    assert llm.generate([PROMPTS[0]], other_seed, use_tqdm=False)[0].token_ids != alone
+
+
+def test_stop_string_cuts_the_text(llm):
+    free = llm.generate([PROMPTS[1]], greedy(20), use_tqdm=False)[0]
+    stop = free.text[5:9]
+    assert stop.strip(), f"pick a visible stop string from {free.text!r}"
+    cut = llm.generate([PROMPTS[1]], greedy(20, stop=[stop]), use_tqdm=False)[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.index(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    free = llm.generate([PROMPTS[2]], greedy(10), use_tqdm=False)[0]
+    stop_at = free.token_ids[3]
+    out = llm.generate([PROMPTS[2]], greedy(10, stop_token_ids=[stop_at]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
+    assert len(out.token_ids) == free.token_ids.index(stop_at) + 1
+
+
+def test_validation_errors(llm):
+    engine: LLMEngine = llm.engine
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.add_request("e", [], greedy())
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        engine.add_request("v", [10**7], greedy())
+    with pytest.raises(ContextLengthExceededError, match="256"):
+        engine.add_request("c", [5] * 200, greedy(100))
+    assert not engine.has_unfinished_requests()
+
+
+def test_max_tokens_none_runs_to_the_context_length(llm):
+    out = llm.generate([[5] * 250], SamplingParams(temperature=0, max_tokens=None,
+                                                     ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_async_engine_streams_and_abort_frees_blocks(tiny_llama_dir):
+    engine = AsyncEngine(make_llm(tiny_llama_dir).engine)
+    engine.start()
+    ids = engine.tokenizer.encode(PROMPTS[0])
+
+    async def main():
+        deltas = [o async for o in engine.generate("full", ids, greedy(5))]
+        assert [o.finished for o in deltas] == [False] * 4 + [True]
+        gen = engine.generate("cut", ids, greedy(200))
+        await gen.__anext__()
+        assert engine.stats().num_running == 1
+        await gen.aclose()  # the consumer leaves: the request must be aborted
+        for _ in range(100):
+            stats = engine.stats()
+            if stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"blocks not freed: {engine.stats()}")
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()

@@ -1,0 +1,166 @@
+"""Every failure answers with the OpenAI envelope and the right status; the server survives them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import BaseModel
+
+from lmforge.config import ServerConfig
+from lmforge.engine.request import RequestOutput
+from lmforge.errors import EngineDeadError
+from lmforge.server import build_app
+from lmforge.server.inference import _sse_events
+
+CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+USER = [{"role": "user", "content": "Hi"}]
+
+
+def chat(**overrides):
+    return {"json": {"model": "MODEL", "messages": USER, **overrides}}
+
+
+# (id, method, path, request kwargs for httpx, status, param, text the message must contain)
+CASES = [
+    ("malformed-json", "POST", CHAT, {"content": b'{"model": ', "headers": {
+        "content-type": "application/json"}}, 400, None, "could not parse the JSON"),
+    ("array-body", "POST", CHAT, {"json": [1, 2]}, 400, None, "JSON object"),
+    ("empty-body", "POST", CHAT, {"content": b""}, 400, None, "empty"),
+    ("unknown-model", "POST", CHAT, {"json": {"model": "gpt-9", "messages": USER}}, 404, "model",
+     "The model `gpt-9` does not exist."),
+    ("temperature-type", "POST", CHAT, chat(temperature="hot"), 400, "temperature", "number"),
+    ("temperature-range", "POST", CHAT, chat(temperature=5), 400, "temperature", "between 0 and 2"),
+    ("max-tokens-0", "POST", CHAT, chat(max_tokens=0), 400, "max_tokens", "at least 1"),
+    ("max-completion-tokens-0", "POST", CHAT, chat(max_completion_tokens=0), 400,
+     "max_completion_tokens", "at least 1"),
+    ("unknown-field", "POST", CHAT, chat(foo=1), 400, "foo",
+     "Unrecognized request argument supplied: foo"),
+    ("n-2", "POST", CHAT, chat(n=2), 400, "n", "n > 1 is not supported yet"),
+    ("logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "not supported"),
+    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
+     "tools", "not supported"),
+    ("response-format", "POST", CHAT, chat(response_format={"type": "json_object"}), 400,
+     "response_format", "not supported"),
+    ("logit-bias", "POST", CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias", "not supported"),
+    ("stream-options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}),
+     400, "stream_options", "stream"),
+    ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", "at least one"),
+    ("missing-messages", "POST", CHAT, {"json": {"model": "MODEL"}}, 400, "messages",
+     "Missing required parameter"),
+    ("bad-role", "POST", CHAT, chat(messages=[{"role": "bot", "content": "x"}]), 400,
+     "messages[0].role", "'user'"),
+    ("image-part", "POST", CHAT, chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), 400,
+     "messages[0].content[0].type", "'text'"),
+    ("stop-type", "POST", CHAT, chat(stop=5), 400, "stop", "valid"),
+    ("token-out-of-vocab", "POST", COMPLETIONS, {"json": {"model": "MODEL",
+     "prompt": [1, 10**6]}}, 400, "prompt", "outside the vocabulary"),
+    ("empty-prompt", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": ""}}, 400,
+     "prompt", "empty"),
+    ("echo", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a", "echo": True}}, 400,
+     "echo", "not supported"),
+    ("get-on-post-route", "GET", CHAT, {}, 405, None, "GET /v1/chat/completions"),
+    ("unknown-path", "POST", "/v1/nothing", {"json": {}}, 404, None, "Invalid URL"),
+    ("unknown-model-card", "GET", "/v1/models/gpt-9", {}, 404, "model", "gpt-9"),
+]
+
+
+def _with_model(kwargs: dict, model: str) -> dict:
+    if isinstance(kwargs.get("json"), dict) and kwargs["json"].get("model") == "MODEL":
+        return {**kwargs, "json": {**kwargs["json"], "model": model}}
+    return kwargs
+
+
+def assert_envelope(resp) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    return error
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_error_table(http, model, case):
+    _, method, path, kwargs, status, param, text = case
+    resp = http.request(method, path, **_with_model(kwargs, model))
+    assert resp.status_code == status, resp.text
+    error = assert_envelope(resp)
+    assert error["param"] == param
+    assert text in error["message"]
+    if status == 400:
+        assert error["type"] == "invalid_request_error"
+
+
+def test_server_still_answers_after_the_table(http, model, wait_idle):
+    resp = http.post(CHAT, json={"model": model, "messages": USER, "max_tokens": 2})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
+    wait_idle(5.0)  # no failed request left anything behind
+
+
+def test_unexpected_exception_is_a_generic_500(engine):
+    app = build_app(engine, ServerConfig())
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internal detail")
+
+    resp = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert resp.status_code == 500
+    error = assert_envelope(resp)
+    assert error["type"] == "server_error" and "secret" not in resp.text
+
+
+def test_api_keys_are_enforced_on_v1_only(engine):
+    client = TestClient(build_app(engine, ServerConfig(api_keys=["k1", "k2"])))
+    assert client.get("/health").json() == {"status": "ok"}
+    resp = client.get("/v1/models")
+    assert resp.status_code == 401 and assert_envelope(resp)["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_context_length_error_names_the_numbers(http, model, engine, stream):
+    n = len(engine.tokenizer.apply_chat_template(USER))
+    resp = http.post(CHAT, json={"model": model, "messages": USER, "max_tokens": 500,
+                                 "stream": stream})
+    assert resp.status_code == 400  # a plain HTTP error even when streaming was asked for
+    error = assert_envelope(resp)
+    assert error["code"] == "context_length_exceeded"
+    assert (f"maximum context length is 512 tokens. However, you requested {n + 500} tokens "
+            f"({n} in the prompt, 500 for the completion)") in error["message"]
+
+
+class _Chunk(BaseModel):
+    text: str
+
+
+class _FailingGeneration:
+    """Yields one delta, then the engine dies: what a stream sees after its headers went out."""
+
+    id = "chatcmpl-test"
+    closed = False
+
+    async def outputs(self):
+        yield 0, RequestOutput("r", "Hel", [1], False, None, 3, 0, 1)
+        raise EngineDeadError("the engine loop failed; restart the server")
+
+    async def aclose(self):
+        self.closed = True
+
+
+def test_error_after_stream_started_is_an_sse_error_event():
+    gen = _FailingGeneration()
+
+    async def collect() -> list[str]:
+        return [e async for e in _sse_events(gen, lambda i, t, r: _Chunk(text=t), [], None)]
+
+    events = asyncio.run(collect())
+    assert events[0] == 'data: {"text":"Hel"}\n\n'
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == "engine_dead"
+    assert events[2:] == ["data: [DONE]\n\n"] and gen.closed

@@ -1,0 +1,92 @@
+"""``lmforge serve``: startup errors exit 2 with one line; a real server process answers."""
+
+from __future__ import annotations
+
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+
+from lmforge.cli import engine_config, main
+from lmforge.config import ServerConfig
+from lmforge.server import build_app
+
+
+def test_missing_model_exits_2_with_one_line():
+    result = CliRunner().invoke(main, ["serve", "--model", "/no/such/model"])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert line.startswith("Error: ") and "/no/such/model" in line
+
+
+def test_bad_config_exits_2_naming_the_field(tiny_llama_dir):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                       "--block-size", "3"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "Error: block_size (3) must be a power of two, e.g. 16"
+
+
+def test_missing_chat_template_file_exits_2(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--chat-template", str(tmp_path / "none.jinja")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_engine_config_keeps_dataclass_defaults_for_omitted_options():
+    cfg = engine_config(model="m", served_model_name=None, dtype="float32", device="cpu",
+                        max_model_len=None, chat_template=None, seed=0, max_num_seqs=None,
+                        max_num_batched_tokens=None, block_size=None, num_kv_blocks=7,
+                        kv_cache_memory_mb=None, no_prefix_caching=True)
+    assert cfg.cache.num_blocks == 7 and cfg.cache.block_size == 16
+    assert cfg.cache.enable_prefix_caching is False
+    assert cfg.scheduler.max_num_seqs == 64
+
+
+def test_chat_template_override_is_used(engine, base_url):  # base_url: engine started
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    client = TestClient(build_app(engine, ServerConfig(), chat_template=template))
+    resp = client.post("/v1/chat/completions", json={
+        "model": engine.model_name, "messages": [{"role": "user", "content": "abc"}],
+        "max_tokens": 1})
+    assert resp.status_code == 200, resp.text
+    expected = engine.tokenizer.encode("<<abc>>", add_special_tokens=False)
+    assert resp.json()["usage"]["prompt_tokens"] == len(expected)
+
+
+def _read_lines(stream, sink: queue.Queue) -> None:
+    for line in stream:
+        sink.put(line)
+
+
+def test_serve_process_announces_and_answers(tiny_llama_dir):
+    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(tiny_llama_dir),
+           "--served-model-name", "tiny", "--port", "0", "--num-kv-blocks", "64",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=60)
+            if match := re.match(r"lmforge serving tiny on (http://127\.0\.0\.1:\d+/v1)$",
+                                 line.strip()):
+                url = match.group(1)
+        assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"
+        resp = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "Hi",
+                                                      "max_tokens": 2}, timeout=30)
+        assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail("lmforge serve did not stop on SIGINT")
+    assert proc.returncode == 0

@@ -1,0 +1,153 @@
+"""The repository's shape: import direction between layers, module docstrings, the README tree.
+
+Everything here reads source with ``ast``; nothing under ``lmforge/`` is imported, so a layering
+mistake is reported even when the offending module would fail to import. The rules come from
+ARCHITECTURE.md: ``config``, ``errors``, ``protocol`` <- ``models`` <- ``engine`` <- ``server`` <-
+``cli``, and the CPU bookkeeping modules of ``engine`` never import torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "lmforge"
+
+_LOWER = ("lmforge.models", "lmforge.engine", "lmforge.server", "lmforge.cli")
+
+# (module path prefix relative to the repo root, imports it must not make). A prefix ending in "/"
+# covers a whole subpackage. Imports under `if TYPE_CHECKING:` count too: the layering is about
+# what a module knows, not only about what runs.
+LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
+    ("lmforge/config.py", _LOWER),
+    ("lmforge/errors.py", _LOWER),
+    ("lmforge/protocol/", _LOWER),
+    ("lmforge/models/", ("lmforge.engine", "lmforge.server", "lmforge.cli")),
+    ("lmforge/engine/", ("lmforge.server", "lmforge.cli")),
+    ("lmforge/server/", ("lmforge.cli",)),
+    ("lmforge/engine/block_manager.py", ("torch",)),
+    ("lmforge/engine/scheduler.py", ("torch",)),
+    ("lmforge/engine/request.py", ("torch",)),
+]
+
+
+def package_files() -> list[str]:
+    """Every ``.py`` file under ``lmforge/``, as a repo-relative POSIX path, sorted."""
+    return sorted(
+        p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts
+    )
+
+
+def imported_modules(path: str, source: str | None = None) -> set[str]:
+    """Absolute dotted names that the module at ``path`` imports, relative imports resolved.
+
+    ``from lmforge import cli`` yields both ``lmforge`` and ``lmforge.cli``, because the imported
+    name may be a submodule; ``from .scheduler import X`` in ``lmforge/engine/llm_engine.py`` yields
+    ``lmforge.engine.scheduler`` and ``lmforge.engine.scheduler.X``. ``source`` defaults to the
+    file's text.
+    """
+    parts = Path(path).with_suffix("").parts
+    package = parts if parts[-1] == "__init__" else parts[:-1]
+    package = tuple(p for p in package if p != "__init__")
+    names: set[str] = set()
+    if source is None:
+        source = (ROOT / path).read_text(encoding="utf-8")
+    for node in ast.walk(ast.parse(source, filename=path)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else ()
+            module = ".".join((*base, *(node.module.split(".") if node.module else ())))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _rule_applies(prefix: str, path: str) -> bool:
+    return path == prefix or (prefix.endswith("/") and path.startswith(prefix))
+
+
+def forbidden_imports(path: str, rules: list[tuple[str, tuple[str, ...]]] = LAYER_RULES) -> list[str]:
+    """The imports of ``path`` that ``rules`` forbid, as ``"name (forbidden: prefix)"``."""
+    banned = [b for prefix, bans in rules if _rule_applies(prefix, path) for b in bans]
+    return sorted(
+        f"{name} (forbidden: {b})"
+        for name in imported_modules(path)
+        for b in banned
+        if name == b or name.startswith(b + ".")
+    )
+
+
+def readme_tree_files(readme: str) -> set[str]:
+    """The ``.py`` paths that the README's layout block lists under ``lmforge/``.
+
+    The block is the fenced code block whose first line is ``lmforge/``; each entry is the first
+    word of a line, indented two spaces per level, and a name ending in ``/`` opens a directory.
+    """
+    blocks = re.findall(r"```[^\n]*\n(lmforge/\n.*?)```", readme, flags=re.S)
+    if not blocks:
+        raise AssertionError("README.md has no layout code block starting with a line 'lmforge/'")
+    files: set[str] = set()
+    stack: list[str] = []
+    for line in blocks[0].splitlines():
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        if not (name.endswith("/") or name.endswith(".py")):
+            continue  # a wrapped description line
+        del stack[depth:]
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+        else:
+            files.add("/".join((*stack, name)))
+    return {f for f in files if f.startswith("lmforge/")}
+
+
+def test_self_check_helpers() -> None:
+    """The helpers above find what they must, so the real checks below cannot pass vacuously."""
+    assert "lmforge/config.py" in package_files()
+    tree = readme_tree_files("```\nlmforge/\n  a.py   x\n  sub/\n    b.py  y\n  c.py\nother/\n  d.py\n```")
+    assert tree == {"lmforge/a.py", "lmforge/sub/b.py", "lmforge/c.py"}
+    assert forbidden_imports("tests/test_layout.py") == []
+    rules = [("tests/", ("pytest", "ast.foo"))]
+    assert forbidden_imports("tests/test_layout.py", rules) == ["pytest (forbidden: pytest)"]
+    source = "from .scheduler import Scheduler\nfrom .. import cli\nimport torch.nn as nn\n"
+    assert imported_modules("lmforge/engine/llm_engine.py", source) == {
+        "lmforge.engine.scheduler", "lmforge.engine.scheduler.Scheduler", "lmforge", "lmforge.cli",
+        "torch.nn",
+    }
+    assert "lmforge.engine.x" in imported_modules("lmforge/engine/__init__.py", "from . import x")
+
+
+@pytest.mark.parametrize("path", package_files())
+def test_import_direction(path: str) -> None:
+    bad = forbidden_imports(path)
+    assert not bad, f"{path} imports across the layering of ARCHITECTURE.md: {', '.join(bad)}"
+
+
+@pytest.mark.parametrize("path", package_files())
+def test_module_has_docstring(path: str) -> None:
+    source = (ROOT / path).read_text(encoding="utf-8")
+    if not source.strip():
+        return  # an empty package marker has nothing to document
+    assert ast.get_docstring(ast.parse(source)), f"{path} has no module docstring"
+
+
+def test_readme_tree_lists_every_module() -> None:
+    listed = readme_tree_files((ROOT / "README.md").read_text(encoding="utf-8"))
+    missing = [
+        f for f in package_files()
+        if f not in listed and not (f.endswith("/__init__.py") and f != "lmforge/__init__.py")
+    ]
+    assert not missing, f"README.md's layout tree does not list: {', '.join(missing)}"
+
+
+def test_readme_tree_lists_only_existing_modules() -> None:
+    listed = readme_tree_files((ROOT / "README.md").read_text(encoding="utf-8"))
+    absent = sorted(f for f in listed if not (ROOT / f).is_file())
+    assert not absent, f"README.md's layout tree lists files that do not exist: {', '.join(absent)}"
