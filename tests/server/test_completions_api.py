@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 PROMPTS = ["The sky is", "Once upon a time", "1, 2, 3,"]
@@ -65,3 +66,10 @@ def test_streaming_several_prompts(client, model):
     assert dict(finishes) == {0: ["length"], 1: ["length"], 2: ["length"]}
     assert len({c.id for c in chunks}) == 1
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+
+
+def test_concurrent_http_requests_match_sequential_ones(client, model):
+    expected = [_single(client, model, p, 6) for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        got = list(pool.map(lambda p: _single(client, model, p, 6), PROMPTS))
+    assert got == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import openai
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
@@ -100,6 +101,15 @@ def test_server_still_answers_after_the_table(http, model, wait_idle):
     resp = http.post(CHAT, json={"model": model, "messages": USER, "max_tokens": 2})
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] >= 1
     wait_idle(5.0)  # no failed request left anything behind
+
+
+def test_sdk_raises_typed_errors(client, model):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=USER)
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=USER, temperature=5, stream=True)
+    assert info.value.param == "temperature"
 
 
 def test_unexpected_exception_is_a_generic_500(engine):
