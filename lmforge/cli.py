@@ -49,8 +49,9 @@ def main() -> None:
 @click.option("--chat-template", "chat_template_file", default=None,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A Jinja file overriding the tokenizer's chat template.")
-@click.option("--dtype", default="float32", show_default=True,
-              type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="auto: bfloat16 where the hardware computes it natively, else float32.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--max-model-len", type=int, default=None,
               help="Context length in tokens (default: the model's own).")

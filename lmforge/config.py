@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -18,7 +18,9 @@ class ModelConfig:
 
     model: str = DEFAULT_MODEL  # a GGUF file, a Hugging Face directory, or a known alias
     served_model_name: str | None = None  # the id in /v1/models; defaults to the alias or dir name
-    dtype: str = "float32"  # parameter and KV-cache dtype: float32 | bfloat16 | float16
+    # parameter and KV-cache dtype: auto | float32 | bfloat16 | float16; auto = bfloat16 where the
+    # hardware computes it natively (CPUs with AVX512-BF16/AMX, CUDA), else float32 (as vLLM)
+    dtype: str = "auto"
     device: str = "cpu"  # torch device string: cpu, cuda, cuda:1
     max_model_len: int | None = None  # context length; None = the checkpoint's own
     chat_template: str | None = None  # Jinja text overriding the tokenizer's chat template

@@ -44,7 +44,7 @@ class LLMEngine:
                                  loaded.config.max_position_embeddings)
         config.validate(self.max_model_len)
         cache = config.cache
-        num_blocks = num_kv_blocks(loaded.model, cache, getattr(torch, config.model.dtype))
+        num_blocks = num_kv_blocks(loaded.model, cache)
         if num_blocks * cache.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * cache.block_size} tokens, fewer than "

