@@ -163,9 +163,9 @@ def hf_location(model: str) -> tuple[str, str | None]:
 
 
 class HFRunner:
-    """``transformers`` greedy generation on the same model, float32, left-padded batches."""
+    """``transformers`` greedy generation on the same model and dtype, left-padded batches."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, dtype: str):
         os.environ["HF_HUB_OFFLINE"] = "1"  # models are local; never reach for the hub
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -176,7 +176,7 @@ class HFRunner:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file,
-                                                          dtype=torch.float32).eval()
+                                                          dtype=getattr(torch, dtype)).eval()
 
     def timed_generate(self, prompts: list[str], new_tokens: int) -> float:
         """Seconds to generate exactly ``new_tokens`` per prompt for one batch of ``prompts``."""
@@ -237,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-args", default="", help="extra `lmforge serve` options, one string")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for both halves (sets OMP_NUM_THREADS); torch's default if unset")
+    p.add_argument("--hf-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="transformers' dtype; match the server's (`--dtype auto` is bfloat16 on "
+                        "CPUs with native bf16)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     half = p.add_mutually_exclusive_group()
     half.add_argument("--skip-hf", action="store_true", help="benchmark lmforge only")
@@ -258,7 +261,7 @@ def run_lmforge(args: argparse.Namespace, levels: list[int], log_path: Path) -> 
 
 def run_hf(args: argparse.Namespace, levels: list[int]) -> tuple[list[dict], float]:
     print("loading the model in transformers ...", flush=True)
-    runner = HFRunner(args.model)
+    runner = HFRunner(args.model, args.hf_dtype)
     rows = []
     for c in levels:
         rows.append(run_hf_level(runner, make_prompts(num_requests(args, c), args.prompt_len), c,
@@ -284,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
     hf, decode = ([], None) if args.skip_hf else run_hf(args, levels)
 
     print(f"\nmodel {args.model}, max_tokens {args.max_tokens}, prompt ~{args.prompt_len} tokens, "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, HF dtype {args.hf_dtype}, "
+          f"serve args {args.serve_args!r}")
     print_table(ours + hf)
     ratios = {r["concurrency"]: r["output_tok_s"] / h["output_tok_s"] for r, h in zip(ours, hf)}
     for c, ratio in ratios.items():
