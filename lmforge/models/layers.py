@@ -78,7 +78,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed cos/sin tables for rotary position embeddings, HF's rotate-half layout.
 
-    ``forward(positions (T,), q (T, H, D), k (T, Hkv, D))`` returns rotated q and k.
+    ``table(positions (T,))`` gathers the step's (cos, sin), once for all layers;
+    ``apply(q (T, H, D), k (T, Hkv, D), table)`` returns rotated q and k.
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float,
@@ -92,9 +93,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos = self.cos[positions].unsqueeze(1)  # (T, 1, D/2), broadcast over heads
-        sin = self.sin[positions].unsqueeze(1)
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (T, 1, D/2) each, broadcast over heads
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(q: torch.Tensor, k: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]):
+        cos, sin = table
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 

