@@ -144,8 +144,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()  # idle is healthy
                     continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
+                self._deliver_all(self.engine.step())
                 self.last_step_time = time.monotonic()
         except BaseException as e:  # the engine is broken: fail everyone, loudly
             logger.exception("engine loop died")
@@ -169,6 +168,20 @@ class AsyncEngine:
             except LMForgeError as e:
                 self._deliver(request_id, e)
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs over with ONE wake-up per event loop, not one per request: each
+        ``call_soon_threadsafe`` writes to the loop's self-pipe and takes the GIL back."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the caller's event loop is closed; nobody is listening
+                pass
+
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         target = self._streams.get(request_id)
         if target is not None:
@@ -177,3 +190,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(stream.put_nowait, item)
             except RuntimeError:  # the caller's event loop is closed; nobody is listening
                 self._streams.pop(request_id, None)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)
