@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -20,10 +21,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused kernel for x * rsqrt(mean(x^2) + eps), in float32 as HF does
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -100,7 +100,8 @@ class RotaryEmbedding(nn.Module):
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]):
         cos, sin = table
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        qk = _rotate(torch.cat((q, k), dim=1), cos, sin)  # one pass over q and k heads together
+        return qk.split((q.shape[1], k.shape[1]), dim=1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
