@@ -1,9 +1,10 @@
 """AsyncEngine: the engine loop on a background thread, per-request asyncio queues, abort.
 
-The loop thread owns the LLMEngine, and it is also the thread that loads it: on CPU, PyTorch's
-OpenMP pool belongs to the thread that first runs torch ops, and a second thread running the model
-after another one loaded it decodes ~1.7x slower (measured: 33 vs 55 ms per SmolLM2 step). So
-``from_config`` builds the engine on the same single-thread executor that later runs the loop.
+The loop thread owns the LLMEngine, and it is also the thread that loads it. Measured on CPU: a
+thread that runs the model after ANOTHER thread ran torch ops (loading it) decodes ~1.7x slower
+(55 vs 33 ms per SmolLM2 step), likely because OpenMP keeps one worker team per calling thread
+and two teams then share the cores. So ``from_config`` builds the engine on the same
+single-thread executor that later runs the loop.
 asyncio callers talk to it through a command queue
 (add / abort), drained at the start of every step, so an abort frees the request's KV blocks
 within one step. Outputs travel back with ``loop.call_soon_threadsafe``. Torch kernels release

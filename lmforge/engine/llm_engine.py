@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import EngineConfig, ModelConfig

@@ -65,7 +65,6 @@ class ModelRunner:
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
     def _prepare(self, reqs: list[Request], counts: list[int]):
-        bs = self.block_size
         tables = [self.block_manager.block_table(r.request_id) for r in reqs]
         width = max(len(t) for t in tables)
         block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables])  # (B, width)
