@@ -5,9 +5,10 @@ thread that runs the model after ANOTHER thread ran torch ops (loading it) decod
 (55 vs 33 ms per SmolLM2 step), likely because OpenMP keeps one worker team per calling thread
 and two teams then share the cores. So ``from_config`` builds the engine on the same
 single-thread executor that later runs the loop.
-asyncio callers talk to it through a command queue
-(add / abort), drained at the start of every step, so an abort frees the request's KV blocks
-within one step. Outputs travel back with ``loop.call_soon_threadsafe``. Torch kernels release
+
+asyncio callers talk to it through a command queue (add / abort), drained at the start of every
+step, so an abort frees the request's KV blocks within one step. A step's outputs travel back with
+one ``loop.call_soon_threadsafe`` per event loop. Torch kernels release
 the GIL, so the HTTP event loop stays responsive while the model runs.
 """
 
@@ -145,7 +146,7 @@ class AsyncEngine:
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()  # idle is healthy
                     continue
-                self._deliver_all(self.engine.step())
+                self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.last_step_time = time.monotonic()
         except BaseException as e:  # the engine is broken: fail everyone, loudly
             logger.exception("engine loop died")
@@ -169,30 +170,24 @@ class AsyncEngine:
             except LMForgeError as e:
                 self._deliver(request_id, e)
 
-    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs over with ONE wake-up per event loop, not one per request: each
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their streams with ONE wake-up per event loop, not one per request: each
         ``call_soon_threadsafe`` writes to the loop's self-pipe and takes the GIL back."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for out in outputs:
-            target = self._streams.get(out.request_id)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
             if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], out))
-        for loop, items in by_loop.items():
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # the caller's event loop is closed; nobody is listening
                 pass
 
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            try:
-                loop.call_soon_threadsafe(stream.put_nowait, item)
-            except RuntimeError:  # the caller's event loop is closed; nobody is listening
-                self._streams.pop(request_id, None)
 
-
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for stream, item in items:
         stream.put_nowait(item)

@@ -78,7 +78,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if nd:
         kd = k_cache[meta.decode_slots]  # (Bd, Lmax, n_kv, head_dim)
         vd = v_cache[meta.decode_slots]
-        out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
+        if q.dtype == torch.float32:  # SDPA's fp32 kernel is the faster one (benchmarks/kernels.py)
+            od = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), kd.transpose(1, 2), vd.transpose(1, 2),  # (Bd, H, 1|L, D)
+                attn_mask=meta.decode_bias, scale=scale, enable_gqa=True)
+            out[:nd] = od.squeeze(2)
+        else:
+            out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
     for chunk in meta.prefills:
         qp = q[chunk.start:chunk.end].transpose(0, 1)  # (n_heads, n, head_dim)
         if chunk.context_slots is None:  # the chunk is the whole context: use K/V as computed
@@ -99,8 +105,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      scale: float) -> torch.Tensor:
     """One query token per sequence against its padded context, grouped-query, softmax in fp32.
 
-    Two batched matmuls instead of SDPA: on CPU, PyTorch's flash kernel is ~10x slower than this
-    for a single bf16 query (measured in benchmarks/), and equal in fp32.
+    Two batched matmuls instead of SDPA, for bf16/fp16: on CPU, PyTorch's flash kernel is 2-4x
+    slower than this for single bf16 queries at batch >= 2 (``benchmarks/kernels.py``), while in
+    fp32 SDPA is ~2x faster, so ``paged_attention`` keeps SDPA for fp32.
 
     Args:
         q: (B, n_heads, head_dim); k, v: (B, L, n_kv_heads, head_dim); bias: (B, 1, 1, L).

@@ -3,8 +3,8 @@
 ``F.linear`` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call.
 Doing that reorder once at load time (what PyTorch's inductor does for CPU linears, through
 ``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) gives bit-identical results
-and is 2-3x faster for the small batches of decoding (measured: 576x1536 at 1 row, 158 -> 57-93 us;
-the 49152-wide vocabulary projection, 3.8 -> 1.1-1.3 ms).
+and is 2-3x faster for the small batches of decoding (``benchmarks/kernels.py``: 576x1536 at 1 row,
+158 -> 57-93 us; the 49152-wide vocabulary projection, 3.8 -> 1.1-1.3 ms).
 
 Modules keep their Hugging Face names (``self_attn.q_proj`` stays ``q_proj``). Fusing q|k|v and
 gate|up into one packed matmul each was measured too and gained nothing (29.5 vs 30.8 tok/s at
@@ -22,7 +22,6 @@ class PackedLinear(nn.Module):
     """An inference-only ``nn.Linear`` whose bf16 weight is prepacked for oneDNN.
 
     x: (T, in_features) bf16 -> (T, out_features) bf16, equal to ``F.linear(x, w, b)``.
-
     """
 
     def __init__(self, linear: nn.Linear):
