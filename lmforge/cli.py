@@ -55,6 +55,8 @@ def main() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ...")
 @click.option("--max-model-len", type=int, default=None,
               help="Context length in tokens (default: the model's own).")
+@click.option("--gguf-int4/--no-gguf-int4", default=True, show_default=True,
+              help="Decode small batches from a GGUF's own 4-bit weights (bf16 on CPU).")
 @click.option("--max-num-seqs", type=int, default=None, help="Requests running at once.")
 @click.option("--max-num-batched-tokens", type=int, default=None,
               help="Token budget per engine step.")
@@ -95,6 +97,7 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
 
 def engine_config(*, model: str, served_model_name: str | None, dtype: str, device: str,
                   max_model_len: int | None, chat_template: str | None, seed: int,
+                  gguf_int4: bool,
                   max_num_seqs: int | None, max_num_batched_tokens: int | None,
                   block_size: int | None, num_kv_blocks: int | None,
                   kv_cache_memory_mb: int | None, no_prefix_caching: bool) -> EngineConfig:
@@ -105,7 +108,7 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
     return EngineConfig(
         model=ModelConfig(model=model, served_model_name=served_model_name, dtype=dtype,
                           device=device, max_model_len=max_model_len,
-                          chat_template=chat_template, seed=seed),
+                          chat_template=chat_template, seed=seed, gguf_int4=gguf_int4),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,
                                   kv_cache_memory_mb=kv_cache_memory_mb)),

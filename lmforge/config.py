@@ -25,6 +25,9 @@ class ModelConfig:
     max_model_len: int | None = None  # context length; None = the checkpoint's own
     chat_template: str | None = None  # Jinja text overriding the tokenizer's chat template
     seed: int = 0  # seeds the global generator used by unseeded sampling
+    # keep a GGUF's 4-bit (Q4_0/Q4_1) weights next to the bf16 ones and decode small batches from
+    # them (bf16 on CPU only; lmforge.models.quant); False computes everything in bf16
+    gguf_int4: bool = True
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:

@@ -13,7 +13,7 @@ from lmforge.config import CacheConfig
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.request import Request
 from lmforge.engine.scheduler import SchedulerOutput
-from lmforge.models.attention import AttentionMetadata, PrefillChunk
+from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
 from lmforge.models.llama import LlamaForCausalLM
 
 
@@ -34,14 +34,15 @@ class ModelRunner:
         model: the loaded model (on its device, in its dtype).
         block_manager: source of each request's block table.
         num_blocks, block_size: KV cache geometry; K and V per layer are
-            (num_blocks * block_size, n_kv_heads, head_dim) tensors in the model's dtype.
+            (n_kv_heads, num_blocks * block_size, head_dim) tensors in the model's dtype.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, num_blocks: int,
                  block_size: int):
         self.model = model
         self.block_manager = block_manager
-        self.block_size = block_size
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.num_kv_heads = model.config.num_key_value_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         shape = model.kv_cache_shape(num_blocks * block_size)
@@ -83,11 +84,12 @@ class ModelRunner:
         slot_mapping = self._slots(block_table[req_of_row], positions[:, None])[:, 0]
 
         num_decodes = sum(1 for c in counts if c == 1)
-        decode_slots = decode_bias = None
+        decode_rows = decode_bias = None
+        bs = self.block_size
         if num_decodes:
-            pos = torch.arange(int(ctx_lens[:num_decodes].max()))
-            decode_slots = self._slots(block_table[:num_decodes], pos.expand(num_decodes, -1))  # (Bd, L)
-            padding = pos[None, :] >= ctx_lens[:num_decodes, None]  # (Bd, L)
+            width = -(-int(ctx_lens[:num_decodes].max()) // bs)  # blocks in the longest context
+            decode_rows = self._rows(block_table[:num_decodes, :width])
+            padding = torch.arange(width * bs)[None, :] >= ctx_lens[:num_decodes, None]  # (Bd, L)
             decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))
             decode_bias = decode_bias[:, None, None, :]  # (Bd, 1, 1, L)
         prefills = [self._prefill_chunk(block_table[i], int(starts[i]), counts[i],
@@ -95,19 +97,26 @@ class ModelRunner:
                     for i in range(num_decodes, len(reqs))]
         to = self.device
         meta = AttentionMetadata(
-            slot_mapping=slot_mapping.to(to), num_decodes=num_decodes,
-            decode_slots=None if decode_slots is None else decode_slots.to(to),
+            slot_mapping=slot_mapping.to(to), block_size=bs, num_decodes=num_decodes,
+            decode_rows=None if decode_rows is None else decode_rows.to(to),
             decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 
     def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:
         if start == 0:  # no cached prefix: attend to the chunk's own K/V, plain causal
             return PrefillChunk(row, row + n, None, None)
-        pos = torch.arange(start + n)
-        slots = self._slots(table[None], pos[None])[0]  # (L,)
+        width = -(-(start + n) // self.block_size)
+        pos = torch.arange(width * self.block_size)
         q_pos = torch.arange(start, start + n)
-        mask = pos[None, :] <= q_pos[:, None]  # (n, L): causal, offset by the cached prefix
-        return PrefillChunk(row, row + n, slots.to(self.device), mask.to(self.device))
+        # (n, W * block_size): causal, offset by the cached prefix; this also masks the padding
+        # after the last token, as every padded position lies after every query
+        mask = pos[None, :] <= q_pos[:, None]
+        return PrefillChunk(row, row + n, self._rows(table[:width]).to(self.device),
+                            mask.to(self.device))
+
+    def _rows(self, block_table: torch.Tensor) -> torch.Tensor:
+        """Cache rows of these blocks for every KV head (``models.attention.block_rows``)."""
+        return block_rows(block_table, self.num_kv_heads, self.num_blocks)
 
     def _slots(self, block_table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Flat cache slots: ``block_table[r, pos // bs] * bs + pos % bs``.

@@ -1,10 +1,12 @@
 """Attention over the paged KV cache, and the metadata that describes one batch to it.
 
-One engine step runs a flat batch of T tokens from many requests. Each layer writes the new K/V
-into the cache at ``slot_mapping`` (slot = block_id * block_size + offset), then attends:
+One engine step runs a flat batch of T tokens from many requests. Each layer's K and V caches are
+(n_kv_heads, num_slots, head_dim) tensors, head-major so that a gathered context is contiguous per
+head. Each layer writes the new K/V at ``slot_mapping`` (slot = block_id * block_size + offset),
+then attends:
 
 - every request with a single new token (a decode, or a 1-token prefill chunk) joins ONE padded,
-  batched SDPA call over its gathered context;
+  batched attention over its gathered context;
 - every request with a longer chunk (a prefill) gets its own SDPA call with a causal mask that is
   offset by the tokens already in the cache (chunked prefill, prefix-cache hits).
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm
+SDPA_FP32_MAX_DECODES = 8
+
 
 @dataclass
 class PrefillChunk:
@@ -26,33 +31,65 @@ class PrefillChunk:
 
     start: int  # first row of the chunk in the flat batch
     end: int  # one past its last row
-    context_slots: torch.Tensor | None  # (L,) cache slots of positions 0..L-1; None if no prefix
-    mask: torch.Tensor | None  # (n, L) bool, True = may attend; None = plain causal (no prefix)
+    context_rows: torch.Tensor | None  # (n_kv * W,) block rows of its context (``block_rows``);
+    # None = no cached prefix, the chunk attends to its own K/V
+    mask: torch.Tensor | None  # (n, W * block_size) bool, True = may attend; None = plain causal
 
 
 @dataclass
 class AttentionMetadata:
     """How the flat batch of T tokens maps onto the paged KV cache for one step.
 
-    Rows ``[0, num_decodes)`` are single-token queries; prefill chunks follow.
+    Rows ``[0, num_decodes)`` are single-token queries; prefill chunks follow. Contexts are read
+    a whole block at a time (``block_rows``), so a decode context of L tokens is padded to
+    W = ceil(Lmax / block_size) blocks and the padding is masked by ``decode_bias``.
     """
 
     slot_mapping: torch.Tensor  # (T,) int64 cache slot where each new token's K/V is written
+    block_size: int  # tokens per KV block
     num_decodes: int  # rows [0, num_decodes) each hold one query token
-    decode_slots: torch.Tensor | None  # (Bd, Lmax) int64 context slots, padded with slot 0
-    decode_bias: torch.Tensor | None  # (Bd, 1, 1, Lmax) float32: 0, or -inf on padding
+    decode_rows: torch.Tensor | None  # (n_kv * Bd * W,) int64 block rows of the decode contexts
+    decode_bias: torch.Tensor | None  # (Bd, 1, 1, W * block_size) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
+
+
+def block_rows(block_table: torch.Tensor, n_kv_heads: int, num_blocks: int) -> torch.Tensor:
+    """Rows of the (n_kv_heads * num_blocks, block_size * head_dim) view of a cache to gather.
+
+    block_table: (..., W) block ids -> (n_kv_heads * block_table.numel(),) int64, head-major:
+    row ``h * num_blocks + block`` holds block ``block`` of KV head ``h``.
+    """
+    heads = torch.arange(n_kv_heads, device=block_table.device)[:, None] * num_blocks
+    return (heads + block_table.reshape(1, -1)).reshape(-1)
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, new: torch.Tensor) -> None:
     """Scatter new keys or values into the cache.
 
     Args:
-        cache: (num_slots, n_kv_heads, head_dim), updated in place.
+        cache: (n_kv_heads, num_slots, head_dim), updated in place.
         slot_mapping: (T,) int64.
         new: (T, n_kv_heads, head_dim).
     """
-    cache.index_copy_(0, slot_mapping, new.to(cache.dtype))
+    cache.index_copy_(1, slot_mapping, new.transpose(0, 1).to(cache.dtype))
+
+
+def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Copy whole KV blocks out of the cache, head-major.
+
+    Args:
+        cache: (n_kv_heads, num_slots, head_dim), num_slots = num_blocks * block_size.
+        rows: (n_kv_heads * R,) from ``block_rows`` for R blocks per head.
+
+    Returns:
+        (n_kv_heads, R * block_size, head_dim): each head's R blocks back to back, so a
+        (head, sequence) context is one contiguous (L, head_dim) matrix, the operand batched
+        matmuls take without a copy. Whole blocks are contiguous 2 KB runs (SmolLM2), which
+        ``index_select`` copies faster than per-slot rows or a strided index.
+    """
+    n_kv, num_slots, head_dim = cache.shape
+    flat = cache.view(n_kv * (num_slots // block_size), block_size * head_dim)
+    return flat.index_select(0, rows).view(n_kv, -1, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -63,7 +100,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Args:
         q: (T, n_heads, head_dim) queries of the new tokens.
         k, v: (T, n_kv_heads, head_dim) their keys and values (already written to the cache).
-        k_cache, v_cache: (num_slots, n_kv_heads, head_dim).
+        k_cache, v_cache: (n_kv_heads, num_slots, head_dim).
         meta: the step's AttentionMetadata.
         scale: softmax scale, 1/sqrt(head_dim) for Llama.
 
@@ -76,28 +113,34 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        kd = k_cache[meta.decode_slots]  # (Bd, Lmax, n_kv, head_dim)
-        vd = v_cache[meta.decode_slots]
-        if q.dtype == torch.float32:  # SDPA's fp32 kernel is the faster one (benchmarks/kernels.py)
+        shape = (k_cache.shape[0], nd, -1, k_cache.shape[2])
+        kd = gather_blocks(k_cache, meta.decode_rows, meta.block_size).view(shape)  # (n_kv, Bd, L, D)
+        vd = gather_blocks(v_cache, meta.decode_rows, meta.block_size).view(shape)
+        if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
+            # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
+            # the casts (benchmarks/kernels.py)
             od = F.scaled_dot_product_attention(
-                q[:nd].unsqueeze(2), kd.transpose(1, 2), vd.transpose(1, 2),  # (Bd, H, 1|L, D)
-                attn_mask=meta.decode_bias, scale=scale, enable_gqa=True)
+                q[:nd].float().unsqueeze(2), kd.float().transpose(0, 1),  # (Bd, H, 1|L, D)
+                vd.float().transpose(0, 1), attn_mask=meta.decode_bias, scale=scale,
+                enable_gqa=True)
             out[:nd] = od.squeeze(2)
         else:
             out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
     for chunk in meta.prefills:
-        qp = q[chunk.start:chunk.end].transpose(0, 1)  # (n_heads, n, head_dim)
-        if chunk.context_slots is None:  # the chunk is the whole context: use K/V as computed
-            kp = k[chunk.start:chunk.end].transpose(0, 1)  # (n_kv, n, head_dim)
-            vp = v[chunk.start:chunk.end].transpose(0, 1)
+        # 4-D (1, heads, n, head_dim) operands: with 3-D ones PyTorch falls back from its CPU flash
+        # kernel to the math path, 2.3x slower for a 512-token bf16 chunk (9.9 vs 4.3 ms)
+        qp = q[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_heads, n, head_dim)
+        if chunk.context_rows is None:  # the chunk is the whole context: use K/V as computed
+            kp = k[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_kv, n, head_dim)
+            vp = v[chunk.start:chunk.end].transpose(0, 1)[None]
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                 enable_gqa=True)
         else:
-            kp = k_cache[chunk.context_slots].transpose(0, 1).to(q.dtype)  # (n_kv, L, head_dim)
-            vp = v_cache[chunk.context_slots].transpose(0, 1).to(q.dtype)
+            kp = gather_blocks(k_cache, chunk.context_rows, meta.block_size)[None]  # (1, n_kv, L, D)
+            vp = gather_blocks(v_cache, chunk.context_rows, meta.block_size)[None]
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
                                                 enable_gqa=True)
-        out[chunk.start:chunk.end] = op.transpose(0, 1)
+        out[chunk.start:chunk.end] = op[0].transpose(0, 1)
     return out
 
 
@@ -105,19 +148,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      scale: float) -> torch.Tensor:
     """One query token per sequence against its padded context, grouped-query, softmax in fp32.
 
-    Two batched matmuls instead of SDPA, for bf16/fp16: on CPU, PyTorch's flash kernel is 2-4x
-    slower than this for single bf16 queries at batch >= 2 (``benchmarks/kernels.py``), while in
-    fp32 SDPA is ~2x faster, so ``paged_attention`` keeps SDPA for fp32.
+    Two batched matmuls over (kv head, sequence) pairs instead of SDPA, for bf16/fp16: on CPU,
+    PyTorch's flash kernel is 2-4x slower than this for single bf16 queries at batch >= 2
+    (``benchmarks/kernels.py``), while in fp32 SDPA is ~2x faster, so ``paged_attention`` keeps
+    SDPA for fp32.
 
     Args:
-        q: (B, n_heads, head_dim); k, v: (B, L, n_kv_heads, head_dim); bias: (B, 1, 1, L).
+        q: (B, n_heads, head_dim); k, v: (n_kv_heads, B, L, head_dim) contiguous, as
+            ``gather_blocks`` returns them; bias: (B, 1, 1, L) float32, 0 or -inf on padding.
 
     Returns:
         (B, n_heads, head_dim).
     """
     b, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
-    qg = q.view(b, n_kv, n_heads // n_kv, head_dim)  # (B, Hkv, G, D): heads grouped by KV head
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)) * scale  # (B, Hkv, G, L)
-    probs = torch.softmax(scores.float() + bias, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v.transpose(1, 2)).view(b, n_heads, head_dim)  # (B, Hkv, G, D)
+    n_kv, _, length, _ = k.shape
+    group = n_heads // n_kv
+    # (n_kv * B, G, D): each KV head's query group, scaled here where it is smallest
+    qg = (q * scale).view(b, n_kv, group, head_dim).transpose(0, 1).reshape(n_kv * b, group, -1)
+    scores = torch.bmm(qg, k.view(n_kv * b, length, head_dim).transpose(1, 2))  # (n_kv*B, G, L)
+    probs = torch.softmax(scores.view(n_kv, b, group, length).float() + bias.view(b, 1, length),
+                          dim=-1).to(v.dtype)
+    out = torch.bmm(probs.view(n_kv * b, group, length), v.view(n_kv * b, length, head_dim))
+    return out.view(n_kv, b, group, head_dim).transpose(0, 1).reshape(b, n_heads, head_dim)

@@ -10,9 +10,15 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm (Zhang & Sennrich 2019), computed in float32 like HF Llama.
+    """Root-mean-square layer norm (Zhang & Sennrich 2019), statistics in float32 like HF Llama.
 
     ``y = weight * x / sqrt(mean(x^2) + eps)``; x: (..., hidden) -> (..., hidden).
+
+    Computed as ``LayerNorm([x, -x])[..., :hidden]``: the doubled vector has mean 0 and variance
+    mean(x^2), so LayerNorm's one fused kernel (float32 statistics for bf16 input) gives exactly
+    the RMS normalization. PyTorch's ``F.rms_norm`` is not one kernel on the CPU (a pow, mean,
+    rsqrt, mul chain after casting to float32); at decode batch sizes this is 1.5x faster in the
+    engine (40 vs 60 us per call at 16 rows).
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -21,9 +27,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused kernel for x * rsqrt(mean(x^2) + eps), in float32 as HF does
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        hidden = x.shape[-1]
+        doubled = torch.cat((x, -x), dim=-1)  # (..., 2 * hidden), mean 0 up to rounding
+        normed = F.layer_norm(doubled, (2 * hidden,), eps=self.eps)[..., :hidden]
+        return self.weight * normed
 
 
 class GatedMLP(nn.Module):
@@ -80,6 +87,11 @@ class RotaryEmbedding(nn.Module):
 
     ``table(positions (T,))`` gathers the step's (cos, sin), once for all layers;
     ``apply(q (T, H, D), k (T, Hkv, D), table)`` returns rotated q and k.
+
+    Rotate-half pairs dim i with dim i + D/2: ``[x1 cos - x2 sin, x2 cos + x1 sin]``. The tables
+    hold ``cos = [cos, cos]`` and ``sin = [-sin, sin]`` over the full head_dim, so the rotation
+    is ``x * cos + roll(x, D/2) * sin``: three kernels instead of seven (about 2x faster at the
+    small batches of decoding), computed in float32.
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float,
@@ -90,21 +102,17 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / freq_factors.float()
         t = torch.arange(max_position, dtype=torch.float32)
         freqs = torch.outer(t, inv_freq)  # (max_position, D/2)
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)  # (P, D)
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # (T, 1, D/2) each, broadcast over heads
+        # (T, 1, D) each, broadcast over heads
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod
     def apply(q: torch.Tensor, k: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]):
         cos, sin = table
-        qk = _rotate(torch.cat((q, k), dim=1), cos, sin)  # one pass over q and k heads together
-        return qk.split((q.shape[1], k.shape[1]), dim=1)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # rotate-half: dims [0, D/2) pair with [D/2, D), as in HF's `apply_rotary_pos_emb`
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        x = torch.cat((q, k), dim=1).float()  # one pass over q and k heads together
+        rotated = torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin).to(q.dtype)
+        return rotated.split((q.shape[1], k.shape[1]), dim=1)

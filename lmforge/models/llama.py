@@ -18,7 +18,7 @@ from torch import nn
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
 from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (num_slots, n_kv_heads, head_dim)
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_kv_heads, num_slots, head_dim)
 
 
 @dataclass
@@ -132,5 +132,5 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def kv_cache_shape(self, num_slots: int) -> tuple[int, int, int]:
-        """Shape of one layer's K (or V) cache: (num_slots, n_kv_heads, head_dim)."""
-        return num_slots, self.config.num_key_value_heads, self.config.head_dim
+        """Shape of one layer's K (or V) cache: (n_kv_heads, num_slots, head_dim), head-major."""
+        return self.config.num_key_value_heads, num_slots, self.config.head_dim

