@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm
-SDPA_FP32_MAX_DECODES = 8
+# Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
+# 88 vs 137 us per layer at 1 sequence, even at 4, behind from 8 on (benchmarks/kernels.py)
+SDPA_FP32_MAX_DECODES = 4
 
 
 @dataclass
@@ -84,8 +85,11 @@ def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, block_size: int) -> t
     Returns:
         (n_kv_heads, R * block_size, head_dim): each head's R blocks back to back, so a
         (head, sequence) context is one contiguous (L, head_dim) matrix, the operand batched
-        matmuls take without a copy. Whole blocks are contiguous 2 KB runs (SmolLM2), which
-        ``index_select`` copies faster than per-slot rows or a strided index.
+        matmuls take without a copy. ``index_select`` is 2-3x faster than advanced indexing;
+        gathering per slot from a slot-major cache is faster still (84 vs 122 us per layer at 16
+        x 130 tokens), but its K/V then need a copy each for the matmuls, and the whole decode
+        attention is slower: 513 vs 395 us at 16 sequences, 5.2 vs 1.0 ms at 64
+        (``benchmarks/kernels.py``).
     """
     n_kv, num_slots, head_dim = cache.shape
     flat = cache.view(n_kv * (num_slots // block_size), block_size * head_dim)
@@ -128,7 +132,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
     for chunk in meta.prefills:
         # 4-D (1, heads, n, head_dim) operands: with 3-D ones PyTorch falls back from its CPU flash
-        # kernel to the math path, 2.3x slower for a 512-token bf16 chunk (9.9 vs 4.3 ms)
+        # kernel to the math path, 1.8x slower for a 512-token bf16 chunk (8.1 vs 4.6 ms)
         qp = q[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_heads, n, head_dim)
         if chunk.context_rows is None:  # the chunk is the whole context: use K/V as computed
             kp = k[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_kv, n, head_dim)
@@ -148,10 +152,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      scale: float) -> torch.Tensor:
     """One query token per sequence against its padded context, grouped-query, softmax in fp32.
 
-    Two batched matmuls over (kv head, sequence) pairs instead of SDPA, for bf16/fp16: on CPU,
-    PyTorch's flash kernel is 2-4x slower than this for single bf16 queries at batch >= 2
-    (``benchmarks/kernels.py``), while in fp32 SDPA is ~2x faster, so ``paged_attention`` keeps
-    SDPA for fp32.
+    Two batched matmuls over (kv head, sequence) pairs, for bf16/fp16 batches of more than
+    ``SDPA_FP32_MAX_DECODES`` sequences: PyTorch's bf16 SDPA on CPU is 2-4x slower than this for
+    single queries, and casting to fp32 for its fp32 kernel pays only for a few sequences
+    (``benchmarks/kernels.py``).
 
     Args:
         q: (B, n_heads, head_dim); k, v: (n_kv_heads, B, L, head_dim) contiguous, as
