@@ -287,6 +287,31 @@ def median_run(runs: list[dict]) -> dict:
             "output_tok_s_runs": [r["output_tok_s"] for r in runs]}
 
 
+def machine_check() -> dict:
+    """This machine's bf16 GEMM rate and memory read bandwidth right now.
+
+    On a shared VM both move (read bandwidth was seen anywhere from 19 to 34 GB/s within an
+    hour), and decoding follows the bandwidth; printing them next to the results says which
+    machine the numbers came from.
+    """
+    import torch
+
+    a, b = torch.randn(512, 1536, dtype=torch.bfloat16), torch.randn(1536, 1536,
+                                                                     dtype=torch.bfloat16)
+    big = torch.ones(64 * 2**20 // 2, dtype=torch.bfloat16)  # 64 MiB, more than any cache
+    for _ in range(3):
+        a @ b, big.sum()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    gemm = 20 * 2 * 512 * 1536 * 1536 / (time.perf_counter() - start) / 1e9
+    start = time.perf_counter()
+    for _ in range(10):
+        big.sum()
+    read = 10 * big.nbytes / (time.perf_counter() - start) / 1e9
+    return {"bf16_gemm_gflops": round(gemm), "read_gb_s": round(read, 1)}
+
+
 def num_requests(args: argparse.Namespace, concurrency: int) -> int:
     return args.num_requests or max(8, 2 * concurrency)
 
@@ -300,12 +325,16 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     # SIGTERM becomes SystemExit, so the `finally` that stops the server still runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    machine = [machine_check()]
+    print(f"machine now: {machine[0]}", flush=True)
     ours = [] if args.hf_only else run_lmforge(args, levels, args.out.with_suffix(".server.log"))
+    machine.append(machine_check())
     hf, decode = ([], None) if args.skip_hf else run_hf(args, levels)
 
     print(f"\nmodel {args.model}, max_tokens {args.max_tokens}, prompt ~{args.prompt_len} tokens, "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, HF dtype {args.hf_dtype}, "
           f"serve args {args.serve_args!r}")
+    print(f"machine before / after lmforge: {machine[0]} / {machine[1]}")
     print_table(ours + hf)
     ratios = {r["concurrency"]: r["output_tok_s"] / h["output_tok_s"] for r, h in zip(ours, hf)}
     for c, ratio in ratios.items():
@@ -313,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     if decode is not None:
         print(f"HF pure decode at batch 1: {decode:.1f} tokens/s")
     result = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": ours + hf,
-              "ratio_lmforge_over_hf": ratios, "hf_decode_tok_s_batch1": decode}
+              "ratio_lmforge_over_hf": ratios, "hf_decode_tok_s_batch1": decode,
+              "machine_before_after_lmforge": machine}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
 

@@ -48,6 +48,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj: nn.Module | None = None
 
     def fuse_(self) -> None:
+        """Replace gate_proj and up_proj by one ``gate_up_proj`` (inference)."""
         self.gate_up_proj = concat_linears(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
