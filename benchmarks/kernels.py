@@ -8,7 +8,7 @@ shapes (576 hidden, 9 query / 3 KV heads of 64, 1536 MLP, 30 layers):
 2. ``decode_attention``: one query per sequence, bf16, over 30 layers' caches (so the KV comes
    from memory, as in a real step), gather included: the previous slot-major layout (per-slot
    gather, K/V copied by the permuted matmuls) vs the head-major block gather and two batched
-   matmuls (``decode_attention``) vs fp32 SDPA on the same gathered blocks.
+   matmuls (``decode_attention``) vs bf16 and fp32 SDPA on the same gathered blocks.
 3. ``prefill_sdpa``: a causal bf16 chunk through SDPA with 3-D vs 4-D operands.
 4. ``linear_stack``: all 210 linear layers of the model, distinct weights (cold, as in a step):
    prepacked bf16 vs the 4-bit GGUF weights through PyTorch's int4 kernel, by batch rows.
@@ -115,6 +115,11 @@ def decode_attention_rows() -> list[dict]:
             kv = context(cache)
             return decode_attention(q, kv, kv, bias, HEAD_DIM ** -0.5)
 
+        def sdpa_bf16(cache):
+            kv = context(cache).transpose(0, 1)
+            return F.scaled_dot_product_attention(q.unsqueeze(2), kv, kv, attn_mask=bias,
+                                                  scale=HEAD_DIM ** -0.5, enable_gqa=True)
+
         def sdpa_fp32(cache):
             kv = context(cache).float().transpose(0, 1)
             return F.scaled_dot_product_attention(q.float().unsqueeze(2), kv, kv, attn_mask=bias,
@@ -125,6 +130,7 @@ def decode_attention_rows() -> list[dict]:
                      "slot_major_bmm_bf16_us": per_layer_cold(
                          lambda c: slot_major_attention(q, c, slots, bias), slot_major),
                      "two_bmm_bf16_us": per_layer_cold(bmm, caches),
+                     "sdpa_bf16_us": per_layer_cold(sdpa_bf16, caches),
                      "sdpa_fp32_us": per_layer_cold(sdpa_fp32, caches)})
     return rows
 

@@ -88,8 +88,8 @@ def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, block_size: int) -> t
         matmuls take without a copy. ``index_select`` is 2-3x faster than advanced indexing;
         gathering per slot from a slot-major cache is faster still (84 vs 122 us per layer at 16
         x 130 tokens), but its K/V then need a copy each for the matmuls, and the whole decode
-        attention is slower: 513 vs 395 us at 16 sequences, 5.2 vs 1.0 ms at 64
-        (``benchmarks/kernels.py``).
+        attention is slower: 1.2-1.3x at 16 sequences, 1.7-5x at 64 in two runs of
+        ``benchmarks/kernels.py``.
     """
     n_kv, num_slots, head_dim = cache.shape
     flat = cache.view(n_kv * (num_slots // block_size), block_size * head_dim)
@@ -153,9 +153,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     """One query token per sequence against its padded context, grouped-query, softmax in fp32.
 
     Two batched matmuls over (kv head, sequence) pairs, for bf16/fp16 batches of more than
-    ``SDPA_FP32_MAX_DECODES`` sequences: PyTorch's bf16 SDPA on CPU is 2-4x slower than this for
-    single queries, and casting to fp32 for its fp32 kernel pays only for a few sequences
-    (``benchmarks/kernels.py``).
+    ``SDPA_FP32_MAX_DECODES`` sequences: PyTorch's bf16 SDPA on CPU is 2-6x slower than this for
+    single queries at 4-64 sequences, and casting to fp32 for its fp32 kernel pays only for a few
+    sequences (``benchmarks/kernels.py``).
 
     Args:
         q: (B, n_heads, head_dim); k, v: (n_kv_heads, B, L, head_dim) contiguous, as
