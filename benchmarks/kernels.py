@@ -10,10 +10,12 @@ shapes (576 hidden, 9 query / 3 KV heads of 64, 1536 MLP, 30 layers):
    gather, K/V copied by the permuted matmuls) vs the head-major block gather and two batched
    matmuls (``decode_attention``) vs bf16 and fp32 SDPA on the same gathered blocks.
 3. ``prefill_sdpa``: a causal bf16 chunk through SDPA with 3-D vs 4-D operands.
-4. ``linear_stack``: all 210 linear layers of the model, distinct weights (cold, as in a step):
-   prepacked bf16 vs the 4-bit GGUF weights through PyTorch's int4 kernel, by batch rows.
+4. ``linear_stack``: every linear layer of the model, distinct weights (cold, as in a step), by
+   batch rows: 210 unfused prepacked bf16 layers vs the 120 fused ones the engine runs, in bf16
+   and as 4-bit GGUF weights through PyTorch's int4 kernel.
 5. ``linear``: one bf16 layer, ``F.linear`` vs prepacked.
-6. ``rms_norm`` and ``rope``: the float32 chains of the reference formulas vs ours.
+6. ``rms_norm`` and ``rope``: the float32 chains of the reference formulas vs ours (RoPE on q
+   and k heads that the fused projection already put side by side; the reference concatenates).
 
     python benchmarks/kernels.py [--out benchmarks/results/kernels.json]
 
@@ -40,6 +42,8 @@ HIDDEN, HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS = 576, 9, 3, 64, 1536, 30
 BLOCK, NUM_BLOCKS = 16, 2048
 LINEAR_SHAPES = [(HIDDEN, HIDDEN), (HIDDEN, 192), (HIDDEN, 192), (HIDDEN, HIDDEN),
                  (HIDDEN, MLP), (HIDDEN, MLP), (MLP, HIDDEN)]  # (in, out): q k v o gate up down
+FUSED_SHAPES = [(HIDDEN, HIDDEN + 2 * 192), (HIDDEN, HIDDEN), (HIDDEN, 2 * MLP),
+                (MLP, HIDDEN)]  # what the engine runs: qkv o gate_up down
 
 
 def timed(fn, repeats: int = 100, trials: int = 5) -> float:
@@ -148,31 +152,37 @@ def prefill_sdpa_rows() -> list[dict]:
     return rows
 
 
-def linear_stack_rows() -> list[dict]:
-    packed, int4 = [], []
+def _stack(shapes: list[tuple[int, int]], int4: bool) -> list[tuple]:
+    """LAYERS copies of ``shapes`` as (in_features, packed bf16 layer, int4 weight, scales)."""
+    layers = []
     for _ in range(LAYERS):
-        for n_in, n_out in LINEAR_SHAPES:
-            packed.append((n_in, PackedLinear(torch.nn.Linear(n_in, n_out, bias=False)
-                                              .to(torch.bfloat16))))
+        for n_in, n_out in shapes:
+            packed = PackedLinear(torch.nn.Linear(n_in, n_out, bias=False).to(torch.bfloat16))
             codes = torch.randint(0, 16, (n_out, n_in), dtype=torch.int32)
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) if int4 else None
             scale_zero = torch.randn(n_in // GROUP_SIZE, n_out, 2, dtype=torch.bfloat16) * 0.01
-            int4.append((n_in, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
-                         scale_zero))
+            layers.append((n_in, packed, weight, scale_zero))
+    return layers
+
+
+def linear_stack_rows() -> list[dict]:
+    fused, unfused = _stack(FUSED_SHAPES, int4=True), _stack(LINEAR_SHAPES, int4=False)
     rows = []
     for batch in (1, 4, 8, 12, 16, 32):
         x = {n: torch.randn(batch, n, dtype=torch.bfloat16) for n in (HIDDEN, MLP)}
 
-        def run_packed():
-            for n_in, layer in packed:
+        def run_packed(stack):
+            for n_in, layer, _, _ in stack:
                 layer(x[n_in])
 
         def run_int4():
-            for n_in, weight, scale_zero in int4:
+            for n_in, _, weight, scale_zero in fused:
                 torch.ops.aten._weight_int4pack_mm_for_cpu(x[n_in], weight, GROUP_SIZE,
                                                            scale_zero)
 
         rows.append({"kernel": "linear_stack", "batch": batch,
-                     "packed_bf16_us": timed(run_packed, repeats=5),
+                     "unfused_packed_bf16_us": timed(lambda: run_packed(unfused), repeats=5),
+                     "packed_bf16_us": timed(lambda: run_packed(fused), repeats=5),
                      "int4_us": timed(run_int4, repeats=5)})
     return rows
 
@@ -208,6 +218,7 @@ def norm_and_rope_rows() -> list[dict]:
         x = torch.randn(tokens, HIDDEN, dtype=torch.bfloat16)
         q = torch.randn(tokens, HEADS, HEAD_DIM, dtype=torch.bfloat16)
         k = torch.randn(tokens, KV_HEADS, HEAD_DIM, dtype=torch.bfloat16)
+        qk = torch.cat((q, k), dim=1)  # the model's fused q|k|v output gives q and k side by side
         positions = torch.randint(0, 2048, (tokens,))
         rows.append({"kernel": "rms_norm", "tokens": tokens,
                      "rms_norm_chain_us": timed(lambda: rms_reference(x)),
@@ -215,7 +226,7 @@ def norm_and_rope_rows() -> list[dict]:
         rows.append({"kernel": "rope", "tokens": tokens,
                      "halves_us": timed(lambda: rope_reference(q, k, positions)),
                      "roll_addcmul_us": timed(
-                         lambda: RotaryEmbedding.apply(q, k, rotary.table(positions)))})
+                         lambda: RotaryEmbedding.apply(qk, rotary.table(positions)))})
     return rows
 
 

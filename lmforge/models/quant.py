@@ -12,9 +12,9 @@ weight-only path uses) computes ``w = (q - 8) * scale + zero`` per group of 32 a
 dimension, so both block types map onto it exactly: ``scale = d`` and ``zero = 8d + m`` (Q4_1) or
 ``zero = 0`` (Q4_0); only the rounding of scale and zero to bf16 differs from llama.cpp.
 
-The kernel wins only at a few rows: a stack of SmolLM2's 210 linear layers takes 4.7 ms at 1 row
-against 13.9 ms for prepacked bf16, 7.3 vs 13.2 ms at 4 rows, 12.0 vs 15.2 ms at 8, and loses
-from 12 rows on (17.7 vs 16.3 ms; ``benchmarks/kernels.py``). ``Int4DecodeLinear`` therefore keeps both: the 4-bit weights for up
+The kernel wins only at a few rows: a stack of SmolLM2's linear layers (fused as the engine runs
+them) takes 4.3 ms at 1 row against 13.4 ms for prepacked bf16, 6.8 vs 11.0 ms at 4 rows, 11.6
+vs 13.6 ms at 8, and loses from 12 rows on (17.9 vs 14.9 ms; ``benchmarks/kernels.py``). ``Int4DecodeLinear`` therefore keeps both: the 4-bit weights for up
 to ``max_rows`` rows and the dense bf16 layer for prefills and large batches.
 """
 
