@@ -114,7 +114,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Matches ``softmax(q k^T * scale + causal_mask) v`` per request (Vaswani et al. 2017, with GQA
     from Ainslie et al. 2023), which is what Hugging Face's eager Llama attention computes.
     """
-    out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
         shape = (k_cache.shape[0], nd, -1, k_cache.shape[2])
@@ -123,13 +122,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
             # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
             # the casts (benchmarks/kernels.py)
-            od = F.scaled_dot_product_attention(
+            decoded = F.scaled_dot_product_attention(
                 q[:nd].float().unsqueeze(2), kd.float().transpose(0, 1),  # (Bd, H, 1|L, D)
                 vd.float().transpose(0, 1), attn_mask=meta.decode_bias, scale=scale,
-                enable_gqa=True)
-            out[:nd] = od.squeeze(2)
+                enable_gqa=True).squeeze(2).to(q.dtype)
         else:
-            out[:nd] = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
+            decoded = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
+        if nd == q.shape[0]:  # a pure decode step, the steady state: nothing to assemble
+            return decoded
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = decoded
     for chunk in meta.prefills:
         # 4-D (1, heads, n, head_dim) operands: with 3-D ones PyTorch falls back from its CPU flash
         # kernel to the math path, 1.8x slower for a 512-token bf16 chunk (8.1 vs 4.6 ms)
