@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 # Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
-# 88 vs 137 us per layer at 1 sequence, even at 4, behind from 8 on (benchmarks/kernels.py)
+# 54-88 vs 131-137 us per layer at 1 sequence, 107 vs 179 at 4, about even at 8 and behind
+# from 16 on (benchmarks/kernels.py, two runs)
 SDPA_FP32_MAX_DECODES = 4
 
 
