@@ -37,7 +37,8 @@ class RMSNorm(nn.Module):
 class GatedMLP(nn.Module):
     """SwiGLU feed-forward (Shazeer 2020): ``down(silu(gate(x)) * up(x))``. Names follow HF.
 
-    ``fuse_()`` (inference) replaces gate_proj and up_proj by one ``gate_up_proj``.
+    For inference, ``LlamaForCausalLM.fuse_projections_`` replaces gate_proj and up_proj by one
+    ``gate_up_proj``.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
@@ -45,12 +46,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.gate_up_proj: nn.Module | None = None
-
-    def fuse_(self) -> None:
-        """Replace gate_proj and up_proj by one ``gate_up_proj`` (inference)."""
-        self.gate_up_proj = concat_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
+        self.gate_up_proj: nn.Module | None = None  # set by fuse_projections_ for inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:

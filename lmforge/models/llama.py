@@ -65,12 +65,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q_out, cfg.hidden_size, bias=False)
-        self.qkv_proj: nn.Module | None = None  # set by fuse_() for inference
-
-    def fuse_(self) -> None:
-        """Replace q_proj, k_proj and v_proj by one ``qkv_proj`` (inference)."""
-        self.qkv_proj = concat_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj: nn.Module | None = None  # set by fuse_projections_ for inference
 
     def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -149,8 +144,13 @@ class LlamaForCausalLM(nn.Module):
         loading a checkpoint and never before training.
         """
         for layer in self.model.layers:
-            layer.self_attn.fuse_()
-            layer.mlp.fuse_()
+            for fused_name, parts in FUSED_PROJECTIONS.items():
+                owner_name, _, fused_attr = fused_name.rpartition(".")
+                owner = layer.get_submodule(owner_name)
+                attrs = [part.rpartition(".")[2] for part in parts]
+                setattr(owner, fused_attr, concat_linears(*(getattr(owner, a) for a in attrs)))
+                for attr in attrs:
+                    delattr(owner, attr)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

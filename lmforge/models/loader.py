@@ -240,10 +240,13 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[s
         base, _, suffix = t.name.rpartition(".")
         if base not in names:
             raise ModelLoadError(f"unexpected tensor {t.name} in {path.name}")
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-        w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
         hf_name = f"{names[base]}.{suffix}"
         q4 = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
+        if q4 is not None:  # decoded once: the dense weight is the 4-bit one, dequantized
+            w = q4.dequantize()
+        else:
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
         if config.architecture == "llama" and base.endswith(("attn_q", "attn_k")):
             heads = config.num_attention_heads if base.endswith("attn_q") else config.num_key_value_heads
             w = _unpermute_qk(w, heads)
