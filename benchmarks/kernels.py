@@ -113,19 +113,19 @@ def decode_attention_rows() -> list[dict]:
         bias[..., length:] = float("-inf")
 
         def context(cache):
-            return gather_blocks(cache, index, BLOCK).view(KV_HEADS, batch, -1, HEAD_DIM)
+            return gather_blocks(cache, index, BLOCK).view(batch, KV_HEADS, -1, HEAD_DIM)
 
         def bmm(cache):
             kv = context(cache)
             return decode_attention(q, kv, kv, bias, HEAD_DIM ** -0.5)
 
         def sdpa_bf16(cache):
-            kv = context(cache).transpose(0, 1)
+            kv = context(cache)
             return F.scaled_dot_product_attention(q.unsqueeze(2), kv, kv, attn_mask=bias,
                                                   scale=HEAD_DIM ** -0.5, enable_gqa=True)
 
         def sdpa_fp32(cache):
-            kv = context(cache).float().transpose(0, 1)
+            kv = context(cache).float()
             return F.scaled_dot_product_attention(q.float().unsqueeze(2), kv, kv, attn_mask=bias,
                                                   scale=HEAD_DIM ** -0.5, enable_gqa=True)
 

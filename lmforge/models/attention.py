@@ -50,7 +50,7 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64 cache slot where each new token's K/V is written
     block_size: int  # tokens per KV block
     num_decodes: int  # rows [0, num_decodes) each hold one query token
-    decode_rows: torch.Tensor | None  # (n_kv * Bd * W,) int64 block rows of the decode contexts
+    decode_rows: torch.Tensor | None  # (Bd * n_kv * W,) int64 block rows of the decode contexts
     decode_bias: torch.Tensor | None  # (Bd, 1, 1, W * block_size) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
 
@@ -58,11 +58,13 @@ class AttentionMetadata:
 def block_rows(block_table: torch.Tensor, n_kv_heads: int, num_blocks: int) -> torch.Tensor:
     """Rows of the (n_kv_heads * num_blocks, block_size * head_dim) view of a cache to gather.
 
-    block_table: (..., W) block ids -> (n_kv_heads * block_table.numel(),) int64, head-major:
-    row ``h * num_blocks + block`` holds block ``block`` of KV head ``h``.
+    block_table: (B, W) or (W,) block ids -> (B * n_kv_heads * W,) int64, sequence-major then
+    head-major: row ``h * num_blocks + block`` holds block ``block`` of KV head ``h``, and the
+    rows of sequence b, head h are ``[(b * n_kv_heads + h) * W, ... + W)``.
     """
-    heads = torch.arange(n_kv_heads, device=block_table.device)[:, None] * num_blocks
-    return (heads + block_table.reshape(1, -1)).reshape(-1)
+    heads = torch.arange(n_kv_heads, device=block_table.device)[:, None] * num_blocks  # (n_kv, 1)
+    table = block_table.reshape(-1, 1, block_table.shape[-1])  # (B, 1, W)
+    return (table + heads).reshape(-1)
 
 
 def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, new: torch.Tensor) -> None:
@@ -77,24 +79,25 @@ def write_kv(cache: torch.Tensor, slot_mapping: torch.Tensor, new: torch.Tensor)
 
 
 def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Copy whole KV blocks out of the cache, head-major.
+    """Copy whole KV blocks out of the cache.
 
     Args:
         cache: (n_kv_heads, num_slots, head_dim), num_slots = num_blocks * block_size.
-        rows: (n_kv_heads * R,) from ``block_rows`` for R blocks per head.
+        rows: (R,) from ``block_rows``.
 
     Returns:
-        (n_kv_heads, R * block_size, head_dim): each head's R blocks back to back, so a
-        (head, sequence) context is one contiguous (L, head_dim) matrix, the operand batched
-        matmuls take without a copy. ``index_select`` is 2-3x faster than advanced indexing;
-        gathering per slot from a slot-major cache is faster still (84 vs 122 us per layer at 16
-        x 130 tokens), but its K/V then need a copy each for the matmuls, and the whole decode
-        attention is slower: 1.2-1.3x at 16 sequences, 1.7-5x at 64 in two runs of
-        ``benchmarks/kernels.py``.
+        (R, block_size, head_dim), the blocks in the order of ``rows``. With ``block_rows``'
+        order, each (sequence, head) context is one contiguous (L, head_dim) matrix, so the
+        result views as (B, n_kv_heads, L, head_dim): the operand batched matmuls take without a
+        copy, the query heads of a sequence next to each other as the flat batch has them.
+        ``index_select`` is 2-3x faster than advanced indexing; gathering per slot from a
+        slot-major cache is faster still (84 vs 122 us per layer at 16 x 130 tokens), but its
+        K/V then need a copy each for the matmuls, and the whole decode attention is slower:
+        1.2-1.3x at 16 sequences, 1.7-5x at 64 in two runs of ``benchmarks/kernels.py``.
     """
     n_kv, num_slots, head_dim = cache.shape
     flat = cache.view(n_kv * (num_slots // block_size), block_size * head_dim)
-    return flat.index_select(0, rows).view(n_kv, -1, head_dim)
+    return flat.index_select(0, rows).view(-1, block_size, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -117,15 +120,15 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     nd = meta.num_decodes
     if nd:
-        shape = (k_cache.shape[0], nd, -1, k_cache.shape[2])
-        kd = gather_blocks(k_cache, meta.decode_rows, meta.block_size).view(shape)  # (n_kv, Bd, L, D)
+        shape = (nd, k_cache.shape[0], -1, k_cache.shape[2])  # (Bd, n_kv, L, D)
+        kd = gather_blocks(k_cache, meta.decode_rows, meta.block_size).view(shape)
         vd = gather_blocks(v_cache, meta.decode_rows, meta.block_size).view(shape)
         if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
             # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
             # the casts (benchmarks/kernels.py)
             decoded = F.scaled_dot_product_attention(
-                q[:nd].float().unsqueeze(2), kd.float().transpose(0, 1),  # (Bd, H, 1|L, D)
-                vd.float().transpose(0, 1), attn_mask=meta.decode_bias, scale=scale,
+                q[:nd].float().unsqueeze(2), kd.float(), vd.float(),  # (Bd, H | n_kv, 1 | L, D)
+                attn_mask=meta.decode_bias, scale=scale,
                 enable_gqa=True).squeeze(2).to(q.dtype)
         else:
             decoded = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
@@ -144,8 +147,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
                                                 enable_gqa=True)
         else:
-            kp = gather_blocks(k_cache, chunk.context_rows, meta.block_size)[None]  # (1, n_kv, L, D)
-            vp = gather_blocks(v_cache, chunk.context_rows, meta.block_size)[None]
+            shape = (1, k_cache.shape[0], -1, k_cache.shape[2])  # (1, n_kv, L, D)
+            kp = gather_blocks(k_cache, chunk.context_rows, meta.block_size).view(shape)
+            vp = gather_blocks(v_cache, chunk.context_rows, meta.block_size).view(shape)
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
                                                 enable_gqa=True)
         out[chunk.start:chunk.end] = op[0].transpose(0, 1)
@@ -156,25 +160,25 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
                      scale: float) -> torch.Tensor:
     """One query token per sequence against its padded context, grouped-query, softmax in fp32.
 
-    Two batched matmuls over (kv head, sequence) pairs, for bf16/fp16 batches of more than
+    Two batched matmuls over (sequence, kv head) pairs, for bf16/fp16 batches of more than
     ``SDPA_FP32_MAX_DECODES`` sequences: PyTorch's bf16 SDPA on CPU is 2-6x slower than this for
     single queries at 4-64 sequences, and casting to fp32 for its fp32 kernel pays only for a few
-    sequences (``benchmarks/kernels.py``).
+    sequences (``benchmarks/kernels.py``). The scale, the cast to fp32 and the padding bias are
+    one ``torch.add``; sequence-major K/V make the query and output reshapes free.
 
     Args:
-        q: (B, n_heads, head_dim); k, v: (n_kv_heads, B, L, head_dim) contiguous, as
+        q: (B, n_heads, head_dim); k, v: (B, n_kv_heads, L, head_dim) contiguous, as
             ``gather_blocks`` returns them; bias: (B, 1, 1, L) float32, 0 or -inf on padding.
 
     Returns:
         (B, n_heads, head_dim).
     """
     b, n_heads, head_dim = q.shape
-    n_kv, _, length, _ = k.shape
+    _, n_kv, length, _ = k.shape
     group = n_heads // n_kv
-    # (n_kv * B, G, D): each KV head's query group, scaled here where it is smallest
-    qg = (q * scale).view(b, n_kv, group, head_dim).transpose(0, 1).reshape(n_kv * b, group, -1)
-    scores = torch.bmm(qg, k.view(n_kv * b, length, head_dim).transpose(1, 2))  # (n_kv*B, G, L)
-    probs = torch.softmax(scores.view(n_kv, b, group, length).float() + bias.view(b, 1, length),
-                          dim=-1).to(v.dtype)
-    out = torch.bmm(probs.view(n_kv * b, group, length), v.view(n_kv * b, length, head_dim))
-    return out.view(n_kv, b, group, head_dim).transpose(0, 1).reshape(b, n_heads, head_dim)
+    qg = q.reshape(b * n_kv, group, head_dim)  # each KV head's query group
+    scores = torch.bmm(qg, k.view(b * n_kv, length, head_dim).transpose(1, 2))  # (B*n_kv, G, L)
+    logits = torch.add(bias, scores.view(b, n_kv, group, length), alpha=scale)  # fp32
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    out = torch.bmm(probs.view(b * n_kv, group, length), v.view(b * n_kv, length, head_dim))
+    return out.view(b, n_heads, head_dim)

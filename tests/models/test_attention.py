@@ -60,9 +60,9 @@ def test_gather_blocks_returns_each_heads_blocks_in_table_order():
     k_cache, _, tables, contexts = paged_batch([7, 12], torch.float32)
     table = torch.tensor([tables[0] + [tables[0][0]], tables[1]])  # (2, 3) blocks
     got = gather_blocks(k_cache, block_rows(table, N_KV, NUM_BLOCKS), BLOCK)
-    got = got.view(N_KV, 2, 3 * BLOCK, HEAD_DIM)
-    assert torch.equal(got[:, 0, :7], contexts[0][0].transpose(0, 1))
-    assert torch.equal(got[:, 1, :12], contexts[1][0].transpose(0, 1))
+    got = got.view(2, N_KV, 3 * BLOCK, HEAD_DIM)  # sequence-major, then head-major
+    assert torch.equal(got[0, :, :7], contexts[0][0].transpose(0, 1))
+    assert torch.equal(got[1, :, :12], contexts[1][0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,7 +71,7 @@ def test_decode_attention_masks_padding(dtype):
     k_cache, v_cache, tables, contexts = paged_batch(lengths, dtype)
     meta = decode_meta(lengths, tables)
     q = torch.randn(len(lengths), N_KV * GROUP, HEAD_DIM).to(dtype)
-    shape = (N_KV, len(lengths), -1, HEAD_DIM)
+    shape = (len(lengths), N_KV, -1, HEAD_DIM)
     k = gather_blocks(k_cache, meta.decode_rows, BLOCK).view(shape)
     v = gather_blocks(v_cache, meta.decode_rows, BLOCK).view(shape)
     out = decode_attention(q, k, v, meta.decode_bias, HEAD_DIM ** -0.5)
