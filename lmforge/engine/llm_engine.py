@@ -9,12 +9,19 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from lmforge.config import EngineConfig, ModelConfig
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
-from lmforge.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from lmforge.engine.request import (
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+    TokenLogprob,
+)
 from lmforge.engine.sampler import Sampler
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
@@ -57,6 +64,7 @@ class LLMEngine:
                                seed=config.model.seed)
         self.vocab_size = loaded.config.vocab_size
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}  # until delivered
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -90,6 +98,11 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"token id {bad!r} is outside the vocabulary [0, {self.vocab_size})",
                 param="prompt")
+        bad = next((t for t in params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})",
+                param="logit_bias")
         wanted = n + (params.max_tokens or 0)
         if n >= self.max_model_len or wanted > self.max_model_len:
             raise ContextLengthExceededError(
@@ -101,6 +114,7 @@ class LLMEngine:
         """Finish a request as aborted and free its KV blocks now. Unknown ids are ignored."""
         self.scheduler.abort_request(request_id)
         self.detokenizers.pop(request_id, None)
+        self.prompt_logprobs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -110,14 +124,30 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
             return []
-        logits = self.model_runner.execute(scheduled)
-        sampled = self.sampler.sample(logits, scheduled.sampling_requests())
+        model_output = self.model_runner.execute(scheduled)
+        self._record_prompt_logprobs(model_output.prompt_logits)
+        sampling = scheduled.sampling_requests()
+        sampled = self.sampler.sample(model_output.logits, sampling)
+        logprobs = self.sampler.logprobs(model_output.logits, sampling, sampled)
         self.scheduler.update(scheduled, sampled)
-        return self._make_outputs(scheduled)
+        return self._make_outputs(scheduled, logprobs)
 
-    def _make_outputs(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
+    def _record_prompt_logprobs(self, prompt_logits: dict[str, tuple[int, torch.Tensor]]) -> None:
+        """Keep the prompt logprobs computed this step, by position (a recomputation after
+        preemption overwrites instead of appending)."""
+        for request_id, (first, logits) in prompt_logits.items():
+            request = self.scheduler.requests[request_id]
+            targets = request.prompt_token_ids[first:first + logits.shape[0]]
+            entries = self.sampler.prompt_logprobs(logits, targets,
+                                                   request.params.prompt_logprobs)
+            stored = self.prompt_logprobs.setdefault(
+                request_id, [None] * request.num_prompt_tokens)
+            stored[first:first + len(entries)] = entries
+
+    def _make_outputs(self, scheduled: SchedulerOutput,
+                      logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
         outputs = []
-        for request in scheduled.sampling_requests():
+        for request, logprob in zip(scheduled.sampling_requests(), logprobs):
             detok = self.detokenizers[request.request_id]
             token = request.output_token_ids[-1]
             text = detok.update([token])
@@ -128,13 +158,18 @@ class LLMEngine:
                 text += detok.flush()
             if request.status.is_finished():
                 del self.detokenizers[request.request_id]
+            prompt_logprobs = None
+            if request.params.prompt_logprobs is not None and request.num_output_tokens == 1:
+                prompt_logprobs = self.prompt_logprobs.pop(request.request_id, None) or [None]
             outputs.append(RequestOutput(
                 request_id=request.request_id, text=text, token_ids=[token],
                 finished=request.status.is_finished(),
                 finish_reason=request.status.finish_reason,
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_cached_tokens=request.num_cached_tokens,
-                num_output_tokens=request.num_output_tokens))
+                num_output_tokens=request.num_output_tokens,
+                logprobs=None if logprob is None else [logprob],
+                prompt_logprobs=prompt_logprobs))
         return outputs
 
 
@@ -147,6 +182,9 @@ class GenerationOutput:
     token_ids: list[int]
     finish_reason: str
     num_cached_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token, if ``params.logprobs`` is set
+    # one per prompt token (None for the first), if ``params.prompt_logprobs`` is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class LLM:
@@ -187,15 +225,22 @@ class LLM:
             engine.add_request(rid, ids, params)
         texts = {rid: [] for rid in rids}
         tokens = {rid: [] for rid in rids}
+        logprobs = {rid: [] for rid in rids}
+        prompt_logprobs = {}
         done: dict[str, RequestOutput] = {}
         with tqdm(total=len(rids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
             while len(done) < len(rids):
                 for out in engine.step():
                     texts[out.request_id].append(out.text)
                     tokens[out.request_id].extend(out.token_ids)
+                    logprobs[out.request_id].extend(out.logprobs or [])
+                    if out.prompt_logprobs is not None:
+                        prompt_logprobs[out.request_id] = out.prompt_logprobs
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
         return [GenerationOutput(ids, "".join(texts[r]), tokens[r], done[r].finish_reason,
-                                 done[r].num_cached_tokens)
+                                 done[r].num_cached_tokens,
+                                 logprobs[r] if params.logprobs is not None else None,
+                                 prompt_logprobs.get(r))
                 for r, ids in zip(rids, prompt_ids)]

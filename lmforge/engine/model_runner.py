@@ -7,6 +7,8 @@ of ``SchedulerOutput.sampling_requests()``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from lmforge.config import CacheConfig
@@ -25,6 +27,20 @@ def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig) -> int:
     bytes_per_block = (2 * cfg.num_hidden_layers * cache.block_size * cfg.num_key_value_heads
                        * cfg.head_dim * torch.finfo(dtype).bits // 8)
     return max(2, cache.kv_cache_memory_mb * 2**20 // bytes_per_block)
+
+
+@dataclass
+class ModelOutput:
+    """What one step computed.
+
+    ``logits``: (num_sampling_requests, vocab) float32, in ``SchedulerOutput.sampling_requests()``
+    order. ``prompt_logits``: for each request that still needs prompt logprobs, (first target
+    position p, (m, vocab) float32 logits) whose row i predicts the prompt token at position
+    p + i.
+    """
+
+    logits: torch.Tensor
+    prompt_logits: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -52,7 +68,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor:
-        """Compute one step. Returns (num_sampling_requests, vocab) float32 logits."""
+        """Compute one step: logits of the sampling requests (and of prompt positions for the
+        requests that want prompt logprobs)."""
         order = sorted(range(len(out.requests)), key=lambda i: out.num_new_tokens[i] != 1)
         reqs = [out.requests[i] for i in order]
         counts = [out.num_new_tokens[i] for i in order]
@@ -61,9 +78,27 @@ class ModelRunner:
         # logits only for the last row of each sampling request, in the scheduler's order
         row_of = {id(r): row for r, row in zip(reqs, last_rows)}
         rows = [row_of[id(r)] for r in out.sampling_requests()]
-        if not rows:
-            return torch.empty(0, self.model.config.vocab_size, device=self.device)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = (self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+                  if rows else torch.empty(0, self.model.config.vocab_size, device=self.device))
+        return ModelOutput(logits, self._prompt_logits(hidden, reqs, counts, last_rows))
+
+    def _prompt_logits(self, hidden: torch.Tensor, reqs: list[Request], counts: list[int],
+                       last_rows: list[int]) -> dict[str, tuple[int, torch.Tensor]]:
+        """Logits of the rows whose next token is a prompt token, for requests that want them.
+
+        A chunk over positions [s, s + n) predicts positions s + 1 .. s + n; those up to the last
+        prompt position P - 1 are prompt tokens.
+        """
+        out = {}
+        for r, n, last in zip(reqs, counts, last_rows):
+            if not r.needs_prompt_logprobs:
+                continue
+            s = r.num_computed_tokens
+            m = max(0, min(n, r.num_prompt_tokens - 1 - s))
+            if m:
+                first = last - n + 1
+                out[r.request_id] = (s + 1, self.model.compute_logits(hidden[first:first + m]))
+        return out
 
     def _prepare(self, reqs: list[Request], counts: list[int]):
         tables = [self.block_manager.block_table(r.request_id) for r in reqs]

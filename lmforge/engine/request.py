@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from lmforge.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 16
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
+MAX_LOGIT_BIAS = 100.0  # |bias| limit, as OpenAI's logit_bias
 
 
 class RequestStatus(enum.IntEnum):
@@ -46,7 +48,12 @@ _FINISH_REASONS = {
 class SamplingParams:
     """Per-request decoding parameters, with OpenAI (and vLLM) semantics.
 
-    temperature 0 means greedy. ``top_k`` 0 (or -1) disables top-k. Presence and frequency
+    temperature 0 means greedy. ``top_k`` 0 (or -1) disables top-k. ``logit_bias`` (token id ->
+    bias in [-100, 100]) is added to the logits before penalties and sampling, as OpenAI's.
+    ``logprobs`` N (0..20) returns, for every generated token, its log probability and the N
+    likeliest alternatives, from the model's raw distribution: ``log_softmax`` of the logits
+    before bias, penalties and temperature (vLLM v1's default ``raw_logprobs``);
+    ``prompt_logprobs`` does the same for the prompt tokens. Presence and frequency
     penalties follow the OpenAI formula ``logit - presence * (count > 0) - frequency * count`` over
     generated tokens; ``repetition_penalty`` follows CTRL (arXiv:1909.05858): logits of tokens seen
     in the prompt or output are divided by it when positive, multiplied when negative.
@@ -69,12 +76,16 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None = none; N = the sampled token's and the N likeliest
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -117,6 +128,20 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise InvalidRequestError(
                 "stop_token_ids must be non-negative integers", param="stop_token_ids")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise InvalidRequestError(
+                    f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}", param=name)
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0:
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids (non-negative integers), got {token!r}",
+                    param="logit_bias")
+            if not isinstance(bias, (int, float)) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequestError(
+                    f"logit_bias values must be numbers between -100 and 100, got {bias!r} for "
+                    f"token {token}", param="logit_bias")
 
 
 def _check_finite(params: SamplingParams, *names: str) -> None:
@@ -155,6 +180,12 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and are not delivered yet: every prompt position must
+        be computed, so the prefix cache is not read for this request."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
 
@@ -169,6 +200,15 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, status={self.status.name}, "
                 f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log probability and its likeliest alternatives (natural log)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), likeliest first; empty for logprobs=0
 
 
 @dataclass
@@ -187,3 +227,6 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     num_output_tokens: int  # all generated tokens so far
+    logprobs: list[TokenLogprob] | None = None  # one per entry of token_ids, if asked for
+    # with the first output only, if asked for: one per prompt token, None for the first
+    prompt_logprobs: list[TokenLogprob | None] | None = None

@@ -1,9 +1,10 @@
 """Batched per-request sampling: penalties, temperature, top-k, top-p, min-p and seeds.
 
-Data flow of one ``Sampler.sample`` call on logits ``(B, V)``. Penalties, then greedy, then
+Data flow of one ``Sampler.sample`` call on logits ``(B, V)``. Bias, penalties, then greedy, then
 temperature follow vLLM's v1 sampler (``vllm/v1/sample/sampler.py``); the filters run in Hugging
 Face's warper order (temperature, top-k, top-p, min-p), whereas vLLM applies min-p before top-k/p:
 
+0. ``logit_bias`` added to the raw logits (``apply_logit_bias``);
 1. penalties on the raw logits (``apply_penalties``): CTRL repetition penalty over prompt + output,
    then OpenAI frequency/presence penalties over output tokens only;
 2. greedy rows (temperature 0) take the argmax of the penalized logits and stop there;
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.engine.request import Request, SamplingParams
+from lmforge.engine.request import Request, SamplingParams, TokenLogprob
 
 # Temperatures below this are greedy: dividing by them overflows float32 (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
@@ -67,6 +68,51 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[list[int]],
     values = out.gather(1, ids)
     values = values - frequency.unsqueeze(1) * counts - presence.unsqueeze(1) * (counts > 0)
     return out.scatter_(1, ids, values)[:, :vocab]
+
+
+def apply_logit_bias(logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+    """Add each row's ``{token id: bias}`` to its logits (OpenAI ``logit_bias``).
+
+    Args:
+        logits: (B, V) float. Not modified.
+        biases: B dicts; ids >= V are ignored (the engine rejects them before they get here).
+
+    Returns:
+        (B, V) biased logits (a copy).
+    """
+    vocab = logits.shape[1]
+    rows, cols, values = [], [], []
+    for row, bias in enumerate(biases):
+        for token, value in bias.items():
+            if token < vocab:
+                rows.append(row)
+                cols.append(token)
+                values.append(value)
+    out = logits.clone()
+    if rows:
+        index = (torch.tensor(rows, device=out.device), torch.tensor(cols, device=out.device))
+        out.index_put_(index, torch.tensor(values, dtype=out.dtype, device=out.device),
+                       accumulate=True)
+    return out
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log probabilities of chosen tokens and of each row's likeliest ones.
+
+    Args:
+        logits: (B, V) float, raw model output.
+        token_ids: (B,) int64 chosen tokens.
+        num_top: how many of the likeliest tokens to return per row (0..V).
+
+    Returns:
+        ``(chosen (B,), top_ids (B, num_top), top_logprobs (B, num_top))``, float32 natural logs
+        of ``softmax(logits)``, likeliest first (``torch.topk`` order for ties).
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top = logprobs.topk(num_top, dim=-1)
+    return chosen, top.indices, top.values
 
 
 def _padded(ids: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
@@ -230,6 +276,8 @@ class Sampler:
         self._check(logits, requests)
         logits = logits[:, :self.vocab_size].float()
         params = [r.params for r in requests]
+        if any(p.logit_bias for p in params):
+            logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         logits = self._penalize(logits, requests, params)
         random_rows = [i for i, p in enumerate(params) if p.temperature >= SAMPLING_EPS]
         if not random_rows:
@@ -241,6 +289,48 @@ class Sampler:
         subset = [requests[i] for i in random_rows]
         tokens[index] = self._sample_random(logits[index], subset)
         return tokens.tolist()
+
+    def logprobs(self, logits: torch.Tensor, requests: list[Request], token_ids: list[int]
+                 ) -> list[TokenLogprob | None]:
+        """The ``TokenLogprob`` of each request that asked for logprobs (None for the others).
+
+        Computed from the raw logits (before bias, penalties and temperature), on the rows that
+        need them only.
+
+        Args:
+            logits: (B, V) as given to ``sample``; not modified.
+            requests: the B requests; ``params.logprobs`` says how many alternatives.
+            token_ids: the B tokens ``sample`` chose.
+        """
+        rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        result: list[TokenLogprob | None] = [None] * len(requests)
+        if not rows:
+            return result
+        index = torch.tensor(rows, device=logits.device)
+        num_top = max(requests[i].params.logprobs for i in rows)
+        chosen, top_ids, top_lps = compute_logprobs(
+            logits[index, :self.vocab_size], torch.tensor([token_ids[i] for i in rows],
+                                                          device=logits.device), num_top)
+        chosen, top_ids, top_lps = chosen.tolist(), top_ids.tolist(), top_lps.tolist()
+        for j, i in enumerate(rows):
+            k = requests[i].params.logprobs
+            result[i] = TokenLogprob(token_ids[i], chosen[j],
+                                     list(zip(top_ids[j][:k], top_lps[j][:k])))
+        return result
+
+    def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], num_top: int
+                        ) -> list[TokenLogprob]:
+        """``TokenLogprob`` of each prompt token given the logits that predict it.
+
+        Args:
+            logits: (m, V) raw logits; row i predicts ``targets[i]``.
+            targets: m prompt token ids.
+            num_top: alternatives per token (0..20).
+        """
+        chosen, top_ids, top_lps = compute_logprobs(
+            logits[:, :self.vocab_size], torch.tensor(targets, device=logits.device), num_top)
+        return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in
+                zip(targets, chosen.tolist(), top_ids.tolist(), top_lps.tolist())]
 
     def _check(self, logits: torch.Tensor, requests: list[Request]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(requests):

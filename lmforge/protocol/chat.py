@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_serializer, model_validator
 
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.common import RequestModel, ResponseModel, SamplingRequest, Usage
+from lmforge.protocol.logprobs import MAX_TOP_LOGPROBS, ChatChoiceLogprobs
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -62,7 +63,7 @@ class ChatCompletionRequest(SamplingRequest):
     null means "up to the context length"."""
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "response_format",
+        "tools", "tool_choice", "response_format",
         "functions", "function_call", "audio", "prediction", "reasoning_effort",
         "web_search_options")
 
@@ -90,8 +91,6 @@ class ChatCompletionRequest(SamplingRequest):
     safety_identifier: str | None = None
 
     def is_default(self, name: str, value: Any) -> bool:
-        if name == "top_logprobs":
-            return value in (None, 0)
         if name == "tool_choice":
             return value in (None, "none", "auto")
         if name == "response_format":
@@ -109,7 +108,20 @@ class ChatCompletionRequest(SamplingRequest):
                                       param="messages")
         if self.modalities not in (None, [], ["text"]):
             raise InvalidRequestError("only the text modality is supported", param="modalities")
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(
+                    f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got "
+                    f"{self.top_logprobs}", param="top_logprobs")
+            if not self.logprobs:
+                raise InvalidRequestError(
+                    "logprobs must be set to true if top_logprobs is used", param="logprobs")
         super().check()
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs``: None unless ``logprobs`` is true, else ``top_logprobs``."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -132,7 +144,7 @@ class ChatCompletionMessage(ResponseModel):
 class ChatCompletionChoice(ResponseModel):
     index: int
     message: ChatCompletionMessage
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None
 
 
@@ -160,7 +172,7 @@ class ChatDelta(BaseModel):
 class ChatCompletionChunkChoice(ResponseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 

@@ -56,7 +56,7 @@ class SamplingRequest(RequestModel):
     yields a clear 400 instead of "unrecognized"; ``check()`` enforces that.
     """
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias",)
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
     model: str
     temperature: float | None = None
@@ -127,4 +127,21 @@ class SamplingRequest(RequestModel):
             "ignore_eos": self.ignore_eos,
             "skip_special_tokens": self.skip_special_tokens,
             "include_stop_str_in_output": self.include_stop_str_in_output,
+            "logit_bias": self.token_logit_bias(),
         }
+
+    def token_logit_bias(self) -> dict[int, float]:
+        """``logit_bias`` with its JSON string keys as token ids.
+
+        Raises:
+            InvalidRequestError: a key that is not an integer (param ``logit_bias``).
+        """
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = value
+            except ValueError:
+                raise InvalidRequestError(
+                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+                ) from None
+        return out

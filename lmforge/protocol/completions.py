@@ -9,6 +9,7 @@ from pydantic import Field
 
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.common import ResponseModel, SamplingRequest, Usage
+from lmforge.protocol.logprobs import MAX_COMPLETION_LOGPROBS, CompletionLogprobs
 
 # A string, several strings, one token-id prompt, or several token-id prompts.
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -17,8 +18,7 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 class CompletionRequest(SamplingRequest):
     """The request body. ``max_tokens`` defaults to 16, as in the OpenAI API."""
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("logit_bias", "logprobs", "suffix", "echo",
-                                              "best_of")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix", "best_of")
 
     prompt: Prompt
     max_tokens: int | None = 16
@@ -28,8 +28,6 @@ class CompletionRequest(SamplingRequest):
     best_of: int | None = None
 
     def is_default(self, name: str, value: Any) -> bool:
-        if name == "logprobs":
-            return value is None  # 0 asks for the sampled token's logprob
         if name == "suffix":
             return value in (None, "")
         if name == "best_of":
@@ -44,6 +42,10 @@ class CompletionRequest(SamplingRequest):
         """
         if self.prompt == [] or any(p == [] or p == "" for p in self.prompts()):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise InvalidRequestError(
+                f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
+                param="logprobs")
         super().check()
 
     def prompts(self) -> list[str | list[int]]:
@@ -61,7 +63,7 @@ class CompletionRequest(SamplingRequest):
 class CompletionChoice(ResponseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 

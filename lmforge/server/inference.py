@@ -18,12 +18,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from lmforge.engine.request import RequestOutput, SamplingParams
+from lmforge.engine.request import RequestOutput, SamplingParams, TokenLogprob
 from lmforge.errors import (
     InternalServerError,
     InvalidRequestError,
@@ -43,6 +44,8 @@ from lmforge.protocol import (
     CompletionRequest,
     Usage,
 )
+from lmforge.protocol.logprobs import CompletionLogprobs
+from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from lmforge.server.sse import DONE, SSEResponse, sse_event
 
 if TYPE_CHECKING:
@@ -51,8 +54,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-# (choice index, new text, finish_reason or None) -> one streamed chunk
-ChunkFactory = Callable[[int, str, "str | None"], BaseModel]
+# (choice index, an engine delta or None for the finish chunk, finish_reason or None) -> one
+# streamed chunk, or None when the delta has nothing to send
+ChunkFactory = Callable[[int, "RequestOutput | None", "str | None"], "BaseModel | None"]
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -61,16 +65,24 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
-    params = _sampling_params(body, body.requested_max_tokens, body.max_tokens_param)
+    params = _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
+                              logprobs=body.num_logprobs)
     messages = [m.to_template_dict() for m in body.messages]
     prompt = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, chat_template=request.app.state.chat_template)
     gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     created = int(time.time())
+    texts = TokenTexts(engine.tokenizer)
 
-    def chunk(index: int, text: str, finish_reason: str | None) -> ChatCompletionChunk:
-        delta = ChatDelta(content=text) if finish_reason is None else ChatDelta()
-        choice = ChatCompletionChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+    def chunk(index: int, out: RequestOutput | None, finish_reason: str | None
+              ) -> ChatCompletionChunk | None:
+        if out is not None and not out.text and not out.logprobs:
+            return None
+        delta = ChatDelta() if out is None else ChatDelta(content=out.text)
+        logprobs = None if out is None or out.logprobs is None else chat_logprobs(texts,
+                                                                                 out.logprobs)
+        choice = ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                                           finish_reason=finish_reason)
         return ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[choice])
 
     if body.stream:
@@ -83,26 +95,53 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     results = await _collect(request, gen)
     if isinstance(results, Response):
         return results
-    texts, usage, reasons = results
-    return ChatCompletion(id=gen.id, created=created, model=body.model, usage=usage, choices=[
-        ChatCompletionChoice(index=i, message=ChatCompletionMessage(content=t),
-                             finish_reason=r) for i, (t, r) in enumerate(zip(texts, reasons))])
+    return ChatCompletion(id=gen.id, created=created, model=body.model, usage=gen.usage(),
+                          choices=[ChatCompletionChoice(
+                              index=i, message=ChatCompletionMessage(content=r.text),
+                              logprobs=None if params.logprobs is None
+                              else chat_logprobs(texts, r.logprobs),
+                              finish_reason=r.finish_reason) for i, r in enumerate(results)])
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    """OpenAI "Create completion": one choice per prompt, generated concurrently."""
+    """OpenAI "Create completion": one choice per prompt, generated concurrently; ``echo``
+    puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion."""
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
-    params = _sampling_params(body, body.max_tokens, "max_tokens")
-    prompts = [engine.tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
+    params = _sampling_params(body, body.max_tokens, "max_tokens", logprobs=body.logprobs,
+                              prompt_logprobs=body.logprobs if body.echo else None)
+    tokenizer = engine.tokenizer
+    prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
                for p in body.prompts()]
+    echoes = ([p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
+               for p, ids in zip(body.prompts(), prompts)] if body.echo else [""] * len(prompts))
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts, params)
     created = int(time.time())
+    texts = TokenTexts(tokenizer)
+    offsets = [0] * len(prompts)  # characters of each choice's text sent so far
 
-    def chunk(index: int, text: str, finish_reason: str | None) -> Completion:
-        choice = CompletionChoice(index=index, text=text, finish_reason=finish_reason)
+    def choice_logprobs(index: int, out: RequestOutput) -> CompletionLogprobs | None:
+        """The delta's logprobs, the echoed prompt's first."""
+        if params.logprobs is None:
+            return None
+        ids, entries = list(out.token_ids), list(out.logprobs or [])
+        if out.prompt_logprobs is not None:  # the first delta of an echo
+            ids, entries = prompts[index] + ids, list(out.prompt_logprobs) + entries
+        return completion_logprobs(texts, ids, entries, offsets[index])
+
+    def chunk(index: int, out: RequestOutput | None, finish_reason: str | None
+              ) -> Completion | None:
+        text, logprobs = "", None
+        if out is not None:
+            text = (echoes[index] if _first(out) else "") + out.text
+            logprobs = choice_logprobs(index, out)
+            offsets[index] += len(text)
+            if not text and logprobs is None:
+                return None
+        choice = CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                  finish_reason=finish_reason)
         return Completion(id=gen.id, created=created, model=body.model, choices=[choice])
 
     if body.stream:
@@ -112,10 +151,23 @@ async def create_completion(body: CompletionRequest, request: Request):
     results = await _collect(request, gen)
     if isinstance(results, Response):
         return results
-    texts, usage, reasons = results
-    return Completion(id=gen.id, created=created, model=body.model, usage=usage, choices=[
-        CompletionChoice(index=i, text=t, finish_reason=r)
-        for i, (t, r) in enumerate(zip(texts, reasons))])
+    choices = []
+    for i, r in enumerate(results):
+        logprobs = None
+        if params.logprobs is not None:
+            ids = (prompts[i] if body.echo else []) + r.token_ids
+            entries = ((r.prompt_logprobs or [None] * len(prompts[i])) if body.echo else []) \
+                + r.logprobs
+            logprobs = completion_logprobs(texts, ids, entries)
+        choices.append(CompletionChoice(index=i, text=echoes[i] + r.text, logprobs=logprobs,
+                                        finish_reason=r.finish_reason))
+    return Completion(id=gen.id, created=created, model=body.model, usage=gen.usage(),
+                      choices=choices)
+
+
+def _first(out: RequestOutput) -> bool:
+    """Whether this delta is the request's first (it carries its first generated token)."""
+    return out.num_output_tokens == len(out.token_ids)
 
 
 def _check_model(engine: AsyncEngine, model: str) -> None:
@@ -124,10 +176,10 @@ def _check_model(engine: AsyncEngine, model: str) -> None:
 
 
 def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                     max_tokens_param: str) -> SamplingParams:
+                     max_tokens_param: str, **extra: Any) -> SamplingParams:
     """``SamplingParams`` from the body; its range errors name the parameter the client sent."""
     try:
-        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs())
+        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs(), **extra)
     except InvalidRequestError as e:
         if e.param == "max_tokens":
             e.param = max_tokens_param
@@ -135,16 +187,32 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens
         raise
 
 
-async def _collect(request: Request, gen: Generation
-                   ) -> tuple[list[str], Usage, list[str | None]] | Response:
-    """Run ``gen`` to the end: (text per choice, usage, finish_reason per choice), or an empty
-    response when the client went away (nobody will read it)."""
+@dataclass
+class ChoiceResult:
+    """One choice, run to the end."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+
+
+async def _collect(request: Request, gen: Generation) -> list[ChoiceResult] | Response:
+    """Run ``gen`` to the end: one result per choice, or an empty response when the client went
+    away (nobody will read it)."""
     try:
         await gen.start(request)
-        texts = [""] * gen.num_prompts
+        results = [ChoiceResult() for _ in range(gen.num_prompts)]
         async for index, out in gen.outputs():
-            texts[index] += out.text
-        return texts, gen.usage(), gen.finish_reasons()
+            r = results[index]
+            r.text += out.text
+            r.token_ids += out.token_ids
+            r.logprobs += out.logprobs or []
+            if out.prompt_logprobs is not None:
+                r.prompt_logprobs = out.prompt_logprobs
+            r.finish_reason = out.finish_reason
+        return results
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
@@ -174,10 +242,11 @@ async def _sse_events(gen: Generation, chunk: ChunkFactory, opening: list[BaseMo
         for c in opening:
             yield sse_event(c)
         async for index, out in gen.outputs():
-            if out.text:
-                yield sse_event(chunk(index, out.text, None))
+            delta = chunk(index, out, None)
+            if delta is not None:
+                yield sse_event(delta)
             if out.finished:
-                yield sse_event(chunk(index, "", out.finish_reason or "stop"))
+                yield sse_event(chunk(index, None, out.finish_reason or "stop"))
         if usage_chunk is not None:
             yield sse_event(usage_chunk.model_copy(update={"usage": gen.usage()}))
     except LMForgeError as e:
@@ -249,9 +318,6 @@ class Generation:
         return Usage.of(sum(o.num_prompt_tokens for o in last),
                         sum(o.num_output_tokens for o in last),
                         sum(o.num_cached_tokens for o in last))
-
-    def finish_reasons(self) -> list[str | None]:
-        return [o.finish_reason if o is not None else None for o in self._last]
 
     async def aclose(self) -> None:
         """Cancel pending work and close the engine iterators (aborting unfinished requests).

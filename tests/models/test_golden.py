@@ -25,7 +25,7 @@ def teacher_forced_logits(engine: LLMEngine, prompt: list[int], continuation: li
     forced, rows = iter(continuation), []
     while engine.has_unfinished_requests():
         out = engine.scheduler.schedule()
-        logits = engine.model_runner.execute(out)
+        logits = engine.model_runner.execute(out).logits
         rows.extend(logits)
         engine.scheduler.update(out, [next(forced) for _ in out.sampling_requests()])
     return torch.stack(rows)

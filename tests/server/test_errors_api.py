@@ -40,12 +40,19 @@ CASES = [
     ("unknown-field", "POST", CHAT, chat(foo=1), 400, "foo",
      "Unrecognized request argument supplied: foo"),
     ("n-2", "POST", CHAT, chat(n=2), 400, "n", "n > 1 is not supported yet"),
-    ("logprobs", "POST", CHAT, chat(logprobs=True), 400, "logprobs", "not supported"),
+    ("top-logprobs-range", "POST", CHAT, chat(logprobs=True, top_logprobs=21), 400,
+     "top_logprobs", "between 0 and 20"),
+    ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "logprobs",
+     "logprobs must be set to true"),
     ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "tools", "not supported"),
     ("response-format", "POST", CHAT, chat(response_format={"type": "json_object"}), 400,
      "response_format", "not supported"),
-    ("logit-bias", "POST", CHAT, chat(logit_bias={"1": 5}), 400, "logit_bias", "not supported"),
+    ("logit-bias-key", "POST", CHAT, chat(logit_bias={"x": 5}), 400, "logit_bias", "token ids"),
+    ("logit-bias-range", "POST", CHAT, chat(logit_bias={"1": 150}), 400, "logit_bias",
+     "between -100 and 100"),
+    ("logit-bias-out-of-vocab", "POST", CHAT, chat(logit_bias={"1000000": 1}), 400, "logit_bias",
+     "outside the vocabulary"),
     ("stream-options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}),
      400, "stream_options", "stream"),
     ("empty-messages", "POST", CHAT, chat(messages=[]), 400, "messages", "at least one"),
@@ -61,8 +68,10 @@ CASES = [
      "prompt": [1, 10**6]}}, 400, "prompt", "outside the vocabulary"),
     ("empty-prompt", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": ""}}, 400,
      "prompt", "empty"),
-    ("echo", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a", "echo": True}}, 400,
-     "echo", "not supported"),
+    ("completion-logprobs-range", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a",
+     "logprobs": 6}}, 400, "logprobs", "between 0 and 5"),
+    ("suffix", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a", "suffix": "b"}},
+     400, "suffix", "not supported"),
     ("get-on-post-route", "GET", CHAT, {}, 405, None, "GET /v1/chat/completions"),
     ("unknown-path", "POST", "/v1/nothing", {"json": {}}, 404, None, "Invalid URL"),
     ("unknown-model-card", "GET", "/v1/models/gpt-9", {}, 404, "model", "gpt-9"),
@@ -168,7 +177,8 @@ def test_error_after_stream_started_is_an_sse_error_event():
     gen = _FailingGeneration()
 
     async def collect() -> list[str]:
-        return [e async for e in _sse_events(gen, lambda i, t, r: _Chunk(text=t), [], None)]
+        return [e async for e in _sse_events(gen, lambda i, out, r: _Chunk(text=out.text), [],
+                                             None)]
 
     events = asyncio.run(collect())
     assert events[0] == 'data: {"text":"Hel"}\n\n'
