@@ -95,10 +95,13 @@ class AsyncEngine:
         self._executor.shutdown(wait=False)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, after: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until one has ``finished=True``.
 
-        Validation errors are raised before the first yield. Leaving the iteration early
+        ``after``: as ``LLMEngine.add_request`` (the other choices of an ``n`` > 1 request wait
+        for the first one's prompt and share its KV blocks). Validation errors are raised before
+        the first yield. Leaving the iteration early
         (``aclose()``, cancellation, client disconnect) aborts the request.
 
         Raises:
@@ -110,7 +113,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop has stopped; restart the server")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params))
+        self._send(("add", request_id, list(prompt_token_ids), params, after))
         finished = False
         try:
             while not finished:
@@ -130,7 +133,8 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        return EngineStats(len(scheduler.running), len(scheduler.waiting),
+        return EngineStats(len(scheduler.running),
+                           len(scheduler.waiting) + len(self.engine.held_ids),
                            blocks.num_free_blocks, blocks.num_blocks)
 
     def _send(self, command: tuple) -> None:
@@ -164,9 +168,9 @@ class AsyncEngine:
             if command[0] == "abort":
                 self.engine.abort_request(command[1])
                 continue
-            _, request_id, prompt_token_ids, params = command
+            _, request_id, prompt_token_ids, params, after = command
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params)
+                self.engine.add_request(request_id, prompt_token_ids, params, after)
             except LMForgeError as e:
                 self._deliver(request_id, e)
 

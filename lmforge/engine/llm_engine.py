@@ -65,17 +65,27 @@ class LLMEngine:
         self.vocab_size = loaded.config.vocab_size
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}  # until delivered
+        # requests waiting for another one's prompt to be computed (``add_request(after=)``)
+        self.held: dict[str, list[Request]] = {}
+        self.held_ids: set[str] = set()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> None:
+                    params: SamplingParams, after: str | None = None) -> None:
         """Queue a request. Validation errors are raised here, before anything is queued.
+
+        Args:
+            after: the id of a running request with the same prompt (the first choice of an
+                ``n`` > 1 request): this one is held back until that one has computed its prompt,
+                then reads the prompt's full KV blocks from the prefix cache instead of computing
+                them again (only the last, partial block is recomputed, as in vLLM). Unknown or
+                already-past-prefill ids release it at once.
 
         Raises:
             InvalidRequestError: empty prompt, token id outside the vocabulary, duplicate id.
             ContextLengthExceededError: prompt + max_tokens exceeds max_model_len.
         """
         self.validate_prompt(prompt_token_ids, params)
-        if request_id in self.scheduler.requests:
+        if request_id in self.scheduler.requests or request_id in self.held_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids)
         if request.max_tokens is None:
@@ -84,7 +94,12 @@ class LLMEngine:
             self.tokenizer, prompt_token_ids, stop=params.stop,
             skip_special_tokens=params.skip_special_tokens,
             include_stop_str_in_output=params.include_stop_str_in_output)
-        self.scheduler.add_request(request)
+        first = self.scheduler.requests.get(after) if after is not None else None
+        if first is not None and not first.output_token_ids:
+            self.held.setdefault(after, []).append(request)
+            self.held_ids.add(request_id)
+        else:
+            self.scheduler.add_request(request)
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Check a prompt against the vocabulary and the context length (see ``add_request``)."""
@@ -112,17 +127,22 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         """Finish a request as aborted and free its KV blocks now. Unknown ids are ignored."""
+        if request_id in self.held_ids:
+            self.held_ids.discard(request_id)
+            for group in self.held.values():
+                group[:] = [r for r in group if r.request_id != request_id]
         self.scheduler.abort_request(request_id)
         self.detokenizers.pop(request_id, None)
         self.prompt_logprobs.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.held_ids)
 
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return the outputs of requests that produced a token."""
         scheduled = self.scheduler.schedule()
         if not scheduled.requests:
+            self._release_held()
             return []
         model_output = self.model_runner.execute(scheduled)
         self._record_prompt_logprobs(model_output.prompt_logits)
@@ -130,7 +150,18 @@ class LLMEngine:
         sampled = self.sampler.sample(model_output.logits, sampling)
         logprobs = self.sampler.logprobs(model_output.logits, sampling, sampled)
         self.scheduler.update(scheduled, sampled)
-        return self._make_outputs(scheduled, logprobs)
+        outputs = self._make_outputs(scheduled, logprobs)
+        self._release_held()
+        return outputs
+
+    def _release_held(self) -> None:
+        """Queue the held requests whose first request has computed its prompt (or is gone)."""
+        for after in list(self.held):
+            first = self.scheduler.requests.get(after)
+            if first is None or first.output_token_ids:
+                for request in self.held.pop(after):
+                    self.held_ids.discard(request.request_id)
+                    self.scheduler.add_request(request)
 
     def _record_prompt_logprobs(self, prompt_logits: dict[str, tuple[int, torch.Tensor]]) -> None:
         """Keep the prompt logprobs computed this step, by position (a recomputation after

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.errors import InvalidRequestError
 
+MAX_N = 128  # choices per prompt, OpenAI's limit
+
 
 class RequestModel(BaseModel):
     """Base of every request body: unknown fields are rejected, never silently ignored."""
@@ -86,10 +88,8 @@ class SamplingRequest(RequestModel):
             InvalidRequestError: naming the parameter (``n``, ``stream_options`` or one of
                 ``UNSUPPORTED``).
         """
-        if self.n is not None and self.n < 1:
-            raise InvalidRequestError(f"n must be at least 1, got {self.n}", param="n")
-        if self.n is not None and self.n > 1:
-            raise InvalidRequestError("n > 1 is not supported yet", param="n")
+        if self.n is not None and not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError(
                 "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
@@ -102,6 +102,11 @@ class SamplingRequest(RequestModel):
     def is_default(self, name: str, value: Any) -> bool:
         """Whether an unsupported field holds a value that asks for nothing (null, false, {})."""
         return value is None or value is False or value == {} or value == []
+
+    @property
+    def num_choices(self) -> int:
+        """Choices per prompt (``n``, default 1)."""
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:

@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -61,7 +61,7 @@ ChunkFactory = Callable[[int, "RequestOutput | None", "str | None"], "BaseModel 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    """OpenAI "Create chat completion" (n=1, text only)."""
+    """OpenAI "Create chat completion" (text only; ``n`` choices)."""
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
@@ -70,7 +70,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     messages = [m.to_template_dict() for m in body.messages]
     prompt = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, chat_template=request.app.state.chat_template)
-    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices)
     created = int(time.time())
     texts = TokenTexts(engine.tokenizer)
 
@@ -86,11 +86,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[choice])
 
     if body.stream:
-        role = ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[
-            ChatCompletionChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""))])
+        roles = [ChatCompletionChunk(id=gen.id, created=created, model=body.model, choices=[
+            ChatCompletionChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(gen.num_choices)]
         usage_chunk = ChatCompletionChunk(id=gen.id, created=created, model=body.model,
                                           choices=[])
-        return await _stream(request, gen, chunk, [role], usage_chunk if body.include_usage
+        return await _stream(request, gen, chunk, roles, usage_chunk if body.include_usage
                              else None)
     results = await _collect(request, gen)
     if isinstance(results, Response):
@@ -105,7 +106,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
-    """OpenAI "Create completion": one choice per prompt, generated concurrently; ``echo``
+    """OpenAI "Create completion": ``n`` choices per prompt, generated concurrently; ``echo``
     puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion."""
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
@@ -117,10 +118,11 @@ async def create_completion(body: CompletionRequest, request: Request):
                for p in body.prompts()]
     echoes = ([p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
                for p, ids in zip(body.prompts(), prompts)] if body.echo else [""] * len(prompts))
-    gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+    n = body.num_choices
+    gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts, params, n)
     created = int(time.time())
     texts = TokenTexts(tokenizer)
-    offsets = [0] * len(prompts)  # characters of each choice's text sent so far
+    offsets = [0] * gen.num_choices  # characters of each choice's text sent so far
 
     def choice_logprobs(index: int, out: RequestOutput) -> CompletionLogprobs | None:
         """The delta's logprobs, the echoed prompt's first."""
@@ -128,14 +130,14 @@ async def create_completion(body: CompletionRequest, request: Request):
             return None
         ids, entries = list(out.token_ids), list(out.logprobs or [])
         if out.prompt_logprobs is not None:  # the first delta of an echo
-            ids, entries = prompts[index] + ids, list(out.prompt_logprobs) + entries
+            ids, entries = prompts[index // n] + ids, list(out.prompt_logprobs) + entries
         return completion_logprobs(texts, ids, entries, offsets[index])
 
     def chunk(index: int, out: RequestOutput | None, finish_reason: str | None
               ) -> Completion | None:
         text, logprobs = "", None
         if out is not None:
-            text = (echoes[index] if _first(out) else "") + out.text
+            text = (echoes[index // n] if _first(out) else "") + out.text
             logprobs = choice_logprobs(index, out)
             offsets[index] += len(text)
             if not text and logprobs is None:
@@ -153,13 +155,13 @@ async def create_completion(body: CompletionRequest, request: Request):
         return results
     choices = []
     for i, r in enumerate(results):
-        logprobs = None
+        prompt_ids, logprobs = prompts[i // n], None
         if params.logprobs is not None:
-            ids = (prompts[i] if body.echo else []) + r.token_ids
-            entries = ((r.prompt_logprobs or [None] * len(prompts[i])) if body.echo else []) \
+            ids = (prompt_ids if body.echo else []) + r.token_ids
+            entries = ((r.prompt_logprobs or [None] * len(prompt_ids)) if body.echo else []) \
                 + r.logprobs
             logprobs = completion_logprobs(texts, ids, entries)
-        choices.append(CompletionChoice(index=i, text=echoes[i] + r.text, logprobs=logprobs,
+        choices.append(CompletionChoice(index=i, text=echoes[i // n] + r.text, logprobs=logprobs,
                                         finish_reason=r.finish_reason))
     return Completion(id=gen.id, created=created, model=body.model, usage=gen.usage(),
                       choices=choices)
@@ -203,7 +205,7 @@ async def _collect(request: Request, gen: Generation) -> list[ChoiceResult] | Re
     away (nobody will read it)."""
     try:
         await gen.start(request)
-        results = [ChoiceResult() for _ in range(gen.num_prompts)]
+        results = [ChoiceResult() for _ in range(gen.num_choices)]
         async for index, out in gen.outputs():
             r = results[index]
             r.text += out.text
@@ -264,23 +266,35 @@ class ClientDisconnected(Exception):
 
 
 class Generation:
-    """The engine requests behind one HTTP request, one per prompt, run concurrently.
+    """The engine requests behind one HTTP request: ``n`` per prompt, all run concurrently.
 
-    ``start()`` waits for every prompt's first output, so validation errors (raised by the
+    Choice ``i * n + j`` is prompt i's j-th sample (OpenAI's order). The first choice of a prompt
+    computes it; the other n - 1 wait for that and read its KV blocks from the prefix cache
+    (``LLMEngine.add_request(after=)``); a seeded request gives choice j the seed ``seed + j``
+    (vLLM's convention), so the choices differ and each is reproducible.
+
+    ``start()`` waits for every choice's first output, so validation errors (raised by the
     engine before its first yield) surface before any response is sent; ``outputs()`` then
     yields ``(choice index, RequestOutput delta)`` in arrival order; ``aclose()`` cancels what is
     pending and closes every engine iterator, which aborts unfinished requests.
     """
 
     def __init__(self, engine: AsyncEngine, response_id: str, prompts: list[list[int]],
-                 params: SamplingParams):
+                 params: SamplingParams, n: int = 1):
         self.id = response_id
-        self.num_prompts = len(prompts)
-        ids = [response_id] if len(prompts) == 1 else [f"{response_id}-{i}"
-                                                       for i in range(len(prompts))]
-        self._iters = [engine.generate(rid, p, params) for rid, p in zip(ids, prompts)]
+        self.n = n
+        self.num_choices = len(prompts) * n
+        self._iters = []
+        for i, prompt in enumerate(prompts):
+            first = None
+            for j in range(n):
+                rid = response_id if self.num_choices == 1 else f"{response_id}-{i * n + j}"
+                choice_params = params if j == 0 or params.seed is None else replace(
+                    params, seed=params.seed + j)
+                self._iters.append(engine.generate(rid, prompt, choice_params, after=first))
+                first = first or rid
         self._pending: dict[asyncio.Future, int] = {}  # next-output task -> choice index
-        self._last: list[RequestOutput | None] = [None] * len(prompts)
+        self._last: list[RequestOutput | None] = [None] * self.num_choices
         self._watcher: asyncio.Future | None = None  # resolves when the client disconnects
 
     async def start(self, request: Request) -> None:
@@ -291,7 +305,7 @@ class Generation:
             ClientDisconnected: the client went away first.
         """
         self._watcher = asyncio.ensure_future(_wait_disconnect(request))
-        for index in range(self.num_prompts):
+        for index in range(self.num_choices):
             self._schedule(index)
         while not all(task.done() for task in self._pending):
             for task in await self._wait_any():
@@ -313,11 +327,13 @@ class Generation:
                 yield index, out
 
     def usage(self) -> Usage:
-        """Token counts summed over the prompts, from each one's latest output."""
+        """Token counts from each choice's latest output: generated tokens summed over all
+        choices, each prompt (and its cache hits) counted once, from its first choice."""
         last = [o for o in self._last if o is not None]
-        return Usage.of(sum(o.num_prompt_tokens for o in last),
+        firsts = [o for i, o in enumerate(self._last) if o is not None and i % self.n == 0]
+        return Usage.of(sum(o.num_prompt_tokens for o in firsts),
                         sum(o.num_output_tokens for o in last),
-                        sum(o.num_cached_tokens for o in last))
+                        sum(o.num_cached_tokens for o in firsts))
 
     async def aclose(self) -> None:
         """Cancel pending work and close the engine iterators (aborting unfinished requests).

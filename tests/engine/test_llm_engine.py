@@ -153,3 +153,30 @@ def test_async_engine_streams_and_abort_frees_blocks(tiny_llama_dir):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_later_choices_wait_for_the_first_and_share_its_prompt_blocks(tiny_llama_dir):
+    engine = make_llm(tiny_llama_dir).engine  # block size 4
+    prompt = engine.tokenizer.encode("One prompt, several choices: " * 3)
+    engine.add_request("c0", prompt, greedy(5))
+    engine.add_request("c1", prompt, greedy(5), after="c0")
+    engine.add_request("c2", prompt, greedy(5), after="c0")
+    assert [r.request_id for r in engine.scheduler.waiting] == ["c0"]  # the others are held
+    tokens, cached = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            cached[out.request_id] = out.num_cached_tokens
+    assert tokens["c1"] == tokens["c2"] == tokens["c0"] and len(tokens["c0"]) == 5
+    full_blocks = (len(prompt) - 1) // 4 * 4
+    assert cached == {"c0": 0, "c1": full_blocks, "c2": full_blocks}
+
+
+def test_aborting_the_first_choice_releases_the_others(tiny_llama_dir):
+    engine = make_llm(tiny_llama_dir).engine
+    prompt = engine.tokenizer.encode("abort the first one")
+    engine.add_request("a0", prompt, greedy(3))
+    engine.add_request("a1", prompt, greedy(3), after="a0")
+    engine.abort_request("a0")
+    finished = [o.request_id for _ in range(10) for o in engine.step() if o.finished]
+    assert finished == ["a1"] and not engine.has_unfinished_requests()
