@@ -124,21 +124,23 @@ async def create_completion(body: CompletionRequest, request: Request):
     texts = TokenTexts(tokenizer)
     offsets = [0] * gen.num_choices  # characters of each choice's text sent so far
 
-    def choice_logprobs(index: int, out: RequestOutput) -> CompletionLogprobs | None:
-        """The delta's logprobs, the echoed prompt's first."""
+    def choice_logprobs(index: int, token_ids: list[int], entries: list[TokenLogprob],
+                        prompt_entries: list[TokenLogprob | None] | None, offset: int = 0
+                        ) -> CompletionLogprobs | None:
+        """Logprobs of these tokens, preceded by the prompt's when ``prompt_entries`` is set."""
         if params.logprobs is None:
             return None
-        ids, entries = list(out.token_ids), list(out.logprobs or [])
-        if out.prompt_logprobs is not None:  # the first delta of an echo
-            ids, entries = prompts[index // n] + ids, list(out.prompt_logprobs) + entries
-        return completion_logprobs(texts, ids, entries, offsets[index])
+        if prompt_entries is not None:
+            token_ids, entries = prompts[index // n] + token_ids, list(prompt_entries) + entries
+        return completion_logprobs(texts, token_ids, entries, offset)
 
     def chunk(index: int, out: RequestOutput | None, finish_reason: str | None
               ) -> Completion | None:
         text, logprobs = "", None
         if out is not None:
             text = (echoes[index // n] if _first(out) else "") + out.text
-            logprobs = choice_logprobs(index, out)
+            logprobs = choice_logprobs(index, out.token_ids, out.logprobs or [],
+                                       out.prompt_logprobs, offsets[index])  # echo: 1st delta
             offsets[index] += len(text)
             if not text and logprobs is None:
                 return None
@@ -153,16 +155,11 @@ async def create_completion(body: CompletionRequest, request: Request):
     results = await _collect(request, gen)
     if isinstance(results, Response):
         return results
-    choices = []
-    for i, r in enumerate(results):
-        prompt_ids, logprobs = prompts[i // n], None
-        if params.logprobs is not None:
-            ids = (prompt_ids if body.echo else []) + r.token_ids
-            entries = ((r.prompt_logprobs or [None] * len(prompt_ids)) if body.echo else []) \
-                + r.logprobs
-            logprobs = completion_logprobs(texts, ids, entries)
-        choices.append(CompletionChoice(index=i, text=echoes[i // n] + r.text, logprobs=logprobs,
-                                        finish_reason=r.finish_reason))
+    choices = [CompletionChoice(
+        index=i, text=echoes[i // n] + r.text, finish_reason=r.finish_reason,
+        logprobs=choice_logprobs(i, r.token_ids, r.logprobs, r.prompt_logprobs if body.echo
+                                 else None))
+        for i, r in enumerate(results)]
     return Completion(id=gen.id, created=created, model=body.model, usage=gen.usage(),
                       choices=choices)
 
