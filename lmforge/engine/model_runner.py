@@ -1,8 +1,9 @@
 """SchedulerOutput -> input tensors + attention metadata -> logits. Owns the KV-cache tensors.
 
 The flat batch puts single-token queries (decodes) first, then each multi-token chunk
-(prefills); ``execute`` returns logits only for the requests that sample this step, in the order
-of ``SchedulerOutput.sampling_requests()``.
+(prefills); ``execute`` returns a ``ModelOutput``: logits only for the requests that sample this
+step, in the order of ``SchedulerOutput.sampling_requests()``, plus the prompt rows' logits of
+requests that asked for prompt logprobs.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class ModelRunner:
                           for _ in range(model.config.num_hidden_layers)]
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput) -> ModelOutput:
         """Compute one step: logits of the sampling requests (and of prompt positions for the
         requests that want prompt logprobs)."""
         order = sorted(range(len(out.requests)), key=lambda i: out.num_new_tokens[i] != 1)

@@ -304,18 +304,12 @@ class Sampler:
         """
         rows = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         result: list[TokenLogprob | None] = [None] * len(requests)
-        if not rows:
-            return result
-        index = torch.tensor(rows, device=logits.device)
-        num_top = max(requests[i].params.logprobs for i in rows)
-        chosen, top_ids, top_lps = compute_logprobs(
-            logits[index, :self.vocab_size], torch.tensor([token_ids[i] for i in rows],
-                                                          device=logits.device), num_top)
-        chosen, top_ids, top_lps = chosen.tolist(), top_ids.tolist(), top_lps.tolist()
-        for j, i in enumerate(rows):
-            k = requests[i].params.logprobs
-            result[i] = TokenLogprob(token_ids[i], chosen[j],
-                                     list(zip(top_ids[j][:k], top_lps[j][:k])))
+        if rows:
+            entries = self._token_logprobs(
+                logits[torch.tensor(rows, device=logits.device)], [token_ids[i] for i in rows],
+                [requests[i].params.logprobs for i in rows])
+            for i, entry in zip(rows, entries):
+                result[i] = entry
         return result
 
     def prompt_logprobs(self, logits: torch.Tensor, targets: list[int], num_top: int
@@ -327,10 +321,16 @@ class Sampler:
             targets: m prompt token ids.
             num_top: alternatives per token (0..20).
         """
+        return self._token_logprobs(logits, targets, [num_top] * len(targets))
+
+    def _token_logprobs(self, logits: torch.Tensor, token_ids: list[int], num_tops: list[int]
+                        ) -> list[TokenLogprob]:
+        """Row i: ``token_ids[i]``'s logprob and the ``num_tops[i]`` likeliest tokens."""
         chosen, top_ids, top_lps = compute_logprobs(
-            logits[:, :self.vocab_size], torch.tensor(targets, device=logits.device), num_top)
-        return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in
-                zip(targets, chosen.tolist(), top_ids.tolist(), top_lps.tolist())]
+            logits[:, :self.vocab_size], torch.tensor(token_ids, device=logits.device),
+            max(num_tops))
+        return [TokenLogprob(t, c, list(zip(i[:k], v[:k]))) for t, c, i, v, k in
+                zip(token_ids, chosen.tolist(), top_ids.tolist(), top_lps.tolist(), num_tops)]
 
     def _check(self, logits: torch.Tensor, requests: list[Request]) -> None:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
