@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,13 @@ from lmforge.config import (
     SchedulerConfig,
     ServerConfig,
 )
-from lmforge.errors import ModelLoadError
+from lmforge.errors import ModelLoadError, ServiceUnavailableError
 
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# after --shutdown-timeout has aborted what still runs, uvicorn waits this much longer for the
+# aborted responses to be written before it cancels their tasks
+_ABORT_GRACE_S = 5.0
+logger = logging.getLogger(__name__)
 
 
 class StartupError(click.ClickException):
@@ -68,31 +75,85 @@ def main() -> None:
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of unseeded sampling.")
+@click.option("--max-waiting-requests", type=int, default=None,
+              help="Answer 429 while this many requests wait for their first token "
+                   "(default 128; 0 = unbounded).")
+@click.option("--max-waiting-tokens", type=int, default=None,
+              help="Answer 429 while this many prompt tokens wait (default 32768; 0 = "
+                   "unbounded).")
 @click.option("--api-key", "api_keys", multiple=True, envvar="LMFORGE_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (repeatable; env LMFORGE_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on every route but "
+                   "GET /health (repeatable; env LMFORGE_API_KEY).")
+@click.option("--watchdog-timeout", type=float, default=60.0, show_default=True,
+              help="/health answers 503 when the engine loop has not stepped for this many "
+                   "seconds.")
+@click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are "
+                   "aborted.")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
-          host: str, port: int, **options: Any) -> None:
-    """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
+          host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
+          **options: Any) -> None:
+    """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    The server listens at once and loads the model in the background (/health answers 503
+    until it is ready). SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests
+    finish for up to --shutdown-timeout seconds, aborts the rest, and exits with status 0.
+    """
     # imported here so that `lmforge --help` and other commands do not pay for torch
     from lmforge.engine.async_engine import AsyncEngine
-    from lmforge.server import build_app
+    from lmforge.server import build_loading_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     chat_template = chat_template_file.read_text(encoding="utf-8") if chat_template_file else None
     config = engine_config(chat_template=chat_template, **options)
+    server_config = ServerConfig(host=host, port=port, api_keys=list(api_keys),
+                                 watchdog_timeout=watchdog_timeout,
+                                 shutdown_timeout=shutdown_timeout)
     try:
-        engine = AsyncEngine.from_config(config)
+        model_name = precheck(config, server_config)
     except (ModelLoadError, ValueError) as e:
         raise StartupError(str(e)) from e
-    app = build_app(engine, ServerConfig(host=host, port=port, api_keys=list(api_keys)),
-                    chat_template=chat_template)
-    server = _AnnouncingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level))
-    server.model_name = engine.model_name
+    loading = AsyncEngine.load_in_background(config)
+    app = build_loading_app(loading, server_config, chat_template=chat_template,
+                            on_ready=lambda engine: server.on_ready(engine))
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                    timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S),
+                     model_name, shutdown_timeout)
+    loading.add_done_callback(server.exit_if_failed)
+    # uvicorn catches SIGTERM, shuts down gracefully, then raises the signal again to the handler
+    # that was installed before it ran: a no-op one there makes that a normal exit (status 0)
+    previous = signal.signal(signal.SIGTERM, _ignore_signal)
     try:
         server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if loading.done() and not loading.cancelled() and loading.exception() is not None:
+        raise StartupError(str(loading.exception()))
+
+
+def precheck(config: EngineConfig, server_config: ServerConfig) -> str:
+    """Fail before listening on what needs no loaded model: a missing model path and bad
+    configuration fields. Returns the model's default served name.
+
+    Raises:
+        ModelLoadError, ValueError: naming the problem and the fix.
+    """
+    from lmforge.models.loader import resolve_model_path
+
+    _, name = resolve_model_path(config.model.model)
+    config.model.validate()
+    config.cache.validate()
+    # max_model_len matters only without chunked prefill; LLMEngine checks it again when loaded
+    config.scheduler.validate(config.model.max_model_len or 0)
+    server_config.validate()
+    return config.model.served_model_name or name
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """See ``serve``: uvicorn has already shut down when this runs."""
 
 
 def engine_config(*, model: str, served_model_name: str | None, dtype: str, device: str,
@@ -100,7 +161,9 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   gguf_int4: bool,
                   max_num_seqs: int | None, max_num_batched_tokens: int | None,
                   block_size: int | None, num_kv_blocks: int | None,
-                  kv_cache_memory_mb: int | None, no_prefix_caching: bool) -> EngineConfig:
+                  kv_cache_memory_mb: int | None, no_prefix_caching: bool,
+                  max_waiting_requests: int | None = None,
+                  max_waiting_tokens: int | None = None) -> EngineConfig:
     """``EngineConfig`` from CLI options; an option left out keeps the dataclass default."""
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -113,20 +176,72 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                           **given(block_size=block_size, num_blocks=num_kv_blocks,
                                   kv_cache_memory_mb=kv_cache_memory_mb)),
         scheduler=SchedulerConfig(**given(max_num_seqs=max_num_seqs,
-                                          max_num_batched_tokens=max_num_batched_tokens)),
+                                          max_num_batched_tokens=max_num_batched_tokens,
+                                          max_waiting_requests=max_waiting_requests,
+                                          max_waiting_tokens=max_waiting_tokens)),
     )
 
 
-class _AnnouncingServer(uvicorn.Server):
-    """Prints the URL once the socket listens (with ``--port 0``, the port it got)."""
+class _Server(uvicorn.Server):
+    """uvicorn, plus: prints the URL (with ``--port 0``, the port it got) once the socket
+    listens and again once the model is ready ("lmforge serving NAME on URL/v1"), exits when
+    loading fails, and aborts the requests still running ``shutdown_timeout`` seconds into a
+    graceful shutdown, so that their clients get a 503 error (an error event in a stream)
+    rather than a cut connection.
 
-    model_name = ""
+    uvicorn's graceful shutdown (``uvicorn.Server.shutdown``) closes the listening sockets,
+    closes idle keep-alive connections, lets each in-flight response (streams included) run to
+    its end with ``Connection: close``, and cancels the tasks still running after
+    ``timeout_graceful_shutdown`` (here the shutdown timeout plus a grace for the aborts).
+    """
+
+    def __init__(self, config: uvicorn.Config, model_name: str, shutdown_timeout: float):
+        super().__init__(config)
+        self.model_name = model_name
+        self.shutdown_timeout = shutdown_timeout
+        self.url: str | None = None
+        self.ready = False
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            click.echo(f"lmforge serving {self.model_name} on http://{host}:{port}/v1")
+            self.url = f"http://{host}:{port}"
+            if not self.ready:
+                click.echo(f"lmforge listening on {self.url}, loading {self.model_name} "
+                           "(GET /health answers 503 until it is ready)")
+            self._announce()
+
+    def on_ready(self, engine: Any) -> None:
+        """The app's ``on_ready`` (called in the event loop, like ``startup``)."""
+        self.model_name, self.ready = engine.model_name, True
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.ready and self.url is not None:
+            click.echo(f"lmforge serving {self.model_name} on {self.url}/v1")
+
+    def exit_if_failed(self, loading: Future) -> None:
+        """Done-callback of the loading future (engine thread): a failed load stops the server;
+        ``serve`` then reports the error."""
+        if loading.cancelled() or loading.exception() is not None:
+            self.should_exit = True
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self.shutdown_timeout, self._abort_in_flight)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _abort_in_flight(self) -> None:
+        engine = self.config.app.state.engine
+        if engine is not None:
+            logger.warning("shutdown timeout (%g s) reached: aborting the requests still running",
+                           self.shutdown_timeout)
+            engine.abort_all(ServiceUnavailableError(
+                "the server is shutting down and stopped this request; retry it",
+                code="shutting_down"))
 
 
 if __name__ == "__main__":

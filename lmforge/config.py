@@ -61,10 +61,19 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True  # split long prompts across steps within the budget
+    # Admission (AsyncEngine.generate): a new request is refused (HTTP 429) while this many
+    # requests, or this many prompt tokens, wait for their first token (queued or in prefill).
+    # 0 = unbounded. The defaults keep a CPU server's backlog to tens of seconds of prefill.
+    max_waiting_requests: int = 128
+    max_waiting_tokens: int = 32768
 
     def validate(self, max_model_len: int) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be at least 1")
+        for name in ("max_waiting_requests", "max_waiting_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be 0 (unbounded) or "
+                                 "positive")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than "
@@ -106,3 +115,16 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: list[str] = field(default_factory=list)  # empty = no authentication
+    # /health answers 503 when the engine loop has not stepped (or idled) for this long; vLLM's
+    # VLLM_ENGINE_ITERATION_TIMEOUT_S is 60 too
+    watchdog_timeout: float = 60.0
+    # on SIGTERM/SIGINT, in-flight requests get this long to finish before they are aborted
+    shutdown_timeout: float = 30.0
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field and the fix."""
+        if self.watchdog_timeout <= 1:  # an idle engine loop refreshes its heartbeat each 1 s
+            raise ValueError(f"watchdog_timeout ({self.watchdog_timeout}) must be more than 1 "
+                             "second, the idle engine loop's heartbeat")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout ({self.shutdown_timeout}) must be 0 or positive")

@@ -25,6 +25,7 @@ class LMForgeError(Exception):
     status_code: int = 500
     type: str = "server_error"
     default_code: str | None = None
+    headers: dict[str, str] | None = None  # extra HTTP response headers, e.g. Retry-After
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -77,6 +78,39 @@ class ModelNotFoundError(NotFoundError):
     """The request names a model this server does not serve (HTTP 404)."""
 
     default_code = "model_not_found"
+
+
+class RateLimitError(LMForgeError):
+    """The server's waiting queue is full (HTTP 429 with a ``Retry-After`` header in seconds).
+
+    As the OpenAI API's rate-limit errors: code ``rate_limit_exceeded``, and ``type``
+    ``"requests"`` or ``"tokens"`` naming the limit that was hit (OpenAI's requests-per-minute and
+    tokens-per-minute limits; here ``--max-waiting-requests`` and ``--max-waiting-tokens``).
+    """
+
+    status_code = 429
+    type = "requests"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, limit: str = "requests", retry_after_s: int = 1):
+        super().__init__(message)
+        self.type = limit
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class ServiceUnavailableError(LMForgeError):
+    """The server cannot answer now: the model is still loading or the server is shutting down
+    (HTTP 503, with ``Retry-After`` in seconds when waiting helps)."""
+
+    status_code = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 retry_after_s: int | None = None):
+        super().__init__(message, code=code)
+        if retry_after_s is not None:
+            self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class ModelLoadError(LMForgeError):

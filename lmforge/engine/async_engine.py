@@ -3,13 +3,24 @@
 The loop thread owns the LLMEngine, and it is also the thread that loads it. Measured on CPU: a
 thread that runs the model after ANOTHER thread ran torch ops (loading it) decodes ~1.7x slower
 (55 vs 33 ms per SmolLM2 step), likely because OpenMP keeps one worker team per calling thread
-and two teams then share the cores. So ``from_config`` builds the engine on the same
-single-thread executor that later runs the loop.
+and two teams then share the cores. So ``from_config`` (and ``load_in_background``, which
+lets a server listen while the model loads) builds the engine on the same single-thread
+executor that later runs the loop.
 
 asyncio callers talk to it through a command queue (add / abort), drained at the start of every
 step, so an abort frees the request's KV blocks within one step. A step's outputs travel back with
 one ``loop.call_soon_threadsafe`` per event loop. Torch kernels release
 the GIL, so the HTTP event loop stays responsive while the model runs.
+
+Embeddings (``embed``) run on the loop thread too, as an ``embed`` command: each loop iteration
+computes one piece (at most ``max_num_batched_tokens`` tokens) of the oldest embedding request,
+then one ``engine.step()``, so a long embedding batch slows generation steps down but never
+stalls them for more than one piece.
+
+``generate`` admits a request only while the backlog of requests without a first token stays
+under ``SchedulerConfig.max_waiting_requests`` / ``max_waiting_tokens`` (else a 429
+``RateLimitError``), and counts what it delivers in ``counters`` (plain numbers;
+``server/metrics.py`` exports them to Prometheus).
 """
 
 from __future__ import annotations
@@ -19,14 +30,22 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lmforge.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
+from lmforge.engine.pooling import EmbeddingTask
 from lmforge.engine.request import RequestOutput, SamplingParams
-from lmforge.errors import EngineDeadError, LMForgeError
+from lmforge.errors import (
+    EngineDeadError,
+    InternalServerError,
+    LMForgeError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +58,48 @@ class EngineStats:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int = 0  # of which found cached, cumulative
+
+
+# Bucket upper bounds in seconds, vLLM's for vllm:time_to_first_token_seconds and
+# vllm:inter_token_latency_seconds (vllm/v1/metrics/loggers.py)
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
+                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+                 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """Cumulative observations in fixed buckets: plain numbers that server/metrics.py exports as
+    a Prometheus histogram. ``counts[i]`` counts values <= ``bounds[i]`` and > ``bounds[i-1]``;
+    the last entry counts values above every bound (+Inf)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0  # sum of observed values
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+@dataclass
+class RequestCounters:
+    """Cumulative per-request numbers, taken where ``generate`` hands outputs to the caller
+    (as vLLM's frontend measures them): prompt tokens of each request at its first token,
+    generated tokens, time to first token and the time between consecutive outputs."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    time_to_first_token: LatencyHistogram = field(
+        default_factory=lambda: LatencyHistogram(TTFT_BUCKETS_S))
+    inter_token_latency: LatencyHistogram = field(
+        default_factory=lambda: LatencyHistogram(ITL_BUCKETS_S))
 
 
 class AsyncEngine:
@@ -54,15 +115,24 @@ class AsyncEngine:
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.embedding_size = engine.model_runner.model.config.hidden_size
         self.created = int(time.time())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._embeddings: dict[str, EmbeddingTask] = {}  # loop thread only; oldest first
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="lmforge-engine")
         self._loop_future: Future | None = None
         self.error: BaseException | None = None  # set when the loop died
         self.last_step_time = time.monotonic()
+        self.counters = RequestCounters()
+        # admitted requests that have no first token yet, and their prompt tokens (the
+        # backlog that --max-waiting-requests/--max-waiting-tokens bound); these and
+        # ``counters`` change in generate, under this lock (several event loops may call it)
+        self._lock = threading.Lock()
+        self._num_waiting = 0
+        self._num_waiting_tokens = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -71,12 +141,23 @@ class AsyncEngine:
         Raises:
             ModelLoadError, ValueError: as ``LLMEngine``.
         """
+        return cls.load_in_background(config).result()
+
+    @classmethod
+    def load_in_background(cls, config: EngineConfig) -> Future[AsyncEngine]:
+        """Start loading the model on a new engine thread (the one that will run the loop, see
+        the module docstring) and return at once; the future holds the AsyncEngine, or the
+        ``ModelLoadError`` / ``ValueError`` of ``LLMEngine``."""
         executor = ThreadPoolExecutor(1, thread_name_prefix="lmforge-engine")
-        try:
-            return cls(executor.submit(LLMEngine, config).result(), executor)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
+
+        def load() -> AsyncEngine:
+            try:
+                return cls(LLMEngine(config), executor)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+
+        return executor.submit(load)
 
     def start(self) -> None:
         """Start the loop thread (idempotent)."""
@@ -84,9 +165,12 @@ class AsyncEngine:
             self._loop_future = self._executor.submit(self._run)
 
     def shutdown(self) -> None:
-        """Stop the loop thread; in-flight requests are aborted."""
+        """Stop the loop thread; in-flight requests fail with a 503 ``ServiceUnavailableError``."""
         self._stopping.set()
         self._wakeup.set()
+        self.abort_all(ServiceUnavailableError("the server is shutting down; retry on another "
+                                               "replica or after the restart",
+                                               code="shutting_down"))
         if self._loop_future is not None:
             try:
                 self._loop_future.exception(timeout=10)  # waits for the loop to return
@@ -107,25 +191,120 @@ class AsyncEngine:
         Raises:
             InvalidRequestError, ContextLengthExceededError: bad prompt or parameters.
             EngineDeadError: the engine loop has stopped.
+            RateLimitError: too many requests or prompt tokens wait already (``_admit``).
         """
         self.engine.validate_prompt(prompt_token_ids, params)
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
+        num_tokens = len(prompt_token_ids)
+        self._admit(num_tokens)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request_id, list(prompt_token_ids), params, after))
-        finished = False
+        finished, waiting = False, True
+        last = time.monotonic()
         try:
             while not finished:
                 out = await stream.get()
                 if isinstance(out, BaseException):
                     raise out
+                last = self._observe(out, last, first=waiting)
+                if waiting:
+                    waiting = False
+                    self._release(num_tokens)
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(request_id, None)
+            if waiting:
+                self._release(num_tokens)
             if not finished:
                 self.abort(request_id)
+
+    def abort_all(self, error: LMForgeError) -> None:
+        """Fail every in-flight ``generate`` with ``error`` (a stream ends with it as an error
+        event); their requests are aborted and their KV blocks freed at the next step."""
+        for request_id in list(self._streams):
+            self._deliver(request_id, error)
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(requests, prompt tokens) admitted and still waiting for their first token: what
+        ``max_waiting_requests`` and ``max_waiting_tokens`` bound."""
+        return self._num_waiting, self._num_waiting_tokens
+
+    def _admit(self, num_tokens: int) -> None:
+        """Count a new request as waiting, or refuse it when the waiting backlog is full.
+
+        A request alone in the queue is always admitted, however long its prompt (the context
+        length bounds it), so that a big prompt is never refused forever.
+
+        Raises:
+            RateLimitError: 429, ``type`` "requests" or "tokens" naming the limit hit.
+        """
+        limits = self.engine.config.scheduler
+        with self._lock:
+            if limits.max_waiting_requests and self._num_waiting >= limits.max_waiting_requests:
+                raise RateLimitError(
+                    f"The server is at capacity: {self._num_waiting} requests are waiting "
+                    f"(--max-waiting-requests {limits.max_waiting_requests}); retry shortly.",
+                    limit="requests")
+            if (limits.max_waiting_tokens and self._num_waiting
+                    and self._num_waiting_tokens + num_tokens > limits.max_waiting_tokens):
+                raise RateLimitError(
+                    f"The server is at capacity: {self._num_waiting_tokens} prompt tokens are "
+                    f"waiting and this request adds {num_tokens} (--max-waiting-tokens "
+                    f"{limits.max_waiting_tokens}); retry shortly.", limit="tokens")
+            self._num_waiting += 1
+            self._num_waiting_tokens += num_tokens
+
+    def _release(self, num_tokens: int) -> None:
+        with self._lock:
+            self._num_waiting -= 1
+            self._num_waiting_tokens -= num_tokens
+
+    def _observe(self, out: RequestOutput, since: float, first: bool) -> float:
+        """Count one delivered output in ``self.counters``; returns the time it was taken."""
+        now = time.monotonic()
+        counters = self.counters
+        with self._lock:
+            if first:
+                counters.prompt_tokens += out.num_prompt_tokens
+                counters.time_to_first_token.observe(now - since)
+            else:
+                counters.inter_token_latency.observe(now - since)
+            counters.generation_tokens += len(out.token_ids)
+        return now
+
+    async def embed(self, request_id: str, prompts: list[list[int]]) -> list[list[float]]:
+        """Embeddings of token-id prompts: one list of ``embedding_size`` floats (a unit vector,
+        ``lmforge.engine.pooling``) per prompt, in prompt order.
+
+        Validated here, then computed on the loop thread a piece per loop iteration, between
+        engine steps. Cancelling the call (a client disconnect) drops the unfinished work at the
+        next iteration.
+
+        Raises:
+            InvalidRequestError, ContextLengthExceededError: bad prompts (nothing is queued).
+            EngineDeadError: the engine loop has stopped.
+            InternalServerError: the computation failed (logged; generation goes on).
+        """
+        task = self.engine.start_embedding(prompts)
+        if self.error is not None or self._stopping.is_set():
+            raise EngineDeadError("the engine loop has stopped; restart the server")
+        result: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), result)
+        self._send(("embed", request_id, task))
+        try:
+            out = await result.get()
+        except BaseException:
+            self.abort(request_id)
+            raise
+        finally:
+            self._streams.pop(request_id, None)
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed at the start of the next step."""
@@ -135,7 +314,8 @@ class AsyncEngine:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         return EngineStats(len(scheduler.running),
                            len(scheduler.waiting) + len(self.engine.held_ids),
-                           blocks.num_free_blocks, blocks.num_blocks)
+                           blocks.num_free_blocks, blocks.num_blocks,
+                           blocks.num_queries, blocks.num_hits)
 
     def _send(self, command: tuple) -> None:
         self._commands.put(command)
@@ -145,11 +325,12 @@ class AsyncEngine:
         try:
             while not self._stopping.is_set():
                 self._drain_commands()
-                if not self.engine.has_unfinished_requests():
+                if not self.engine.has_unfinished_requests() and not self._embeddings:
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()  # idle is healthy
                     continue
+                self._embed_piece()
                 self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.last_step_time = time.monotonic()
         except BaseException as e:  # the engine is broken: fail everyone, loudly
@@ -167,12 +348,31 @@ class AsyncEngine:
                 return
             if command[0] == "abort":
                 self.engine.abort_request(command[1])
+                self._embeddings.pop(command[1], None)
+                continue
+            if command[0] == "embed":
+                self._embeddings[command[1]] = command[2]
                 continue
             _, request_id, prompt_token_ids, params, after = command
             try:
                 self.engine.add_request(request_id, prompt_token_ids, params, after)
             except LMForgeError as e:
                 self._deliver(request_id, e)
+
+    def _embed_piece(self) -> None:
+        """One piece of the oldest embedding request; its vectors go out once it is done."""
+        if not self._embeddings:
+            return
+        request_id, task = next(iter(self._embeddings.items()))
+        try:
+            done = task.step()
+            result = task.result().tolist() if done else None
+        except Exception:  # the task has its own scratch KV: the engine's state is untouched
+            logger.exception("embedding request %s failed", request_id)
+            done, result = True, InternalServerError()
+        if done:
+            del self._embeddings[request_id]
+            self._deliver(request_id, result)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         self._deliver_all([(request_id, item)])

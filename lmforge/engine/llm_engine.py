@@ -7,6 +7,7 @@ outputs, as nano-vllm's and vLLM's ``EngineCore.step``.
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 from lmforge.config import EngineConfig, ModelConfig
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
+from lmforge.engine.pooling import EmbeddingTask, validate_embedding_inputs
 from lmforge.engine.request import (
     Request,
     RequestOutput,
@@ -24,9 +26,12 @@ from lmforge.engine.request import (
 )
 from lmforge.engine.sampler import Sampler
 from lmforge.engine.scheduler import Scheduler, SchedulerOutput
+from lmforge.engine.structured import GrammarCompiler
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
 from lmforge.tokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -63,6 +68,8 @@ class LLMEngine:
         self.sampler = Sampler(loaded.config.vocab_size, self.model_runner.device,
                                seed=config.model.seed)
         self.vocab_size = loaded.config.vocab_size
+        self.structured = GrammarCompiler(self.tokenizer.hf, self.vocab_size,
+                                          sorted(self.tokenizer.eos_token_ids))
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.prompt_logprobs: dict[str, list[TokenLogprob | None]] = {}  # until delivered
         # requests waiting for another one's prompt to be computed (``add_request(after=)``)
@@ -81,13 +88,16 @@ class LLMEngine:
                 already-past-prefill ids release it at once.
 
         Raises:
-            InvalidRequestError: empty prompt, token id outside the vocabulary, duplicate id.
+            InvalidRequestError: empty prompt, token id outside the vocabulary, duplicate id,
+                an invalid grammar (``params.structured``).
             ContextLengthExceededError: prompt + max_tokens exceeds max_model_len.
         """
         self.validate_prompt(prompt_token_ids, params)
         if request_id in self.scheduler.requests or request_id in self.held_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
         request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids)
+        if params.structured is not None:
+            request.grammar = self.structured.matcher(params.structured)
         if request.max_tokens is None:
             request.max_tokens = self.max_model_len - len(prompt_token_ids)
         self.detokenizers[request_id] = IncrementalDetokenizer(
@@ -118,12 +128,30 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"logit_bias token id {bad} is outside the vocabulary [0, {self.vocab_size})",
                 param="logit_bias")
+        if params.structured is not None:
+            self.structured.compile(params.structured)  # cached; raises on a bad grammar
         wanted = n + (params.max_tokens or 0)
         if n >= self.max_model_len or wanted > self.max_model_len:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "
                 f"you requested {wanted} tokens ({n} in the prompt, {params.max_tokens or 0} for "
                 "the completion). Please reduce the prompt or max_tokens.")
+
+    def start_embedding(self, prompts: list[list[int]]) -> EmbeddingTask:
+        """Validate the token-id prompts of one embeddings request and return its task.
+
+        Runs nothing: the thread that runs the model drives ``task.step()``, each call computing
+        at most ``max_num_batched_tokens`` tokens (``lmforge.engine.pooling``), then reads
+        ``task.result()``, (len(prompts), hidden_size) float32 unit vectors.
+
+        Raises:
+            InvalidRequestError: no prompts, too many, an empty one, a token id outside the
+                vocabulary.
+            ContextLengthExceededError: a prompt longer than max_model_len.
+        """
+        validate_embedding_inputs(prompts, self.vocab_size, self.max_model_len)
+        return EmbeddingTask(self.model_runner.model, prompts, self.config.cache.block_size,
+                             self.config.scheduler.max_num_batched_tokens)
 
     def abort_request(self, request_id: str) -> None:
         """Finish a request as aborted and free its KV blocks now. Unknown ids are ignored."""
@@ -175,12 +203,25 @@ class LLMEngine:
                 request_id, [None] * request.num_prompt_tokens)
             stored[first:first + len(entries)] = entries
 
+    def _advance_grammar(self, request: Request, token: int) -> None:
+        """Feed the sampled token to the request's grammar; finish the request ("stop") once
+        the grammar is complete, so that it never waits for an EOS the model may not pick."""
+        if request.grammar is None or request.status.is_finished():
+            return
+        if not request.grammar.accept(token):  # cannot happen: the token was sampled under the mask
+            logger.error("request %s: token %d outside its grammar (%s); stopping it",
+                         request.request_id, token, request.grammar.error)
+        elif not request.grammar.is_terminated:
+            return
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+
     def _make_outputs(self, scheduled: SchedulerOutput,
                       logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
         outputs = []
         for request, logprob in zip(scheduled.sampling_requests(), logprobs):
             detok = self.detokenizers[request.request_id]
             token = request.output_token_ids[-1]
+            self._advance_grammar(request, token)
             text = detok.update([token])
             if detok.stopped:  # a stop string wins over length, as in vLLM
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
@@ -248,6 +289,24 @@ class LLM:
         template = self.engine.config.model.chat_template
         ids = [self.tokenizer.apply_chat_template(c, chat_template=template) for c in convs]
         return self._run(ids, params or SamplingParams(), use_tqdm)
+
+    def embed(self, prompts: str | list[str] | list[int] | list[list[int]]) -> torch.Tensor:
+        """Embeddings of a prompt or a list of prompts (text or token ids): the mean of the
+        final hidden states over each prompt's tokens, L2-normalized (``engine.pooling``).
+
+        Returns:
+            (num_prompts, hidden_size) float32 unit vectors, in prompt order.
+
+        Raises:
+            InvalidRequestError, ContextLengthExceededError: as ``LLMEngine.start_embedding``.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        task = self.engine.start_embedding(ids)
+        while not task.step():
+            pass
+        return task.result()
 
     def _run(self, prompt_ids: list[list[int]], params: SamplingParams, use_tqdm: bool):
         engine = self.engine

@@ -7,9 +7,11 @@ The state machine follows vLLM's ``vllm/v1/request.py``: ``RequestStatus`` is an
 from __future__ import annotations
 
 import enum
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmforge.errors import InvalidRequestError
 
@@ -44,6 +46,43 @@ _FINISH_REASONS = {
 }
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the generated text must match: exactly one of a JSON schema, a regex or a choice.
+
+    ``{"type": "json_object"}`` is the schema ``{"type": "object"}``. ``param`` names the request
+    field it came from (``response_format``, ``regex``, ``guided_choice``, ...) for errors;
+    ``what`` says what it is in words. Compiled by ``engine.structured.GrammarCompiler``.
+    """
+
+    json_schema: dict[str, Any] | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    strict: bool = True  # False: schema keywords the grammar cannot enforce are ignored
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        given = [x for x in (self.json_schema, self.regex, self.choice) if x is not None]
+        if len(given) != 1:
+            raise ValueError("StructuredOutput takes exactly one of json_schema, regex, choice")
+        if self.choice is not None and (not self.choice or not all(
+                isinstance(c, str) and c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings",
+                                      param=self.param)
+        if self.regex is not None and not self.regex:
+            raise InvalidRequestError("regex must not be empty", param=self.param)
+
+    @property
+    def what(self) -> str:
+        return ("JSON schema" if self.json_schema is not None
+                else "regex" if self.regex is not None else "choice list")
+
+    def key(self) -> str:
+        """A canonical string identifying the grammar (the compiled-grammar cache key)."""
+        return json.dumps([self.json_schema, self.regex, self.choice, self.strict],
+                          sort_keys=True, ensure_ascii=False)
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding parameters, with OpenAI (and vLLM) semantics.
@@ -57,6 +96,8 @@ class SamplingParams:
     penalties follow the OpenAI formula ``logit - presence * (count > 0) - frequency * count`` over
     generated tokens; ``repetition_penalty`` follows CTRL (arXiv:1909.05858): logits of tokens seen
     in the prompt or output are divided by it when positive, multiplied when negative.
+    ``structured`` restricts every sampled token to those that keep the output inside a JSON
+    schema, regex or choice list (``engine.structured``); the request stops when it is complete.
 
     Raises (from ``validate``):
         InvalidRequestError: naming the parameter and its allowed range.
@@ -79,6 +120,7 @@ class SamplingParams:
     logprobs: int | None = None  # None = none; N = the sampled token's and the N likeliest
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     logit_bias: dict[int, float] = field(default_factory=dict)
+    structured: StructuredOutput | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -174,6 +216,7 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.block_hashes: list[int] = []  # prefix hashes of full blocks, grown lazily
         self.generator = None  # torch.Generator for a seeded request, created by the sampler
+        self.grammar = None  # engine.structured.GrammarMatcher if params.structured is set
 
     @property
     def num_tokens(self) -> int:

@@ -4,7 +4,9 @@ Data flow of one ``Sampler.sample`` call on logits ``(B, V)``. Bias, penalties, 
 temperature follow vLLM's v1 sampler (``vllm/v1/sample/sampler.py``); the filters run in Hugging
 Face's warper order (temperature, top-k, top-p, min-p), whereas vLLM applies min-p before top-k/p:
 
-0. ``logit_bias`` added to the raw logits (``apply_logit_bias``);
+0. rows with a grammar (structured output) get -inf on every token the grammar forbids
+   (``engine.structured.apply_token_bitmask``, as vLLM v1 applies its bitmask first), then
+   ``logit_bias`` is added (``apply_logit_bias``);
 1. penalties on the raw logits (``apply_penalties``): CTRL repetition penalty over prompt + output,
    then OpenAI frequency/presence penalties over output tokens only;
 2. greedy rows (temperature 0) take the argmax of the penalized logits and stop there;
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.engine.request import Request, SamplingParams, TokenLogprob
+from lmforge.engine.structured import allocate_token_bitmask, apply_token_bitmask
 
 # Temperatures below this are greedy: dividing by them overflows float32 (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
@@ -264,8 +267,9 @@ class Sampler:
         Args:
             logits: (B, V) with V >= vocab_size, on this sampler's device; row i belongs to
                 ``requests[i]``. Not modified. Any float dtype; the math runs in float32.
-            requests: B requests; reads ``params``, ``prompt_token_ids`` and
-                ``output_token_ids``; creates ``request.generator`` for a seeded request.
+            requests: B requests; reads ``params``, ``prompt_token_ids``,
+                ``output_token_ids`` and ``grammar`` (whose mask it asks for; advancing it is
+                the engine's job); creates ``request.generator`` for a seeded request.
 
         Returns:
             B token ids, each in [0, vocab_size).
@@ -276,6 +280,8 @@ class Sampler:
         self._check(logits, requests)
         logits = logits[:, :self.vocab_size].float()
         params = [r.params for r in requests]
+        if any(r.grammar is not None for r in requests):
+            logits = self._constrain(logits, requests)
         if any(p.logit_bias for p in params):
             logits = apply_logit_bias(logits, [p.logit_bias for p in params])
         logits = self._penalize(logits, requests, params)
@@ -342,6 +348,14 @@ class Sampler:
         if logits.device.type != self.device.type:
             raise ValueError(f"logits are on {logits.device} but the sampler on {self.device}; "
                              "create the Sampler with the model runner's device")
+
+    def _constrain(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Mask, on each row with a grammar, the tokens it forbids (a copy; others untouched)."""
+        rows = [i for i, r in enumerate(requests) if r.grammar is not None]
+        bitmask = allocate_token_bitmask(len(rows), self.vocab_size)
+        for j, i in enumerate(rows):
+            requests[i].grammar.fill_bitmask(bitmask, j)
+        return apply_token_bitmask(logits, bitmask, rows)
 
     def _penalize(self, logits: torch.Tensor, requests: list[Request],
                   params: list[SamplingParams]) -> torch.Tensor:

@@ -18,6 +18,12 @@ from lmforge.protocol.completions import (
     CompletionChunk,
     CompletionRequest,
 )
+from lmforge.protocol.embeddings import (
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+)
 from lmforge.protocol.models import ModelCard, ModelList
 
 __all__ = [
@@ -25,4 +31,5 @@ __all__ = [
     "ChatCompletionMessage", "ChatCompletionRequest", "ChatDelta", "ChatMessage", "Completion",
     "CompletionChoice", "CompletionChunk", "CompletionRequest", "ModelCard", "ModelList",
     "PromptTokensDetails", "StreamOptions", "Usage",
+    "Embedding", "EmbeddingRequest", "EmbeddingResponse", "EmbeddingUsage",
 ]

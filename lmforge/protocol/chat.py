@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, model_serializer, model_validator
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.common import RequestModel, ResponseModel, SamplingRequest, Usage
 from lmforge.protocol.logprobs import MAX_TOP_LOGPROBS, ChatChoiceLogprobs
+from lmforge.protocol.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -63,7 +64,6 @@ class ChatCompletionRequest(SamplingRequest):
     null means "up to the context length"."""
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = (
-        "tools", "tool_choice", "response_format",
         "functions", "function_call", "audio", "prediction", "reasoning_effort",
         "web_search_options")
 
@@ -72,10 +72,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None  # meaningless without tools; accepted
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, "none" without
+    parallel_tool_calls: bool | None = None  # False: at most one tool call per reply
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
@@ -90,13 +89,6 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
-    def is_default(self, name: str, value: Any) -> bool:
-        if name == "tool_choice":
-            return value in (None, "none", "auto")
-        if name == "response_format":
-            return value is None or value == {"type": "text"}
-        return super().is_default(name, value)
-
     def check(self) -> None:
         """Also rejects empty ``messages`` and non-text ``modalities``.
 
@@ -106,6 +98,7 @@ class ChatCompletionRequest(SamplingRequest):
         if not self.messages:
             raise InvalidRequestError("messages must contain at least one message",
                                       param="messages")
+        self._check_tools()
         if self.modalities not in (None, [], ["text"]):
             raise InvalidRequestError("only the text modality is supported", param="modalities")
         if self.top_logprobs is not None:
@@ -117,6 +110,29 @@ class ChatCompletionRequest(SamplingRequest):
                 raise InvalidRequestError(
                     "logprobs must be set to true if top_logprobs is used", param="logprobs")
         super().check()
+
+    def _check_tools(self) -> None:
+        names = [t.function.name for t in self.tools or []]
+        choice = self.tool_choice
+        if choice is not None and choice != "none" and not names:
+            raise InvalidRequestError("tool_choice is only allowed when tools are specified",
+                                      param="tool_choice")
+        if len(set(names)) != len(names):
+            raise InvalidRequestError("tools must have distinct function names", param="tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise InvalidRequestError(
+                f"tool_choice names the function {choice.function.name!r}, which is not in "
+                "tools", param="tool_choice")
+
+    @property
+    def tool_mode(self) -> str:
+        """``none``, ``auto``, ``required`` or ``named`` (``tool_choice`` resolved with
+        OpenAI's defaults: auto when tools are given, none otherwise)."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     @property
     def num_logprobs(self) -> int | None:
@@ -139,6 +155,7 @@ class ChatCompletionMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(ResponseModel):
@@ -163,6 +180,7 @@ class ChatDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_nulls(self, handler: Any) -> dict[str, Any]:

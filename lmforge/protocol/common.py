@@ -9,21 +9,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from lmforge.errors import InvalidRequestError
+from lmforge.protocol.base import RequestModel, ResponseModel
+from lmforge.protocol.structured import ResponseFormat, structured_output_spec
 
 MAX_N = 128  # choices per prompt, OpenAI's limit
-
-
-class RequestModel(BaseModel):
-    """Base of every request body: unknown fields are rejected, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-class ResponseModel(BaseModel):
-    """Base of every response body (no strictness: we build these ourselves)."""
 
 
 class StreamOptions(RequestModel):
@@ -72,6 +64,13 @@ class SamplingRequest(RequestModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted, ignored
+    # structured output (protocol/structured.py): OpenAI's, then vLLM's and SGLang's spellings
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    guided_regex: str | None = None
+    choice: list[str] | None = None
+    guided_choice: list[str] | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None
@@ -134,6 +133,17 @@ class SamplingRequest(RequestModel):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "logit_bias": self.token_logit_bias(),
         }
+
+    def structured_output(self) -> dict[str, Any] | None:
+        """``StructuredOutput`` keyword arguments for the constraint this request sets, if any
+        (``protocol.structured.structured_output_spec``).
+
+        Raises:
+            InvalidRequestError: two constraints at once, or a malformed one.
+        """
+        return structured_output_spec({name: getattr(self, name) for name in (
+            "response_format", "guided_json", "regex", "guided_regex", "choice",
+            "guided_choice")})
 
     def token_logit_bias(self) -> dict[int, float]:
         """``logit_bias`` with its JSON string keys as token ids.

@@ -1,23 +1,34 @@
-"""The FastAPI application: lifespan, authentication, health, and the ONE error-handling layer.
+"""The FastAPI application: lifespan, API-key and readiness gate, health, and the ONE
+error-handling layer.
 
 Every failure leaves the server as the OpenAI envelope ``{"error": {message, type, param,
-code}}``: ``LMForgeError`` via its ``to_envelope()``, pydantic validation errors as 400 naming the
-first bad field (never FastAPI's 422), Starlette's 404/405 for unknown routes and wrong methods,
-and anything unexpected as a generic 500 whose details stay in the server log.
+code}}``: ``LMForgeError`` via its ``to_envelope()`` (and its ``headers``, e.g. ``Retry-After``),
+pydantic validation errors as 400 naming the first bad field (never FastAPI's 422), Starlette's
+404/405 for unknown routes and wrong methods, and anything unexpected as a generic 500 whose
+details stay in the server log.
+
+``AccessMiddleware`` guards the whole app, so a router added later is covered without doing
+anything: every request but ``GET /health`` needs an API key (when the server has any), and
+while the model is loading every route but ``/health`` and ``/metrics`` answers 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.config import ServerConfig
 from lmforge.errors import (
@@ -26,8 +37,9 @@ from lmforge.errors import (
     InvalidRequestError,
     LMForgeError,
     NotFoundError,
+    ServiceUnavailableError,
 )
-from lmforge.server import inference, models
+from lmforge.server import embeddings, inference, metrics, models, tokenize
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -37,15 +49,17 @@ logger = logging.getLogger(__name__)
 _JSON_HINT = ("We could not parse the JSON body of your request. (HINT: This likely means you "
               "aren't using your HTTP library correctly. The API expects a JSON payload, but what "
               "was sent was not valid JSON.)")
+_LOADING_RETRY_AFTER_S = 5
 
 
 def build_app(engine: AsyncEngine, server_config: ServerConfig,
               chat_template: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app serving ``engine``.
+    """The OpenAI-compatible app serving ``engine`` (already loaded).
 
     Args:
         engine: started in the lifespan and shut down with it.
-        server_config: ``api_keys`` (empty = no authentication) is enforced on ``/v1/*``.
+        server_config: ``api_keys`` (empty = no authentication) guard every route but
+            ``GET /health``; ``watchdog_timeout`` is /health's limit on a silent engine loop.
         chat_template: Jinja text overriding the tokenizer's chat template (``--chat-template``).
     """
 
@@ -57,37 +71,153 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig,
         finally:
             engine.shutdown()
 
+    app = _new_app(server_config, chat_template, lifespan)
+    app.state.engine = engine
+    return app
+
+
+def build_loading_app(loading: Future[AsyncEngine], server_config: ServerConfig,
+                      chat_template: str | None = None,
+                      on_ready: Callable[[AsyncEngine], None] | None = None) -> FastAPI:
+    """Like ``build_app``, for an engine still loading (``AsyncEngine.load_in_background``), so
+    that the server listens at once: until ``loading`` is done, ``/health`` and every route but
+    ``/metrics`` answer 503 (``Retry-After``); then the lifespan starts the engine, serves it,
+    and calls ``on_ready(engine)`` (in the event loop). If loading fails, the error is logged,
+    kept in ``app.state.load_error`` and /health stays 503; the caller decides to exit.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        adopt = asyncio.ensure_future(_adopt(app, loading, on_ready))
+        try:
+            yield
+        finally:
+            adopt.cancel()
+            await asyncio.gather(adopt, return_exceptions=True)
+            if app.state.engine is not None:
+                app.state.engine.shutdown()
+            else:  # still loading: stop the engine thread once the load returns
+                loading.add_done_callback(_shutdown_loaded)
+
+    app = _new_app(server_config, chat_template, lifespan)
+    app.state.engine = None
+    return app
+
+
+async def _adopt(app: FastAPI, loading: Future[AsyncEngine],
+                 on_ready: Callable[[AsyncEngine], None] | None) -> None:
+    try:
+        engine = await asyncio.wrap_future(loading)
+    except Exception as e:
+        logger.error("loading the model failed: %s", e)
+        app.state.load_error = e
+        return
+    engine.start()
+    app.state.engine = engine
+    if on_ready is not None:
+        on_ready(engine)
+
+
+def _shutdown_loaded(loading: Future[AsyncEngine]) -> None:
+    if not loading.cancelled() and loading.exception() is None:
+        loading.result().shutdown()
+
+
+def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: Any) -> FastAPI:
     # strict_content_type=False: parse a body sent without Content-Type as JSON (curl -d ...).
     app = FastAPI(title="lmforge", lifespan=lifespan, strict_content_type=False)
-    app.state.engine = engine
     app.state.server_config = server_config
     app.state.chat_template = chat_template
+    app.state.load_error = None
+    app.state.metrics = metrics.ServerMetrics(lambda: app.state.engine)
     install_error_handlers(app)
-    for router in (inference.router, models.router):
-        app.include_router(router, dependencies=[Depends(check_api_key)])
+    routers = (inference.router, models.router, embeddings.router, tokenize.router,
+               metrics.router)
+    for router in routers:
+        app.include_router(router)
+    app.add_middleware(AccessMiddleware, server_config=server_config)
+    app.add_middleware(metrics.HTTPMetricsMiddleware, metrics=app.state.metrics,  # outermost
+                       routes=[route for router in routers for route in router.routes])
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        """200 ``{"status": "ok"}``; 503 ``{"status": "loading" | "unhealthy", "reason"}``."""
+        problem = _health_problem(app.state.engine, server_config.watchdog_timeout,
+                                  app.state.load_error)
+        if problem is None:
+            return JSONResponse({"status": "ok"})
+        status, reason = problem
+        return JSONResponse({"status": status, "reason": reason}, status_code=503)
 
     return app
 
 
-async def check_api_key(request: Request) -> None:
-    """``Authorization: Bearer <key>`` must name one of ``server_config.api_keys`` (if any).
+def _health_problem(engine: AsyncEngine | None, watchdog_timeout: float,
+                    load_error: BaseException | None) -> tuple[str, str] | None:
+    """None when healthy, else (status, reason). The loop refreshes ``last_step_time`` after
+    every step and every idle second, so a stale one means a step is stuck."""
+    if load_error is not None:  # its message (paths) stays in the log: /health needs no key
+        return "unhealthy", "loading the model failed; see the server log"
+    if engine is None:
+        return "loading", "the model is still loading"
+    if engine.error is not None:
+        return "unhealthy", "the engine loop died; see the server log and restart the server"
+    silent = time.monotonic() - engine.last_step_time
+    if silent > watchdog_timeout:
+        return "unhealthy", (f"the engine loop has not stepped for {silent:.1f} s (watchdog "
+                             f"{watchdog_timeout:g} s)")
+    return None
 
-    Raises:
-        AuthenticationError: 401, missing or unknown key.
+
+class AccessMiddleware:
+    """ASGI middleware in front of every route: the API key, then readiness.
+
+    The key is ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` (Anthropic's header, which
+    several clients send); every request but ``GET /health`` needs one when
+    ``server_config.api_keys`` is set, unknown URLs included (401 before 404, as OpenAI).
     """
-    keys: list[str] = request.app.state.server_config.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    # compare_digest against every key: the time taken does not reveal a near match
-    if scheme.lower() != "bearer" or not any(hmac.compare_digest(token, k) for k in keys):
-        raise AuthenticationError("Incorrect or missing API key; send 'Authorization: Bearer "
-                                  "<key>' with a key the server was started with.")
+
+    def __init__(self, app: ASGIApp, server_config: ServerConfig):
+        self.app = app
+        self.keys = server_config.api_keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not (scope["path"] == "/health"
+                                            and scope["method"] == "GET"):
+            error = self._refusal(scope)
+            if error is not None:
+                await _envelope(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> LMForgeError | None:
+        if self.keys:
+            headers = Headers(scope=scope)
+            scheme, _, bearer = headers.get("authorization", "").partition(" ")
+            offered = [bearer.strip()] if scheme.lower() == "bearer" else []
+            offered += [k.strip() for k in headers.getlist("x-api-key")]
+            if not offered:
+                return AuthenticationError(
+                    "You didn't provide an API key; send 'Authorization: Bearer KEY' or "
+                    "'x-api-key: KEY' with a key the server was started with (--api-key).")
+            if not any(api_key_matches(key, self.keys) for key in offered):
+                return AuthenticationError("Incorrect API key provided.")
+        state = scope["app"].state
+        if state.engine is None and scope["path"] != "/metrics":
+            if state.load_error is not None:
+                return ServiceUnavailableError("Loading the model failed; see the server log.",
+                                               code="model_load_failed")
+            return ServiceUnavailableError("The model is still loading; retry in a few seconds.",
+                                           code="model_loading",
+                                           retry_after_s=_LOADING_RETRY_AFTER_S)
+        return None
+
+
+def api_key_matches(offered: str, keys: list[str]) -> bool:
+    """Whether ``offered`` is one of ``keys``, compared in constant time against EVERY key, so
+    the time taken reveals neither a near match nor which key matched."""
+    matches = [hmac.compare_digest(offered.encode(), key.encode()) for key in keys]
+    return any(matches)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -95,7 +225,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LMForgeError)
     async def on_lmforge_error(request: Request, exc: LMForgeError) -> JSONResponse:
-        return _envelope(exc)
+        return _envelope(exc)  # with exc.headers (Retry-After of 429 and 503)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -122,7 +252,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def _envelope(err: LMForgeError, status_code: int | None = None,
               headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(err.to_envelope(), status_code=status_code or err.status_code,
-                        headers=headers)
+                        headers=headers if headers is not None else err.headers)
 
 
 def validation_error(errors: list[dict[str, Any]]) -> LMForgeError:

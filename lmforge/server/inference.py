@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
 
-from lmforge.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from lmforge.engine.request import RequestOutput, SamplingParams, StructuredOutput, TokenLogprob
 from lmforge.errors import (
     InternalServerError,
     InvalidRequestError,
@@ -47,6 +47,7 @@ from lmforge.protocol import (
 from lmforge.protocol.logprobs import CompletionLogprobs
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from lmforge.server.sse import DONE, SSEResponse, sse_event
+from lmforge.server.tools import ToolCallStream, ToolPlan
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -65,20 +66,31 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
-    params = _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
-                              logprobs=body.num_logprobs)
-    messages = [m.to_template_dict() for m in body.messages]
+    tools = ToolPlan.of(body)
+    params = _with_forced_tool_call(
+        _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
+                         logprobs=body.num_logprobs), tools)
+    await _compile_grammar(engine, params)
+    template = request.app.state.chat_template
+    messages, template_kwargs = tools.render(
+        [m.to_template_dict() for m in body.messages],
+        template if template is not None else engine.tokenizer.chat_template)
     prompt = engine.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, chat_template=request.app.state.chat_template)
+        messages, add_generation_prompt=True, chat_template=template, **template_kwargs)
     gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices)
     created = int(time.time())
     texts = TokenTexts(engine.tokenizer)
+    streams = [ToolCallStream(tools) for _ in range(gen.num_choices)]
 
     def chunk(index: int, out: RequestOutput | None, finish_reason: str | None
               ) -> ChatCompletionChunk | None:
-        if out is not None and not out.text and not out.logprobs:
-            return None
-        delta = ChatDelta() if out is None else ChatDelta(content=out.text)
+        if out is None:
+            content, calls, finish_reason = streams[index].finish(finish_reason)
+        else:
+            content, calls = streams[index].feed(out.text)
+            if not content and not calls and not out.logprobs:
+                return None
+        delta = ChatDelta(content=content or None, tool_calls=calls or None)
         logprobs = None if out is None or out.logprobs is None else chat_logprobs(texts,
                                                                                  out.logprobs)
         choice = ChatCompletionChunkChoice(index=index, delta=delta, logprobs=logprobs,
@@ -96,12 +108,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     results = await _collect(request, gen)
     if isinstance(results, Response):
         return results
+    choices = []
+    for i, r in enumerate(results):
+        content, calls, finish_reason = tools.parse(r.text, r.finish_reason)
+        choices.append(ChatCompletionChoice(
+            index=i, message=ChatCompletionMessage(content=content, tool_calls=calls or None),
+            logprobs=None if params.logprobs is None else chat_logprobs(texts, r.logprobs),
+            finish_reason=finish_reason))
     return ChatCompletion(id=gen.id, created=created, model=body.model, usage=gen.usage(),
-                          choices=[ChatCompletionChoice(
-                              index=i, message=ChatCompletionMessage(content=r.text),
-                              logprobs=None if params.logprobs is None
-                              else chat_logprobs(texts, r.logprobs),
-                              finish_reason=r.finish_reason) for i, r in enumerate(results)])
+                          choices=choices)
 
 
 @router.post("/v1/completions", response_model=None)
@@ -113,6 +128,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     body.check()
     params = _sampling_params(body, body.max_tokens, "max_tokens", logprobs=body.logprobs,
                               prompt_logprobs=body.logprobs if body.echo else None)
+    await _compile_grammar(engine, params)
     tokenizer = engine.tokenizer
     prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
                for p in body.prompts()]
@@ -178,12 +194,42 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens
                      max_tokens_param: str, **extra: Any) -> SamplingParams:
     """``SamplingParams`` from the body; its range errors name the parameter the client sent."""
     try:
-        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs(), **extra)
+        spec = body.structured_output()
+        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs(), **extra,
+                              structured=StructuredOutput(**spec) if spec else None)
     except InvalidRequestError as e:
         if e.param == "max_tokens":
             e.param = max_tokens_param
             e.message = e.message.replace("max_tokens", max_tokens_param)
         raise
+
+
+def _with_forced_tool_call(params: SamplingParams, tools: ToolPlan) -> SamplingParams:
+    """With ``tool_choice`` required or a named function, generate under the call's schema.
+
+    Raises:
+        InvalidRequestError: the request also sets its own output constraint.
+    """
+    forced = tools.structured_output()
+    if forced is None:
+        return params
+    if params.structured is not None:
+        raise InvalidRequestError(
+            f"tool_choice {tools.mode!r} constrains the output to a tool call, so it cannot be "
+            f"combined with {params.structured.param}", param="tool_choice")
+    return replace(params, structured=StructuredOutput(**forced))
+
+
+async def _compile_grammar(engine: AsyncEngine, params: SamplingParams) -> None:
+    """Compile (and so validate) the request's grammar off the event loop: the first one also
+    builds the grammar library's view of the vocabulary (~0.5 s). The engine then finds it in
+    its cache.
+
+    Raises:
+        InvalidRequestError: an invalid schema, regex or choice list, naming the parameter.
+    """
+    if params.structured is not None:
+        await asyncio.to_thread(engine.engine.structured.compile, params.structured)
 
 
 @dataclass

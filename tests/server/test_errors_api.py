@@ -48,10 +48,21 @@ CASES = [
      "top_logprobs", "between 0 and 20"),
     ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "logprobs",
      "logprobs must be set to true"),
-    ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "tools", "not supported"),
-    ("response-format", "POST", CHAT, chat(response_format={"type": "json_object"}), 400,
-     "response_format", "not supported"),
+    ("tool-choice-without-tools", "POST", CHAT, chat(tool_choice="required"), 400,
+     "tool_choice", "only allowed when tools"),
+    ("response-format-type", "POST", CHAT, chat(response_format={"type": "yaml"}), 400,
+     "response_format", "must be one of"),
+    ("invalid-json-schema", "POST", CHAT, chat(response_format={"type": "json_schema",
+     "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}), 400, "response_format",
+     "Invalid JSON schema"),
+    ("invalid-regex", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a",
+     "regex": "([a-z]"}}, 400, "regex", "Invalid regex"),
+    ("nan-temperature", "POST", CHAT, {"content": b'{"model": "MODEL", "messages": [{"role": '
+     b'"user", "content": "Hi"}], "temperature": NaN}'}, 400, "temperature", "finite"),
+    ("infinite-top-p", "POST", CHAT, {"content": b'{"model": "MODEL", "messages": [{"role": '
+     b'"user", "content": "Hi"}], "top_p": Infinity}'}, 400, "top_p", "finite"),
+    ("too-many-stops", "POST", CHAT, chat(stop=[f"s{i}" for i in range(17)]), 400, "stop",
+     "at most 16"),
     ("logit-bias-key", "POST", CHAT, chat(logit_bias={"x": 5}), 400, "logit_bias", "token ids"),
     ("logit-bias-range", "POST", CHAT, chat(logit_bias={"1": 150}), 400, "logit_bias",
      "between -100 and 100"),
@@ -85,6 +96,8 @@ CASES = [
 def _with_model(kwargs: dict, model: str) -> dict:
     if isinstance(kwargs.get("json"), dict) and kwargs["json"].get("model") == "MODEL":
         return {**kwargs, "json": {**kwargs["json"], "model": model}}
+    if isinstance(kwargs.get("content"), bytes) and b'"MODEL"' in kwargs["content"]:
+        return {**kwargs, "content": kwargs["content"].replace(b'"MODEL"', f'"{model}"'.encode())}
     return kwargs
 
 

@@ -1,0 +1,83 @@
+"""GET /metrics: Prometheus text that parses, with counters that move by exactly what the
+requests did (tokens, prefix-cache lookups and hits, latency observations, HTTP responses)."""
+
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(http: httpx.Client) -> Samples:
+    resp = http.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(resp.text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def test_counters_move_by_what_the_requests_did(http, model, engine, wait_idle):
+    # token ids no other test sends, so the first request finds nothing in the prefix cache
+    prompt = random.Random(1234).sample(range(1000, 40000), 40)
+    body = {"model": model, "prompt": prompt, "max_tokens": 5, "ignore_eos": True,
+            "temperature": 0}
+    wait_idle(5.0)
+    before = scrape(http)
+    for _ in range(2):
+        resp = http.post("/v1/completions", json=body)
+        assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 32
+    assert http.post("/v1/completions", json={**body, "temperature": -1}).status_code == 400
+    assert http.get("/no/such/url").status_code == 404
+    wait_idle(5.0)
+    after = scrape(http)
+
+    assert delta(before, after, "lmforge:prompt_tokens_total") == 80
+    assert delta(before, after, "lmforge:generation_tokens_total") == 10
+    assert delta(before, after, "lmforge:prefix_cache_queries_total") == 80
+    # the second request reads the 2 full blocks of 16 tokens (the last token is recomputed)
+    assert delta(before, after, "lmforge:prefix_cache_hits_total") == 32
+    # one first token per request, then one gap per further token
+    assert delta(before, after, "lmforge:time_to_first_token_seconds_count") == 2
+    assert delta(before, after, "lmforge:inter_token_latency_seconds_count") == 8
+    assert delta(before, after, "lmforge:time_to_first_token_seconds_sum") > 0
+    assert value(after, "lmforge:time_to_first_token_seconds_bucket", le="+Inf") == value(
+        after, "lmforge:time_to_first_token_seconds_count")
+
+    http_total = "lmforge:http_requests_total"
+    assert delta(before, after, http_total, method="POST", handler="/v1/completions",
+                 status="200") == 2
+    assert delta(before, after, http_total, method="POST", handler="/v1/completions",
+                 status="400") == 1
+    assert delta(before, after, http_total, method="GET", handler="none", status="404") == 1
+    assert value(after, http_total, method="GET", handler="/metrics", status="200") >= 1
+
+    assert value(after, "lmforge:num_requests_running") == 0
+    assert value(after, "lmforge:num_requests_waiting") == 0
+    assert value(after, "lmforge:kv_cache_usage_perc") == 0
+    hits, queries = (value(after, f"lmforge:prefix_cache_{k}_total") for k in ("hits", "queries"))
+    assert value(after, "lmforge:prefix_cache_hit_rate") == pytest.approx(hits / queries)
+
+
+def test_gauges_see_a_running_request(long_base_url, long_engine, long_wait_idle):
+    """While a long request decodes, running is 1 and its KV blocks count as used."""
+    body = {"model": long_engine.model_name, "prompt": "Hi", "max_tokens": 16000,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=long_base_url, timeout=30) as client:
+        with client.stream("POST", "/v1/completions", json=body) as resp:
+            next(resp.iter_lines())  # the request is running
+            samples = scrape(client)
+    long_wait_idle(5.0)
+    assert value(samples, "lmforge:num_requests_running") == 1
+    assert 0 < value(samples, "lmforge:kv_cache_usage_perc") < 1
