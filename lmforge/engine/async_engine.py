@@ -179,14 +179,16 @@ class AsyncEngine:
         self._executor.shutdown(wait=False)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams, after: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, after: str | None = None, *,
+                       admitted: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until one has ``finished=True``.
 
         ``after``: as ``LLMEngine.add_request`` (the other choices of an ``n`` > 1 request wait
-        for the first one's prompt and share its KV blocks). Validation errors are raised before
-        the first yield. Leaving the iteration early
-        (``aclose()``, cancellation, client disconnect) aborts the request.
+        for the first one's prompt and share its KV blocks). ``admitted``: this is an internal
+        continuation of a request already admitted and counted (a beam-search step after the
+        first), so neither the waiting limits nor the request metrics see it: a search is never
+        refused halfway. Validation errors are raised before the first yield. Leaving the
+        iteration early (``aclose()``, cancellation, client disconnect) aborts the request.
 
         Raises:
             InvalidRequestError, ContextLengthExceededError: bad prompt or parameters.
@@ -197,7 +199,8 @@ class AsyncEngine:
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
         num_tokens = len(prompt_token_ids)
-        self._admit(num_tokens)
+        if not admitted:
+            self._admit(num_tokens)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request_id, list(prompt_token_ids), params, after))
@@ -208,15 +211,17 @@ class AsyncEngine:
                 out = await stream.get()
                 if isinstance(out, BaseException):
                     raise out
-                last = self._observe(out, last, first=waiting)
+                if not admitted:
+                    last = self._observe(out, last, first=waiting)
                 if waiting:
                     waiting = False
-                    self._release(num_tokens)
+                    if not admitted:
+                        self._release(num_tokens)
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(request_id, None)
-            if waiting:
+            if waiting and not admitted:
                 self._release(num_tokens)
             if not finished:
                 self.abort(request_id)

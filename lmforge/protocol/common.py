@@ -7,7 +7,7 @@ X"); responses are plain models that serialize to the exact OpenAI JSON.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -79,6 +79,12 @@ class SamplingRequest(RequestModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Beam search (Hugging Face generate's names; ``use_beam_search`` is vLLM's). The rules of
+    # how they combine with the sampling fields live in lmforge/server/beam.py.
+    num_beams: int | None = None
+    use_beam_search: bool | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | Literal["never"] | None = None
 
     def check(self) -> None:
         """Reject what the schema admits but lmforge does not do yet.

@@ -13,12 +13,15 @@ from lmforge.protocol.logprobs import MAX_COMPLETION_LOGPROBS, CompletionLogprob
 
 # A string, several strings, one token-id prompt, or several token-id prompts.
 Prompt = str | list[str] | list[int] | list[list[int]]
+MAX_BEST_OF = 20  # candidates per prompt, OpenAI's limit
 
 
 class CompletionRequest(SamplingRequest):
-    """The request body. ``max_tokens`` defaults to 16, as in the OpenAI API."""
+    """The request body. ``max_tokens`` defaults to 16, as in the OpenAI API. ``best_of``
+    candidates are generated per prompt and the ``n`` with the highest mean token logprob
+    returned (``server/beam.py``); with beam search it is the beam width instead."""
 
-    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix", "best_of")
+    UNSUPPORTED: ClassVar[tuple[str, ...]] = ("suffix",)
 
     prompt: Prompt
     max_tokens: int | None = 16
@@ -30,12 +33,10 @@ class CompletionRequest(SamplingRequest):
     def is_default(self, name: str, value: Any) -> bool:
         if name == "suffix":
             return value in (None, "")
-        if name == "best_of":
-            return value in (None, 1)
         return super().is_default(name, value)
 
     def check(self) -> None:
-        """Also rejects an empty prompt list.
+        """Also rejects an empty prompt list, and ``best_of`` out of ``n``..20 or streamed.
 
         Raises:
             InvalidRequestError: naming the parameter.
@@ -47,6 +48,20 @@ class CompletionRequest(SamplingRequest):
                 f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
                 param="logprobs")
         super().check()
+        if self.best_of is not None:
+            if not self.num_choices <= self.best_of <= MAX_BEST_OF:
+                raise InvalidRequestError(
+                    f"best_of must be between n ({self.num_choices}) and {MAX_BEST_OF}, got "
+                    f"{self.best_of}", param="best_of")
+            if self.stream and self.best_of > 1:
+                raise InvalidRequestError(
+                    "best_of > 1 cannot be streamed: the best candidates are known only at the "
+                    "end; remove stream or best_of", param="best_of")
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences generated per prompt: ``best_of``, default ``n``."""
+        return self.best_of or self.num_choices
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: each a string or a list of token ids.

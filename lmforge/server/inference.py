@@ -45,6 +45,7 @@ from lmforge.protocol import (
     Usage,
 )
 from lmforge.protocol.logprobs import CompletionLogprobs
+from lmforge.server import beam
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from lmforge.server.sse import DONE, SSEResponse, sse_event
 from lmforge.server.tools import ToolCallStream, ToolPlan
@@ -66,6 +67,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
+    if beam.is_beam_search(body):
+        return await beam.create_chat_completion(body, request)
     tools = ToolPlan.of(body)
     params = _with_forced_tool_call(
         _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
@@ -126,6 +129,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
+    if beam.is_beam_search(body):
+        return await beam.create_completion(body, request)
     params = _sampling_params(body, body.max_tokens, "max_tokens", logprobs=body.logprobs,
                               prompt_logprobs=body.logprobs if body.echo else None)
     await _compile_grammar(engine, params)
@@ -135,7 +140,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     echoes = ([p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
                for p, ids in zip(body.prompts(), prompts)] if body.echo else [""] * len(prompts))
     n = body.num_choices
-    gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts, params, n)
+    gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
+                     beam.candidate_params(params, body), body.num_candidates)  # best_of
     created = int(time.time())
     texts = TokenTexts(tokenizer)
     offsets = [0] * gen.num_choices  # characters of each choice's text sent so far
@@ -171,6 +177,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     results = await _collect(request, gen)
     if isinstance(results, Response):
         return results
+    results = beam.select_best_of(results, body.num_candidates, n)
     choices = [CompletionChoice(
         index=i, text=echoes[i // n] + r.text, finish_reason=r.finish_reason,
         logprobs=choice_logprobs(i, r.token_ids, r.logprobs, r.prompt_logprobs if body.echo

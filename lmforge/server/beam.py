@@ -1,0 +1,299 @@
+"""Route glue for beam search (``num_beams`` / ``use_beam_search``) and completions' ``best_of``.
+
+Beam search (``engine/beam_search.py``) is on when ``num_beams`` > 1 (the Hugging Face and
+Chinese-LLaMA-Alpaca servers' field) or ``use_beam_search`` is true (vLLM's); its width is
+``num_beams``, else ``max(n, best_of or 1)`` (vLLM's older API). It is deterministic, so the
+request must not ask for anything that would change or randomize it:
+
+- 400: ``stream`` (the beams are known only when the search ends); ``temperature`` other than
+  unset, 0 or 1; ``top_p`` != 1, ``top_k`` > 0, ``min_p`` > 0, any penalty, ``logit_bias``
+  (beams are ranked by the model's raw log-probabilities, as Hugging Face's greedy beam search);
+  structured output and tools (no grammar is applied to beams); ``n`` > width; a ``best_of``
+  other than the width; ``use_beam_search: false`` with ``num_beams`` > 1; width > 10.
+- honoured: ``max_tokens``, ``stop``, ``stop_token_ids``, ``ignore_eos``, the text options,
+  ``logprobs`` (each returned beam's tokens, with their top alternatives) and ``echo``.
+- ignored, harmless: ``seed`` (nothing is drawn).
+- ``length_penalty`` (default 1.0) and ``early_stopping`` (default false; true or "never") are
+  Hugging Face's; without beam search a non-default value is a 400.
+
+The ``n`` best beams come back as choices ``i * n + j`` (prompt i, j-th best), each with
+``finish_reason`` "stop" (eos, stop token or stop string) or "length". ``usage`` counts each
+prompt once and the returned beams' tokens (not the discarded beams': they are bookkeeping of
+one search, as in vLLM); ``cached_tokens`` are the prompt tokens the first step read from the
+prefix cache.
+
+``best_of`` (completions only, OpenAI's): ``best_of`` candidates per prompt are sampled as ``n``
+choices are, and the ``n`` with the highest mean token logprob (the model's raw log-softmax)
+come back, best first; ``usage`` counts every candidate's tokens, as OpenAI bills them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from fastapi import Request, Response
+
+from lmforge.engine.beam_search import (
+    MAX_BEAM_WIDTH,
+    BeamSearchOutput,
+    BeamSearchParams,
+    beam_search,
+)
+from lmforge.engine.request import SamplingParams, TokenLogprob
+from lmforge.errors import InvalidRequestError
+from lmforge.protocol import (
+    ChatCompletion,
+    ChatCompletionChoice,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Usage,
+)
+from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, finite
+
+if TYPE_CHECKING:
+    from lmforge.engine.async_engine import AsyncEngine
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+# sampling fields -> the values that leave beam search unchanged (``sampling_kwargs`` form)
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "temperature": (0.0, 1.0),  # 0 = deterministic; 1 = the raw distribution beams rank by
+    "top_p": (1.0,),
+    "top_k": (0, -1),
+    "min_p": (0.0,),
+    "presence_penalty": (0.0,),
+    "frequency_penalty": (0.0,),
+    "repetition_penalty": (1.0,),
+    "logit_bias": ({},),
+}
+
+
+def is_beam_search(body: AnyRequest) -> bool:
+    """Whether the request asks for beam search (see the module docstring).
+
+    Raises:
+        InvalidRequestError: ``num_beams`` out of 1..10, ``use_beam_search: false`` with
+            ``num_beams`` > 1, or ``length_penalty`` / ``early_stopping`` without beam search.
+    """
+    if body.num_beams is not None and not 1 <= body.num_beams <= MAX_BEAM_WIDTH:
+        raise InvalidRequestError(
+            f"num_beams must be between 1 and {MAX_BEAM_WIDTH}, got {body.num_beams}",
+            param="num_beams")
+    if body.use_beam_search is False and (body.num_beams or 1) > 1:
+        raise InvalidRequestError(
+            f"num_beams {body.num_beams} asks for beam search but use_beam_search is false; "
+            "remove one of them", param="use_beam_search")
+    on = bool(body.use_beam_search) or (body.num_beams or 1) > 1
+    if not on:
+        for name, neutral in (("length_penalty", (None, 1.0)), ("early_stopping", (None, False))):
+            if getattr(body, name) not in neutral:
+                raise InvalidRequestError(
+                    f"{name} applies only to beam search; set num_beams > 1 (or "
+                    f"use_beam_search: true), or remove {name}", param=name)
+    return on
+
+
+def beam_params(body: AnyRequest, max_tokens: int | None, max_tokens_param: str = "max_tokens",
+                logprobs: int | None = None, prompt_logprobs: int | None = None
+                ) -> BeamSearchParams:
+    """``BeamSearchParams`` for a request that ``is_beam_search``, after the combination rules.
+
+    Raises:
+        InvalidRequestError: a rule of the module docstring broken, naming the parameter.
+    """
+    best_of = getattr(body, "best_of", None)
+    width = body.num_beams or max(body.num_choices, best_of or 1)
+    if width > MAX_BEAM_WIDTH:  # num_beams itself was checked by is_beam_search
+        param = "best_of" if (best_of or 0) > body.num_choices else "n"
+        raise InvalidRequestError(
+            f"use_beam_search without num_beams takes max(n, best_of) = {width} as the beam "
+            f"width, above the maximum {MAX_BEAM_WIDTH}; lower {param} or set num_beams",
+            param=param)
+    _check_combination(body, width)
+    kwargs = body.sampling_kwargs()
+    try:
+        return BeamSearchParams(
+            beam_width=width, max_tokens=max_tokens,
+            length_penalty=1.0 if body.length_penalty is None else body.length_penalty,
+            early_stopping=body.early_stopping or False, stop=kwargs["stop"],
+            stop_token_ids=kwargs["stop_token_ids"], ignore_eos=kwargs["ignore_eos"],
+            skip_special_tokens=kwargs["skip_special_tokens"],
+            include_stop_str_in_output=kwargs["include_stop_str_in_output"],
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    except InvalidRequestError as e:
+        if e.param == "max_tokens":
+            e.param = max_tokens_param
+            e.message = e.message.replace("max_tokens", max_tokens_param)
+        raise
+
+
+def _check_combination(body: AnyRequest, width: int) -> None:
+    if body.stream:
+        raise InvalidRequestError(
+            "beam search cannot be streamed: the best beams are known only when the search "
+            "ends; remove stream (or num_beams / use_beam_search)", param="stream")
+    kwargs = body.sampling_kwargs()
+    for name, neutral in _NEUTRAL.items():
+        if kwargs[name] not in neutral:
+            allowed = "unset, 0 or 1" if name == "temperature" else "unset"
+            raise InvalidRequestError(
+                f"beam search is deterministic and ranks beams by the model's raw "
+                f"log-probabilities, so {name} must be {allowed} with it; remove {name} (or "
+                "num_beams / use_beam_search)", param=name)
+    if body.structured_output() is not None:
+        raise InvalidRequestError(
+            "beam search does not apply structured output constraints; remove num_beams / "
+            "use_beam_search or the constraint", param="num_beams")
+    if isinstance(body, ChatCompletionRequest) and body.tool_mode != "none":
+        raise InvalidRequestError(
+            "beam search cannot be combined with tools; remove num_beams / use_beam_search or "
+            "tools", param="tools")
+    if body.num_choices > width:
+        raise InvalidRequestError(
+            f"n ({body.num_choices}) must not exceed the beam width ({width}): beam search "
+            "returns the n best of its beams", param="n")
+    best_of = getattr(body, "best_of", None)
+    if best_of is not None and best_of != width:
+        raise InvalidRequestError(
+            f"with beam search, best_of is the beam width; it is {best_of} but num_beams is "
+            f"{width}: remove best_of or make them equal", param="best_of")
+
+
+async def create_chat_completion(body: ChatCompletionRequest, request: Request
+                                 ) -> ChatCompletion | Response:
+    """A chat completion whose ``n`` choices are the best beams (model and body already
+    checked)."""
+    engine: AsyncEngine = request.app.state.engine
+    params = beam_params(body, body.requested_max_tokens, body.max_tokens_param,
+                         logprobs=body.num_logprobs)
+    prompt = engine.tokenizer.apply_chat_template(
+        [m.to_template_dict() for m in body.messages], add_generation_prompt=True,
+        chat_template=request.app.state.chat_template)
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    outputs = await _search(request, engine, response_id, [prompt], params, body.num_choices)
+    if isinstance(outputs, Response):
+        return outputs
+    texts = TokenTexts(engine.tokenizer)
+    choices = [ChatCompletionChoice(
+        index=j, message=ChatCompletionMessage(content=s.text), finish_reason=s.finish_reason,
+        logprobs=None if s.logprobs is None else chat_logprobs(texts, s.logprobs))
+        for j, s in enumerate(outputs[0].sequences)]
+    return ChatCompletion(id=response_id, created=int(time.time()), model=body.model,
+                          choices=choices, usage=_usage(outputs))
+
+
+async def create_completion(body: CompletionRequest, request: Request) -> Completion | Response:
+    """A completion whose choices ``i * n + j`` are prompt i's j-th best beams, with ``echo``
+    and ``logprobs`` as usual (model and body already checked)."""
+    engine: AsyncEngine = request.app.state.engine
+    params = beam_params(body, body.max_tokens, logprobs=body.logprobs,
+                         prompt_logprobs=body.logprobs if body.echo else None)
+    tokenizer = engine.tokenizer
+    prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
+               for p in body.prompts()]
+    response_id = f"cmpl-{uuid.uuid4().hex}"
+    outputs = await _search(request, engine, response_id, prompts, params, body.num_choices)
+    if isinstance(outputs, Response):
+        return outputs
+    texts = TokenTexts(tokenizer)
+    choices = []
+    for i, (raw, ids, out) in enumerate(zip(body.prompts(), prompts, outputs)):
+        echo = (raw if isinstance(raw, str) else tokenizer.decode(ids, skip_special_tokens=False)
+                ) if body.echo else ""
+        for j, s in enumerate(out.sequences):
+            logprobs = None
+            if s.logprobs is not None:
+                token_ids = s.token_ids
+                entries: list[TokenLogprob | None] = list(s.logprobs)
+                if body.echo:
+                    token_ids, entries = ids + token_ids, list(out.prompt_logprobs or []) + entries
+                logprobs = completion_logprobs(texts, token_ids, entries)
+            choices.append(CompletionChoice(index=i * body.num_choices + j, text=echo + s.text,
+                                            logprobs=logprobs, finish_reason=s.finish_reason))
+    return Completion(id=response_id, created=int(time.time()), model=body.model,
+                      choices=choices, usage=_usage(outputs))
+
+
+def _usage(outputs: list[BeamSearchOutput]) -> Usage:
+    """Each prompt once, the returned beams' tokens."""
+    return Usage.of(sum(o.num_prompt_tokens for o in outputs),
+                    sum(len(s.token_ids) for o in outputs for s in o.sequences),
+                    sum(o.num_cached_tokens for o in outputs))
+
+
+async def _search(request: Request, engine: AsyncEngine, response_id: str,
+                  prompts: list[list[int]], params: BeamSearchParams, n: int
+                  ) -> list[BeamSearchOutput] | Response:
+    """One beam search per prompt, concurrently; the outputs in prompt order, or an empty 499
+    response when the client went away first (the searches are then cancelled, which aborts
+    their engine requests). The first error of any search is raised after all are cancelled."""
+    tasks = [asyncio.ensure_future(beam_search(engine, f"{response_id}-{i}", prompt, params, n))
+             for i, prompt in enumerate(prompts)]
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        pending = set(tasks)
+        while pending:
+            done, _ = await asyncio.wait(pending | {watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if watcher in done:
+                return Response(status_code=499)
+            for task in done:
+                task.result()  # re-raise a search's error at once
+            pending -= done
+        return [task.result() for task in tasks]
+    finally:
+        for task in [*tasks, watcher]:
+            task.cancel()
+        await asyncio.gather(*tasks, watcher, return_exceptions=True)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Return when the ASGI server reports ``http.disconnect`` (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Candidate(Protocol):
+    """A finished choice as ``server/inference.py`` collects it."""
+
+    logprobs: list[TokenLogprob]
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def candidate_params(params: SamplingParams, body: CompletionRequest) -> SamplingParams:
+    """The params of ``best_of`` candidates: with logprobs (at least the sampled token's, which
+    ``select_best_of`` ranks by) when there is a choice to make; ``params`` otherwise."""
+    if body.num_candidates > body.num_choices and params.logprobs is None:
+        return replace(params, logprobs=0)
+    return params
+
+
+def select_best_of(candidates: Sequence[C], best_of: int, n: int) -> list[C]:
+    """The ``n`` of each prompt's ``best_of`` candidates with the highest mean token logprob,
+    best first (ties: generation order). OpenAI "Create completion", ``best_of``: "the one with
+    the highest log probability per token".
+
+    Args:
+        candidates: ``len(prompts) * best_of`` choices, prompt-major, each with ``logprobs``
+            (one per generated token).
+    """
+    if best_of == n:
+        return list(candidates)
+
+    def mean_logprob(c: C) -> float:
+        return sum(finite(e.logprob) for e in c.logprobs) / max(len(c.logprobs), 1)
+
+    out: list[C] = []
+    for start in range(0, len(candidates), best_of):
+        group = candidates[start:start + best_of]
+        out += sorted(group, key=lambda c: -mean_logprob(c))[:n]
+    return out
