@@ -33,6 +33,14 @@ class LMForgeError(Exception):
         self.param = param
         self.code = code if code is not None else self.default_code
 
+    def renamed(self, param: str, client_name: str) -> LMForgeError:
+        """This error, reported under the name the client used for ``param`` (e.g.
+        ``max_tokens`` -> ``max_completion_tokens``) in ``param`` and the message."""
+        if self.param == param and client_name != param:
+            self.param = client_name
+            self.message = self.message.replace(param, client_name)
+        return self
+
     def to_envelope(self) -> dict[str, Any]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
         return {

@@ -129,10 +129,7 @@ def beam_params(body: AnyRequest, max_tokens: int | None, max_tokens_param: str 
             include_stop_str_in_output=kwargs["include_stop_str_in_output"],
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     except InvalidRequestError as e:
-        if e.param == "max_tokens":
-            e.param = max_tokens_param
-            e.message = e.message.replace("max_tokens", max_tokens_param)
-        raise
+        raise e.renamed("max_tokens", max_tokens_param)
 
 
 def _check_combination(body: AnyRequest, width: int) -> None:

@@ -205,10 +205,7 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens
         return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs(), **extra,
                               structured=StructuredOutput(**spec) if spec else None)
     except InvalidRequestError as e:
-        if e.param == "max_tokens":
-            e.param = max_tokens_param
-            e.message = e.message.replace("max_tokens", max_tokens_param)
-        raise
+        raise e.renamed("max_tokens", max_tokens_param)
 
 
 def _with_forced_tool_call(params: SamplingParams, tools: ToolPlan) -> SamplingParams:
