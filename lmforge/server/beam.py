@@ -56,6 +56,7 @@ from lmforge.protocol import (
     CompletionRequest,
     Usage,
 )
+from lmforge.server.generation import wait_disconnect
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, finite
 
 if TYPE_CHECKING:
@@ -234,7 +235,7 @@ async def _search(request: Request, engine: AsyncEngine, response_id: str,
     their engine requests). The first error of any search is raised after all are cancelled."""
     tasks = [asyncio.ensure_future(beam_search(engine, f"{response_id}-{i}", prompt, params, n))
              for i, prompt in enumerate(prompts)]
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(wait_disconnect(request))
     try:
         pending = set(tasks)
         while pending:
@@ -249,12 +250,6 @@ async def _search(request: Request, engine: AsyncEngine, response_id: str,
         for task in [*tasks, watcher]:
             task.cancel()
         await asyncio.gather(*tasks, watcher, return_exceptions=True)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Return when the ASGI server reports ``http.disconnect`` (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 class Candidate(Protocol):

@@ -7,7 +7,6 @@ floats or base64. A client that disconnects while it waits cancels the embedding
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import struct
 import uuid
@@ -17,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 
 from lmforge.errors import ModelNotFoundError
 from lmforge.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from lmforge.server.generation import until_disconnected
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -39,7 +39,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     body.check(engine.embedding_size)
     prompts = [engine.tokenizer.encode(i, add_special_tokens=True) if isinstance(i, str) else i
                for i in body.inputs()]
-    vectors = await _unless_disconnected(request, engine.embed(f"embd-{uuid.uuid4().hex}",
+    vectors = await until_disconnected(request, engine.embed(f"embd-{uuid.uuid4().hex}",
                                                                prompts))
     if vectors is None:
         return Response(status_code=499)  # nobody is listening
@@ -60,23 +60,3 @@ def to_base64(vector: list[float]) -> str:
     ``openai`` SDK does); the values are float32 already, so nothing is rounded.
     """
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
-
-
-async def _unless_disconnected(request: Request, work):
-    """Await ``work``, or cancel it and return None if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    return None if task.cancelled() else task.result()
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Return when the ASGI server reports ``http.disconnect`` (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass

@@ -14,7 +14,7 @@ from lmforge.config import ServerConfig
 from lmforge.engine.request import RequestOutput
 from lmforge.errors import EngineDeadError
 from lmforge.server import build_app
-from lmforge.server.inference import _sse_events
+from lmforge.server.generation import sse_events
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 USER = [{"role": "user", "content": "Hi"}]
@@ -194,7 +194,7 @@ def test_error_after_stream_started_is_an_sse_error_event():
     gen = _FailingGeneration()
 
     async def collect() -> list[str]:
-        return [e async for e in _sse_events(gen, lambda i, out, r: _Chunk(text=out.text), [],
+        return [e async for e in sse_events(gen, lambda i, out, r: _Chunk(text=out.text), [],
                                              None)]
 
     events = asyncio.run(collect())
