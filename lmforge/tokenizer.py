@@ -122,6 +122,11 @@ class Tokenizer:
         """The tokenizer's own Jinja chat template, or None."""
         return self.hf.chat_template
 
+    def is_special_token(self, text: str) -> bool:
+        """Whether ``text`` is one special added token (one that ``skip_special_tokens`` drops
+        from decoded text, as ``[TOOL_CALLS]`` in Mistral's vocabularies)."""
+        return any(t.content == text and t.special for t in self.hf.added_tokens_decoder.values())
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> token ids; ``add_special_tokens`` adds bos/eos as the tokenizer is configured."""
         return self.hf.encode(text, add_special_tokens=add_special_tokens)

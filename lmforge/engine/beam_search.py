@@ -305,7 +305,7 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
         search.step([out.logprobs[0].top for out in outs])
         step += 1
     return BeamSearchOutput(
-        sequences=[_sequence(engine, prompt, params, h) for h in search.best(n)],
+        sequences=[_sequence(engine, prompt, params, stop_ids, h) for h in search.best(n)],
         num_prompt_tokens=first.num_prompt_tokens, num_cached_tokens=first.num_cached_tokens,
         prompt_logprobs=first.prompt_logprobs)
 
@@ -335,8 +335,11 @@ def _detokenize(engine: AsyncEngine, prompt: list[int], params: BeamSearchParams
 
 
 def _sequence(engine: AsyncEngine, prompt: list[int], params: BeamSearchParams,
-              hypothesis: Hypothesis) -> BeamSequence:
-    text, _ = _detokenize(engine, prompt, params, hypothesis.token_ids)
+              stop_ids: frozenset[int], hypothesis: Hypothesis) -> BeamSequence:
+    ids = hypothesis.token_ids
+    if ids and ids[-1] in stop_ids and not params.include_stop_str_in_output:
+        ids = ids[:-1]  # a stop token ends the text without being part of it (the engine's rule)
+    text, _ = _detokenize(engine, prompt, params, ids)
     return BeamSequence(hypothesis.token_ids, text, hypothesis.finish_reason,
                         hypothesis.cumulative_logprob, hypothesis.score,
                         hypothesis.logprobs if params.logprobs is not None else None)

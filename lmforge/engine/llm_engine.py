@@ -222,7 +222,11 @@ class LLMEngine:
             detok = self.detokenizers[request.request_id]
             token = request.output_token_ids[-1]
             self._advance_grammar(request, token)
-            text = detok.update([token])
+            # A stop token id (eos included) ends the text without being part of it, as in vLLM.
+            stop_token = (request.status == RequestStatus.FINISHED_STOPPED
+                          and token in request.stop_token_ids
+                          and not request.params.include_stop_str_in_output)
+            text = "" if stop_token else detok.update([token])
             if detok.stopped:  # a stop string wins over length, as in vLLM
                 self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
                 request.status = RequestStatus.FINISHED_STOPPED

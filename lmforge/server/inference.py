@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -58,15 +57,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     body.check()
     if beam.is_beam_search(body):
         return await beam.create_chat_completion(body, request)
-    tools = ToolPlan.of(body)
-    params = _with_forced_tool_call(
-        _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
-                         logprobs=body.num_logprobs), tools)
-    await _compile_grammar(engine, params)
     template = request.app.state.chat_template
-    messages, template_kwargs = tools.render(
-        [m.to_template_dict() for m in body.messages],
-        template if template is not None else engine.tokenizer.chat_template)
+    template_text = template if template is not None else engine.tokenizer.chat_template
+    tools = ToolPlan.of(body, template_text)
+    params = tools.sampling_params(
+        _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
+                         logprobs=body.num_logprobs), engine.tokenizer)
+    await _compile_grammar(engine, params)
+    messages, template_kwargs = tools.render([m.to_template_dict() for m in body.messages],
+                                             template_text)
     prompt = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, chat_template=template, **template_kwargs)
     gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices)
@@ -195,22 +194,6 @@ def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens
                               structured=StructuredOutput(**spec) if spec else None)
     except InvalidRequestError as e:
         raise e.renamed("max_tokens", max_tokens_param)
-
-
-def _with_forced_tool_call(params: SamplingParams, tools: ToolPlan) -> SamplingParams:
-    """With ``tool_choice`` required or a named function, generate under the call's schema.
-
-    Raises:
-        InvalidRequestError: the request also sets its own output constraint.
-    """
-    forced = tools.structured_output()
-    if forced is None:
-        return params
-    if params.structured is not None:
-        raise InvalidRequestError(
-            f"tool_choice {tools.mode!r} constrains the output to a tool call, so it cannot be "
-            f"combined with {params.structured.param}", param="tool_choice")
-    return replace(params, structured=StructuredOutput(**forced))
 
 
 async def _compile_grammar(engine: AsyncEngine, params: SamplingParams) -> None:

@@ -9,8 +9,10 @@
 - ``required``: the output is generated under the schema of a JSON array of at least one
   ``{"name": <a tool>, "arguments": <its parameters>}`` (at most one with
   ``parallel_tool_calls: false``) and becomes those calls.
-- ``auto``: the model writes text, and ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
-  blocks (the Hermes format, used by Qwen2.5, Hermes and SmolLM3 templates) are parsed out of it.
+- ``auto``: the model writes text, and tool calls are parsed out of it in the format its chat
+  template teaches (``server/tool_parsers.py``: Hermes ``<tool_call>`` blocks, Llama 3's JSON,
+  Mistral's ``[TOOL_CALLS]``). When that format's marker is a special token, the reply is
+  decoded with special tokens kept, so the marker is seen (as vLLM does for Mistral).
 
 The model sees the tools through its chat template's ``tools`` variable when the template uses
 one; a template without tool support (SmolLM2's) gets a system-prompt section describing the
@@ -21,17 +23,17 @@ A parsed call's ``finish_reason`` is ``tool_calls``.
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from lmforge.engine.request import SamplingParams, StructuredOutput
+from lmforge.errors import InvalidRequestError
 from lmforge.protocol.chat import ChatCompletionRequest
-from lmforge.protocol.tools import FunctionCall, FunctionCallDelta, Tool, ToolCall, ToolCallDelta
+from lmforge.protocol.tools import FunctionCallDelta, Tool, ToolCall, ToolCallDelta
+from lmforge.server.tool_parsers import FORMATS, ToolCallFormat, tool_call_format
+from lmforge.tokenizer import Tokenizer
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)(?:" + re.escape(TOOL_CALL_CLOSE) + "|$)",
-                    re.DOTALL)
+HERMES = FORMATS["hermes"]
 
 
 @dataclass
@@ -42,13 +44,33 @@ class ToolPlan:
     tools: list[Tool] = field(default_factory=list)
     function: str | None = None  # the named function
     parallel: bool = True  # more than one call per reply allowed
+    format: ToolCallFormat = HERMES  # how the model writes calls (``auto``) and their ids
 
     @classmethod
-    def of(cls, body: ChatCompletionRequest) -> ToolPlan:
+    def of(cls, body: ChatCompletionRequest, template: str | None) -> ToolPlan:
+        """The plan for ``body`` rendered with the chat template text ``template``."""
         choice = body.tool_choice
         return cls(body.tool_mode, list(body.tools or []),
                    choice.function.name if body.tool_mode == "named" else None,  # type: ignore
-                   body.parallel_tool_calls is not False)
+                   body.parallel_tool_calls is not False, tool_call_format(template))
+
+    def sampling_params(self, params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
+        """``params`` with the forced call's grammar (``named`` / ``required``), or with special
+        tokens kept when ``auto``'s marker is one.
+
+        Raises:
+            InvalidRequestError: a forced call, and the request sets its own output constraint.
+        """
+        if self.mode == "auto" and tokenizer.is_special_token(self.format.marker):
+            return replace(params, skip_special_tokens=False)
+        forced = self.structured_output()
+        if forced is None:
+            return params
+        if params.structured is not None:
+            raise InvalidRequestError(
+                f"tool_choice {self.mode!r} constrains the output to a tool call, so it cannot "
+                f"be combined with {params.structured.param}", param="tool_choice")
+        return replace(params, structured=StructuredOutput(**forced))
 
     def structured_output(self) -> dict[str, Any] | None:
         """``StructuredOutput`` kwargs that force a call (``named`` / ``required``), else None."""
@@ -85,16 +107,27 @@ class ToolPlan:
         if self.mode == "none":
             return text, [], finish_reason
         if self.mode == "named":
-            calls = [_call(self.function, text)] if _is_json(text) else []
+            calls = [self.format.call(self.function or "", text)] if _is_json(text) else []
             rest: str | None = None if calls else text
         elif self.mode == "required":
-            calls = _forced_calls(text)
+            calls = self.forced_calls(text)
             rest = None if calls else text
         else:
-            rest, calls = _parse_blocks(text, {t.function.name for t in self.tools})
+            rest, calls = self.format.parse(text, self.names())
         if calls and finish_reason == "stop":
             finish_reason = "tool_calls"
         return rest, calls, finish_reason
+
+    def forced_calls(self, text: str) -> list[ToolCall]:
+        """``[{"name", "arguments"}, ...]`` (the ``required`` grammar's output) -> calls."""
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return []
+        return [self.format.call(item["name"], item["arguments"]) for item in items]
+
+    def names(self) -> set[str]:
+        return {t.function.name for t in self.tools}
 
     def _parameters(self, name: str | None) -> dict[str, Any]:
         tool = next(t for t in self.tools if t.function.name == name)
@@ -106,15 +139,17 @@ class ToolCallStream:
 
     ``named``: the call's header first, then every text delta as an arguments piece.
     ``required``: nothing until the end, then every call whole. ``auto``: text streams as
-    content, except a ``<tool_call>`` block, which is held until it closes and then sent as a
-    call (text that might be the start of ``<tool_call>`` is held back meanwhile).
+    content until the format's marker; from there the text is held, and sent as calls when a
+    call closes (Hermes' ``</tool_call>``) or the reply ends (formats whose calls run to the
+    end). Text that might be the start of the marker is held back meanwhile.
     """
 
     def __init__(self, plan: ToolPlan):
         self.plan = plan
         self.num_calls = 0
         self._text = ""  # required: everything; auto: what is held back
-        self._inside = False  # auto: within a <tool_call> block
+        self._inside = False  # auto: ``_text`` starts with the format's marker
+        self._first = True  # auto: no content released yet
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         mode = self.plan.mode
@@ -132,12 +167,11 @@ class ToolCallStream:
         """What was held back, and the finish_reason (``tool_calls`` if a call was sent)."""
         content, deltas = "", []
         if self.plan.mode == "required":
-            calls = _forced_calls(self._text)
+            calls = self.plan.forced_calls(self._text)
             content = "" if calls else self._text
             deltas = [self._whole(c) for c in calls]
         elif self.plan.mode == "auto":
-            held = (TOOL_CALL_OPEN if self._inside else "") + self._text  # maybe unterminated
-            rest, calls = _parse_blocks(held, self._names())
+            rest, calls = self.plan.format.parse(self._text, self.plan.names())
             content, deltas = rest or "", [self._whole(c) for c in calls]
         self._text, self._inside = "", False
         if self.num_calls and finish_reason == "stop":
@@ -145,34 +179,32 @@ class ToolCallStream:
         return content, deltas, finish_reason
 
     def _scan(self) -> tuple[str, list[ToolCallDelta]]:
-        content, deltas = "", []
+        fmt, content, deltas = self.plan.format, "", []
         while True:
             if self._inside:
-                end = self._text.find(TOOL_CALL_CLOSE)
+                end = -1 if fmt.close is None else self._text.find(fmt.close, len(fmt.marker))
                 if end < 0:
                     return content, deltas
-                block = self._text[:end + len(TOOL_CALL_CLOSE)]
-                self._text, self._inside = self._text[end + len(TOOL_CALL_CLOSE):], False
-                rest, calls = _parse_blocks(TOOL_CALL_OPEN + block, self._names())
+                end += len(fmt.close)  # type: ignore[arg-type]
+                rest, calls = fmt.parse(self._text[:end], self.plan.names())
+                self._text, self._inside = self._text[end:], False
                 content += rest or ""
                 deltas += [self._whole(c) for c in calls]
                 continue
-            start = self._text.find(TOOL_CALL_OPEN)
-            if start >= 0:
+            start = fmt.start(self._text, self._first and not content)
+            if start is not None:
                 content += self._text[:start]
-                self._text, self._inside = self._text[start + len(TOOL_CALL_OPEN):], True
+                self._text, self._inside = self._text[start:], True
                 continue
-            keep = _partial_suffix(self._text, TOOL_CALL_OPEN)
-            content += self._text[:len(self._text) - keep]
-            self._text = self._text[len(self._text) - keep:]
+            keep = len(self._text) - fmt.hold(self._text, self._first and not content)
+            content += self._text[:keep]
+            self._text = self._text[keep:]
+            self._first = self._first and not content
             return content, deltas
 
-    def _names(self) -> set[str]:
-        return {t.function.name for t in self.plan.tools}
-
     def _header(self, name: str | None) -> ToolCallDelta:
-        return ToolCallDelta(index=self.num_calls, id=_call_id(), type="function",
-                             function=FunctionCallDelta(name=name, arguments=""))
+        return ToolCallDelta(index=self.num_calls, id=self.plan.format.call_id(),
+                             type="function", function=FunctionCallDelta(name=name, arguments=""))
 
     def _whole(self, call: ToolCall) -> ToolCallDelta:
         delta = ToolCallDelta(index=self.num_calls, id=call.id, type="function",
@@ -182,59 +214,12 @@ class ToolCallStream:
         return delta
 
 
-def _call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def _call(name: str | None, arguments: str) -> ToolCall:
-    return ToolCall(id=_call_id(), function=FunctionCall(name=name or "", arguments=arguments))
-
-
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
     except ValueError:
         return False
     return True
-
-
-def _forced_calls(text: str) -> list[ToolCall]:
-    """``[{"name", "arguments"}, ...]`` (the ``required`` grammar's output) -> calls."""
-    try:
-        items = json.loads(text)
-    except ValueError:
-        return []
-    return [_call(item["name"], json.dumps(item["arguments"], ensure_ascii=False))
-            for item in items]
-
-
-def _parse_blocks(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-    """Hermes ``<tool_call>`` blocks of known functions -> calls; the rest stays content
-    (a block that does not parse, or names an unknown function, stays too)."""
-    calls: list[ToolCall] = []
-
-    def take(match: re.Match) -> str:
-        try:
-            obj = json.loads(match.group(1).strip())
-        except ValueError:
-            return match.group(0)
-        if not isinstance(obj, dict) or obj.get("name") not in names:
-            return match.group(0)
-        args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append(_call(obj["name"], args if isinstance(args, str)
-                           else json.dumps(args, ensure_ascii=False)))
-        return ""
-
-    rest = _BLOCK.sub(take, text).strip()
-    return (rest or None) if calls else text, calls
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of ``text`` that is a proper start of ``marker``."""
-    for k in range(min(len(text), len(marker) - 1), 0, -1):
-        if marker.startswith(text[-k:]):
-            return k
-    return 0
 
 
 def _arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
@@ -254,10 +239,10 @@ def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
     """For a template without tool support: replayed calls as Hermes blocks in the content."""
     if not message.get("tool_calls"):
         return message
-    blocks = [TOOL_CALL_OPEN + json.dumps({
+    blocks = [HERMES.marker + json.dumps({
         "name": (c.get("function") or {}).get("name"),
         "arguments": _arguments_as_objects({"tool_calls": [c]})["tool_calls"][0]["function"]
-        .get("arguments")}, ensure_ascii=False) + TOOL_CALL_CLOSE for c in message["tool_calls"]]
+        .get("arguments")}, ensure_ascii=False) + HERMES.close for c in message["tool_calls"]]
     out = {k: v for k, v in message.items() if k != "tool_calls"}
     out["content"] = "\n".join(filter(None, [message.get("content") or ""] + blocks))
     return out
@@ -268,8 +253,8 @@ def _describe_tools(tools: list[Tool], messages: list[dict[str, Any]]) -> list[d
     signatures = "\n".join(json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False)
                            for t in tools)
     section = ("# Tools\n\nYou can call these functions (JSON signatures):\n" + signatures +
-               "\n\nTo call one, answer with " + TOOL_CALL_OPEN +
-               '{"name": "<function name>", "arguments": {<arguments>}}' + TOOL_CALL_CLOSE +
+               "\n\nTo call one, answer with " + HERMES.marker +
+               '{"name": "<function name>", "arguments": {<arguments>}}' + HERMES.close +
                ", one block per call.")
     if messages and messages[0]["role"] in ("system", "developer"):
         first = messages[0]

@@ -111,6 +111,22 @@ def test_stop_token_ids_and_eos(llm):
     out = llm.generate([PROMPTS[2]], greedy(10, stop_token_ids=[stop_at]), use_tqdm=False)[0]
     assert out.finish_reason == "stop" and out.token_ids[-1] == stop_at
     assert len(out.token_ids) == free.token_ids.index(stop_at) + 1
+    # the stop token ends the text without being part of it, unless asked for (as in vLLM)
+    assert out.text == llm.tokenizer.decode(out.token_ids[:-1])
+    kept = llm.generate([PROMPTS[2]], greedy(10, stop_token_ids=[stop_at],
+                                             include_stop_str_in_output=True), use_tqdm=False)[0]
+    assert kept.text == llm.tokenizer.decode(kept.token_ids) != out.text
+
+
+def test_eos_is_not_in_the_text_even_with_special_tokens_kept(llm):
+    eos = 2  # <|im_end|> in SmolLM2's vocabulary
+    forced = dict(temperature=0, max_tokens=5, logit_bias={eos: 100},
+                  skip_special_tokens=False)
+    out = llm.generate([PROMPTS[0]], SamplingParams(**forced), use_tqdm=False)[0]
+    assert (out.token_ids, out.text, out.finish_reason) == ([eos], "", "stop")
+    out = llm.generate([PROMPTS[0]], SamplingParams(**forced, include_stop_str_in_output=True),
+                       use_tqdm=False)[0]
+    assert out.text == "<|im_end|>"
 
 
 def test_validation_errors(llm):

@@ -1,5 +1,7 @@
-"""The pure parts of tool calling (``server/tools.py``): Hermes-block parsing, the streaming
-parser fed one character at a time, and prompt rendering with and without template support."""
+"""The pure parts of tool calling (``server/tools.py``, ``server/tool_parsers.py``): the
+format a chat template picks, parsing each format (Hermes, Llama 3 JSON, Mistral before and
+after v11) whole and with the streaming parser fed one character at a time, and prompt
+rendering with and without template support."""
 
 from __future__ import annotations
 
@@ -8,20 +10,38 @@ import json
 import pytest
 
 from lmforge.protocol.chat import ChatCompletionRequest
+from lmforge.server.tool_parsers import tool_call_format
 from lmforge.server.tools import ToolCallStream, ToolPlan
 
 TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}}}}}]
 
 
-def plan(**kw) -> ToolPlan:
+# Excerpts of the real templates' tool sections, enough to pick the format.
+TEMPLATES = {
+    "hermes": "{% for tool in tools %}{{ tool | tojson }}{% endfor %}<tool_call>",
+    "llama3_json": '{%- if tools %}Respond in the format {"name": function name, "parameters": '
+                   'dictionary of argument name and its value}.{{- "<|python_tag|>" }}{% endif %}',
+    "mistral": "{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+               "{{- '[TOOL_CALLS]' }}",
+}
+
+
+def plan(template: str | None = None, **kw) -> ToolPlan:
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}],
                                  tools=TOOLS, **kw)
     body.check()
-    return ToolPlan.of(body)
+    return ToolPlan.of(body, template)
 
 
-TEXTS = [
+def test_the_template_picks_the_format():
+    for name, template in TEMPLATES.items():
+        assert tool_call_format(template).name == name
+    assert tool_call_format(None).name == "hermes"  # lmforge describes the Hermes format
+    assert tool_call_format("[TOOL_CALLS]{{ messages }}").name == "hermes"
+
+
+HERMES = [
     # (model output, content, calls)
     ('I will add. <tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>',
      "I will add.", [("add", {"a": 1})]),
@@ -33,10 +53,41 @@ TEXTS = [
     ("<tool_call>not json</tool_call> <tool_ca", "<tool_call>not json</tool_call> <tool_ca",
      []),
 ]
+LLAMA3 = [
+    ('{"name": "add", "parameters": {"a": 1}}', None, [("add", {"a": 1})]),
+    ('  <|python_tag|>{"name": "add", "parameters": {"a": 1}}; {"name": "add", "arguments": '
+     '{"a": 2}}', None, [("add", {"a": 1}), ("add", {"a": 2})]),
+    ('Let me add. <|python_tag|>{"name": "add", "parameters": {}}', "Let me add.",
+     [("add", {})]),
+    ('The answer is {"name": "add"}', 'The answer is {"name": "add"}', []),
+    ('{"name": "sub", "parameters": {}}', '{"name": "sub", "parameters": {}}', []),
+    ('{"name": "add", "parameters": {"a": 1}} and more', '{"name": "add", "parameters": '
+     '{"a": 1}} and more', []),
+    ("<|python", "<|python", []),
+    ("  ", "  ", []),
+]
+MISTRAL = [
+    ('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {}}]',
+     None, [("add", {"a": 1}), ("add", {})]),
+    ('Sure. [TOOL_CALLS] [{"name": "add", "arguments": {"a": 3}}]', "Sure.",
+     [("add", {"a": 3})]),
+    ('[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]add{"a": 2}', None,
+     [("add", {"a": 1}), ("add", {"a": 2})]),
+    ('[TOOL_CALLS]add[CALL_ID]abc123XYZ[ARGS]{"a": 5}', None, [("add", {"a": 5})]),
+    ('[TOOL_CALLS]sub[ARGS]{"a": 1}', '[TOOL_CALLS]sub[ARGS]{"a": 1}', []),
+    ('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}', '[TOOL_CALLS][{"name": "add", '
+     '"arguments": {"a": 1}', []),
+    ("no call [TOOL_CA", "no call [TOOL_CA", []),
+]
+CASES = ([("hermes", *c) for c in HERMES] + [("llama3_json", *c) for c in LLAMA3]
+         + [("mistral", *c) for c in MISTRAL])
 
 
-@pytest.mark.parametrize("text,content,calls", TEXTS)
-def test_auto_parse_whole_and_streamed_one_character_at_a_time(text, content, calls):
+@pytest.mark.parametrize("fmt,text,content,calls", CASES)
+def test_auto_parse_whole_and_streamed_one_character_at_a_time(fmt, text, content, calls):
+    def plan():  # noqa: F811 - this format's plan
+        return globals()["plan"](TEMPLATES[fmt])
+
     got_content, got_calls, finish = plan().parse(text, "stop")
     assert got_content == content
     assert [(c.function.name, json.loads(c.function.arguments)) for c in got_calls] == calls
@@ -55,7 +106,23 @@ def test_auto_parse_whole_and_streamed_one_character_at_a_time(text, content, ca
     assert [pieces[i] for i in sorted(pieces)] == calls
     assert finish == ("tool_calls" if calls else "stop")
     # streamed content keeps its spacing; the whole-response content is stripped
-    assert streamed.strip() == (content or "")
+    assert streamed.strip() == (content or "").strip()
+    if fmt == "mistral":  # the only ids Mistral's templates accept when a call is replayed
+        assert all(len(c.id) == 9 and c.id.isalnum() for c in got_calls)
+
+
+def test_auto_keeps_special_tokens_when_the_marker_is_one(smollm2_gguf_path):
+    from lmforge.engine.request import SamplingParams
+    from lmforge.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_gguf(smollm2_gguf_path)  # its own copy: it gets a new token
+    mistral = plan(TEMPLATES["mistral"])
+    assert not tokenizer.is_special_token("[TOOL_CALLS]")
+    assert mistral.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
+    tokenizer.hf.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
+    assert tokenizer.is_special_token("[TOOL_CALLS]")
+    assert not mistral.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
+    for other in (plan(TEMPLATES["mistral"], tool_choice="none"), plan(TEMPLATES["hermes"])):
+        assert other.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
 
 
 def test_a_forced_call_cut_by_max_tokens_stays_text():

@@ -9,7 +9,12 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import openai
 import pytest
+from serving import serve
+
+from lmforge.config import ServerConfig
+from lmforge.server import build_app
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -156,3 +161,60 @@ def test_bad_tool_requests_are_400s(http, model, extra, param, words):
     error = resp.json()["error"]
     assert error["param"] == param, error
     assert words in error["message"], error["message"]
+
+
+# Enough of each family's template to teach its format (tool_parsers.tool_call_format).
+MISTRAL_TEMPLATE = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools|tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.tool_calls %}[TOOL_CALLS]{{ m.tool_calls|tojson }}"
+    "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]"
+    "{%- else %}{{ m.content }}{%- endif %}{%- endfor %}")
+LLAMA3_TEMPLATE = (
+    '{%- if tools %}Respond in the format {"name": function name, "parameters": dictionary of '
+    'argument name and its value}. {% for t in tools %}{{ t|tojson }}{% endfor %}{% endif %}'
+    "{%- for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>"
+    "{%- if m.tool_calls %}<|python_tag|>{{ m.tool_calls[0].function|tojson }}"
+    "{%- else %}{{ m.content }}{% endif %}<|eot_id|>{%- endfor %}")
+FORMATS = {
+    "mistral": (MISTRAL_TEMPLATE, 'Sure.[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}', "Sure."),
+    "mistral_v03": (MISTRAL_TEMPLATE,
+                    '[TOOL_CALLS][{"name": "get_time", "arguments": {"zone": "UTC"}}]', None),
+    "llama3_json": (LLAMA3_TEMPLATE, '{"name": "get_time", "parameters": {"zone": "UTC"}}', None),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FORMATS))
+def templated(request, engine, base_url):  # base_url: the session engine is started
+    """(client, model, format) of the session engine served with a chat template that teaches
+    another tool-call format."""
+    with serve(build_app(engine, ServerConfig(), chat_template=FORMATS[request.param][0]),
+               lifespan="off") as url:
+        yield (openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30),
+               engine.model_name, request.param)
+
+
+def test_auto_parses_the_format_the_chat_template_teaches(templated):
+    """The output is forced with a regex (a random model never calls a tool by itself)."""
+    import re
+    client, model, fmt = templated
+    _, text, content = FORMATS[fmt]
+    kwargs = dict(model=model, messages=USER, tools=TOOLS, max_tokens=60,
+                  extra_body={"regex": re.escape(text)})
+    choice = client.chat.completions.create(**kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == content
+    assert [(c.function.name, json.loads(c.function.arguments))
+            for c in choice.message.tool_calls] == [("get_time", {"zone": "UTC"})]
+    calls, streamed, finish = stream_calls(client.chat.completions.create(**kwargs, stream=True))
+    assert finish == "tool_calls" and streamed == (content or "")
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [("get_time",
+                                                                         {"zone": "UTC"})]
+    call = choice.message.tool_calls[0]
+    if fmt.startswith("mistral"):
+        assert len(call.id) == 9 and call.id.isalnum()  # Mistral templates refuse other ids
+    # the parsed call replays through the same template, with its tool result
+    history = USER + [choice.message.model_dump(exclude_none=True),
+                      {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    resp = client.chat.completions.create(model=model, messages=history, tools=TOOLS,
+                                          max_tokens=2)
+    assert resp.usage.prompt_tokens > 20
