@@ -36,7 +36,8 @@ class CompletionRequest(SamplingRequest):
         return super().is_default(name, value)
 
     def check(self) -> None:
-        """Also rejects an empty prompt list, and ``best_of`` out of ``n``..20 or streamed.
+        """Also rejects an empty prompt list, ``max_tokens: 0`` without ``echo``, and
+        ``best_of`` out of ``n``..20 or streamed.
 
         Raises:
             InvalidRequestError: naming the parameter.
@@ -47,6 +48,10 @@ class CompletionRequest(SamplingRequest):
             raise InvalidRequestError(
                 f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {self.logprobs}",
                 param="logprobs")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError(
+                "max_tokens must be at least 1; 0 is allowed only with echo, to score the prompt",
+                param="max_tokens")
         super().check()
         if self.best_of is not None:
             if not self.num_choices <= self.best_of <= MAX_BEST_OF:
@@ -57,6 +62,12 @@ class CompletionRequest(SamplingRequest):
                 raise InvalidRequestError(
                     "best_of > 1 cannot be streamed: the best candidates are known only at the "
                     "end; remove stream or best_of", param="best_of")
+
+    @property
+    def prompt_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the prompt (and its logprobs) back, nothing
+        generated; how lm-eval-harness scores text against the legacy OpenAI API."""
+        return bool(self.echo) and self.max_tokens == 0
 
     @property
     def num_candidates(self) -> int:

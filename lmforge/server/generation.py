@@ -119,6 +119,11 @@ class Generation:
     (``LLMEngine.add_request(after=)``); a seeded request gives choice j the seed ``seed + j``
     (vLLM's convention), so the choices differ and each is reproducible.
 
+    ``prompt_only`` (completions' ``echo`` with ``max_tokens: 0``, which lm-eval-harness uses to
+    score a prompt): each request runs one step, for the prompt's logprobs, and its output is
+    shown without the token sampled in that step: no text, no tokens, ``finish_reason``
+    "length", 0 completion tokens (as the OpenAI API and vLLM answer it).
+
     ``start()`` waits for every choice's first output, so validation errors (raised by the
     engine before its first yield) surface before any response is sent; ``outputs()`` then
     yields ``(choice index, RequestOutput delta)`` in arrival order; ``aclose()`` cancels what is
@@ -126,9 +131,12 @@ class Generation:
     """
 
     def __init__(self, engine: AsyncEngine, response_id: str, prompts: list[list[int]],
-                 params: SamplingParams, n: int = 1):
+                 params: SamplingParams, n: int = 1, prompt_only: bool = False):
         self.id = response_id
         self.n = n
+        self.prompt_only = prompt_only
+        if prompt_only:
+            params = replace(params, max_tokens=1)
         self.num_choices = len(prompts) * n
         self._iters = []
         for i, prompt in enumerate(prompts):
@@ -167,6 +175,11 @@ class Generation:
                 out = task.result()
                 if out is None:  # iterator ended without a finished output
                     continue
+                if self.prompt_only:
+                    out = replace(out, text="", token_ids=[], num_output_tokens=0,
+                                  logprobs=None if out.logprobs is None else [],
+                                  finish_reason="length" if out.finish_reason in ("stop", "length")
+                                  else out.finish_reason)
                 self._last[index] = out
                 if not out.finished:
                     self._schedule(index)  # the engine keeps going while we send this one

@@ -113,13 +113,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions", response_model=None)
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI "Create completion": ``n`` choices per prompt, generated concurrently; ``echo``
-    puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion."""
+    puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion;
+    ``echo`` with ``max_tokens: 0`` returns only that (``Generation(prompt_only=True)``)."""
     engine: AsyncEngine = request.app.state.engine
     _check_model(engine, body.model)
     body.check()
     if beam.is_beam_search(body):
         return await beam.create_completion(body, request)
-    params = _sampling_params(body, body.max_tokens, "max_tokens", logprobs=body.logprobs,
+    params = _sampling_params(body, 1 if body.prompt_only else body.max_tokens, "max_tokens",
+                              logprobs=body.logprobs,
                               prompt_logprobs=body.logprobs if body.echo else None)
     await _compile_grammar(engine, params)
     tokenizer = engine.tokenizer
@@ -129,7 +131,8 @@ async def create_completion(body: CompletionRequest, request: Request):
                for p, ids in zip(body.prompts(), prompts)] if body.echo else [""] * len(prompts))
     n = body.num_choices
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
-                     beam.candidate_params(params, body), body.num_candidates)  # best_of
+                     beam.candidate_params(params, body), body.num_candidates,  # best_of
+                     prompt_only=body.prompt_only)
     created = int(time.time())
     texts = TokenTexts(tokenizer)
     offsets = [0] * gen.num_choices  # characters of each choice's text sent so far

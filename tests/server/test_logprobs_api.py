@@ -99,6 +99,50 @@ def test_streamed_echo_with_logprobs_equals_the_whole_response(client, model):
     assert offsets == whole.logprobs.text_offset
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt_only(client, model, engine, stream):
+    """lm-eval-harness's loglikelihood request: the prompt and its logprobs, nothing generated."""
+    ids = engine.tokenizer.encode(PROMPT)
+    kwargs = dict(model=model, prompt=[PROMPT, "Two"], max_tokens=0, echo=True, logprobs=2, n=2)
+    scored = client.completions.create(model=model, prompt=PROMPT, max_tokens=1, echo=True,
+                                       logprobs=2).choices[0].logprobs
+    if stream:
+        chunks = list(client.completions.create(**kwargs, stream=True,
+                                                stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        choices = {}
+        for c in chunks[:-1]:
+            for ch in c.choices:
+                got = choices.setdefault(ch.index, {"text": "", "tokens": [], "lps": [],
+                                                    "finish": None})
+                got["text"] += ch.text
+                got["finish"] = ch.finish_reason or got["finish"]
+                if ch.logprobs is not None:
+                    got["tokens"] += ch.logprobs.tokens
+                    got["lps"] += ch.logprobs.token_logprobs
+        choices = [choices[i] for i in sorted(choices)]
+    else:
+        resp = client.completions.create(**kwargs)
+        usage = resp.usage
+        choices = [{"text": c.text, "tokens": c.logprobs.tokens, "finish": c.finish_reason,
+                    "lps": c.logprobs.token_logprobs} for c in resp.choices]
+    assert [c["text"] for c in choices] == [PROMPT, PROMPT, "Two", "Two"]
+    assert all(c["finish"] == "length" for c in choices)
+    assert choices[0]["tokens"] == scored.tokens[:len(ids)]  # the prompt's tokens, only
+    assert choices[0]["lps"][0] is None
+    assert choices[0]["lps"][1:] == pytest.approx(scored.token_logprobs[1:len(ids)], abs=1e-4)
+    num_prompt = len(ids) + len(engine.tokenizer.encode("Two"))
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        num_prompt, 0, num_prompt)
+
+
+def test_max_tokens_0_without_echo_is_a_400(http, model):
+    resp = http.post("/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 0})
+    assert resp.status_code == 400
+    assert resp.json()["error"]["param"] == "max_tokens"
+    assert "echo" in resp.json()["error"]["message"]
+
+
 def test_logit_bias_forces_a_token(client, model, engine):
     token = engine.tokenizer.encode(" the", add_special_tokens=False)[0]
     resp = client.completions.create(model=model, prompt=PROMPT, max_tokens=4,
