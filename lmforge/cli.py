@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 from concurrent.futures import Future
@@ -16,6 +17,7 @@ from typing import Any
 import click
 import uvicorn
 
+from lmforge.cli_api import batches, files
 from lmforge.config import (
     DEFAULT_MODEL,
     CacheConfig,
@@ -81,6 +83,9 @@ def main() -> None:
 @click.option("--max-waiting-tokens", type=int, default=None,
               help="Answer 429 while this many prompt tokens wait (default 32768; 0 = "
                    "unbounded).")
+@click.option("--max-background-prefill-tokens", type=int, default=None,
+              help="Prefill tokens per step for batch jobs (priority > 0), so that online "
+                   "requests keep a short time to first token (default 64; 0 = no cap).")
 @click.option("--api-key", "api_keys", multiple=True, envvar="LMFORGE_API_KEY",
               help="Require 'Authorization: Bearer KEY' or 'x-api-key: KEY' on every route but "
                    "GET /health (repeatable; env LMFORGE_API_KEY).")
@@ -90,10 +95,21 @@ def main() -> None:
 @click.option("--shutdown-timeout", type=float, default=30.0, show_default=True,
               help="On SIGTERM/SIGINT, seconds in-flight requests get to finish before they are "
                    "aborted.")
+@click.option("--batch-concurrency", type=int, default=8, show_default=True,
+              help="Batch lines (/v1/batches) in flight at once; they run behind online "
+                   "requests.")
+@click.option("--batch-window-s", type=float, default=None,
+              help="Seconds a batch's completion_window lasts (default: what it says, 24h).")
+@click.option("--max-upload-mb", type=int, default=512, show_default=True,
+              help="POST /v1/files answers 413 for a file larger than this.")
+@click.option("--database-url", default=None,
+              help="The jobs store (files, batches) as a SQLAlchemy URL, e.g. "
+                   "postgresql://user@host/db (default: SQLite in $LMFORGE_HOME).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
           host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
-          **options: Any) -> None:
+          batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
+          database_url: str | None, **options: Any) -> None:
     """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The server listens at once and loads the model in the background (/health answers 503
@@ -109,6 +125,9 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
     config = engine_config(chat_template=chat_template, **options)
     server_config = ServerConfig(host=host, port=port, api_keys=list(api_keys),
                                  watchdog_timeout=watchdog_timeout,
+                                 batch_concurrency=batch_concurrency,
+                                 batch_window_s=batch_window_s,
+                                 max_upload_mb=max_upload_mb, database_url=database_url,
                                  shutdown_timeout=shutdown_timeout)
     try:
         model_name = precheck(config, server_config)
@@ -134,6 +153,59 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
         raise StartupError(str(loading.exception()))
 
 
+@main.group()
+def batch() -> None:
+    """Run batch files offline, without a server (for a server's /v1/batches: `lmforge batches`)."""
+
+
+@batch.command("run")
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write one result line per input line (JSONL, input order).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="A GGUF file, a Hugging Face model directory, or a known alias.")
+@click.option("--served-model-name", default=None,
+              help="The model name the lines' bodies use (default: the alias or directory name).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-model-len", type=int, default=None, help="Context length in tokens.")
+@click.option("--concurrency", type=int, default=64, show_default=True,
+              help="Lines in flight at once (the engine batches them).")
+def batch_run(input_file: Path, output_file: Path, model: str, served_model_name: str | None,
+              dtype: str, device: str, max_model_len: int | None, concurrency: int) -> None:
+    """Run a batch input file (OpenAI's format: one {"custom_id", "method", "url", "body"} per
+    line, url /v1/chat/completions, /v1/completions or /v1/embeddings) in-process, like
+    `vllm run-batch`. Each output line is OpenAI's batch output record; bodies are exactly what
+    the server's endpoints return. Invalid lines stop the run before any request (exit 2)."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.jobs.batches import jsonl, parse_input
+    from lmforge.jobs.offline import run_lines
+    from lmforge.server import build_app
+
+    config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
+                                            dtype=dtype, device=device,
+                                            max_model_len=max_model_len))
+    try:
+        precheck(config, ServerConfig())
+        engine = AsyncEngine.from_config(config)
+    except (ModelLoadError, ValueError) as e:
+        raise StartupError(str(e)) from e
+    try:
+        lines, errors = parse_input(input_file.read_bytes(), None, {engine.model_name})
+        if errors:
+            raise StartupError("the input file has invalid lines:\n" + "\n".join(
+                f"  line {e['line']}: {e['message']}" for e in errors[:20]))
+        engine.start()
+        app = build_app(engine, ServerConfig())
+        results, summary = asyncio.run(run_lines(app, lines, concurrency))
+    finally:
+        engine.shutdown()
+    output_file.write_bytes(jsonl([json.dumps(r.record, ensure_ascii=False) for r in results]))
+    click.echo(f"{summary}; wrote {output_file}")
+
+
 def precheck(config: EngineConfig, server_config: ServerConfig) -> str:
     """Fail before listening on what needs no loaded model: a missing model path and bad
     configuration fields. Returns the model's default served name.
@@ -149,7 +221,23 @@ def precheck(config: EngineConfig, server_config: ServerConfig) -> str:
     # max_model_len matters only without chunked prefill; LLMEngine checks it again when loaded
     config.scheduler.validate(config.model.max_model_len or 0)
     server_config.validate()
+    _open_store(server_config.database_url)
     return config.model.served_model_name or name
+
+
+def _open_store(url: str | None) -> None:
+    """Open (and migrate) the jobs store once, so a bad ``--database-url`` is one line at
+    startup. Raises ValueError (the URL itself is left out: it may hold a password)."""
+    import sqlalchemy
+
+    from lmforge.jobs.store import Store
+
+    try:
+        Store(url).close()
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
+        where = "--database-url" if url else "the SQLite database in $LMFORGE_HOME"
+        raise ValueError(f"cannot open the jobs store ({where}): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}") from e
 
 
 def _ignore_signal(signum: int, frame: Any) -> None:
@@ -163,7 +251,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   block_size: int | None, num_kv_blocks: int | None,
                   kv_cache_memory_mb: int | None, no_prefix_caching: bool,
                   max_waiting_requests: int | None = None,
-                  max_waiting_tokens: int | None = None) -> EngineConfig:
+                  max_waiting_tokens: int | None = None,
+                  max_background_prefill_tokens: int | None = None) -> EngineConfig:
     """``EngineConfig`` from CLI options; an option left out keeps the dataclass default."""
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -178,7 +267,9 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
         scheduler=SchedulerConfig(**given(max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens,
                                           max_waiting_requests=max_waiting_requests,
-                                          max_waiting_tokens=max_waiting_tokens)),
+                                          max_waiting_tokens=max_waiting_tokens,
+                                          max_background_prefill_tokens=(
+                                              max_background_prefill_tokens))),
     )
 
 
@@ -243,6 +334,9 @@ class _Server(uvicorn.Server):
                 "the server is shutting down and stopped this request; retry it",
                 code="shutting_down"))
 
+
+main.add_command(files)
+main.add_command(batches)
 
 if __name__ == "__main__":
     main()

@@ -5,11 +5,19 @@ Errors name the fix, in the manner of vLLM's ``vllm/config/scheduler.py``.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def lmforge_home() -> Path:
+    """Where lmforge keeps its state: ``$LMFORGE_HOME``, default ``~/.lmforge`` (the jobs
+    database, uploaded and produced files, caches)."""
+    return Path(os.environ.get("LMFORGE_HOME", "~/.lmforge")).expanduser()
 
 
 @dataclass
@@ -66,10 +74,21 @@ class SchedulerConfig:
     # 0 = unbounded. The defaults keep a CPU server's backlog to tens of seconds of prefill.
     max_waiting_requests: int = 128
     max_waiting_tokens: int = 32768
+    # Prefill tokens per step, summed, for requests of priority > 0 (batch jobs), so that a step
+    # in flight when an online request arrives stays short and its time to first token stays
+    # near the idle figure (benchmarks/batch_priority.py). Decodes, priority 0 and prompts that
+    # cannot be split (chunked prefill off) are not capped; 0 = no cap. Background embedding
+    # pieces use it as their size.
+    max_background_prefill_tokens: int = 64
 
     def validate(self, max_model_len: int) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs ({self.max_num_seqs}) must be at least 1")
+        if self.max_background_prefill_tokens < 0:
+            raise ValueError(
+                f"max_background_prefill_tokens ({self.max_background_prefill_tokens}) must be "
+                "0 (no cap) or positive; set e.g. 64, or 0 to let batch prefill use the whole "
+                "step budget")
         for name in ("max_waiting_requests", "max_waiting_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be 0 (unbounded) or "
@@ -120,6 +139,13 @@ class ServerConfig:
     watchdog_timeout: float = 60.0
     # on SIGTERM/SIGINT, in-flight requests get this long to finish before they are aborted
     shutdown_timeout: float = 30.0
+    # the jobs store (files, batches): a SQLAlchemy URL; None = SQLite at $LMFORGE_HOME/lmforge.db
+    database_url: str | None = None
+    max_upload_mb: int = 512  # POST /v1/files answers 413 above this size
+    # batch lines in flight at once; they run at a lower priority than online requests
+    batch_concurrency: int = 8
+    # seconds a batch's completion_window ("24h") lasts; None = what it says (tests shorten it)
+    batch_window_s: float | None = None
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""
@@ -128,3 +154,9 @@ class ServerConfig:
                              "second, the idle engine loop's heartbeat")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout ({self.shutdown_timeout}) must be 0 or positive")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"max_upload_mb ({self.max_upload_mb}) must be at least 1")
+        if self.batch_concurrency < 1:
+            raise ValueError(f"batch_concurrency ({self.batch_concurrency}) must be at least 1")
+        if self.batch_window_s is not None and self.batch_window_s <= 0:
+            raise ValueError(f"batch_window_s ({self.batch_window_s}) must be positive")

@@ -88,6 +88,23 @@ class ModelNotFoundError(NotFoundError):
     default_code = "model_not_found"
 
 
+class PayloadTooLargeError(LMForgeError):
+    """An upload exceeds the server's size limit (HTTP 413)."""
+
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "file_too_large"
+
+
+class ConflictError(LMForgeError):
+    """The object is not in a state that allows the operation, e.g. cancelling a batch that
+    already completed (HTTP 409, as the OpenAI API answers such a cancel)."""
+
+    status_code = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
 class RateLimitError(LMForgeError):
     """The server's waiting queue is full (HTTP 429 with a ``Retry-After`` header in seconds).
 

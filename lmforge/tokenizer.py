@@ -20,6 +20,7 @@ import jinja2
 import transformers
 from transformers import AutoTokenizer
 
+from lmforge.config import lmforge_home
 from lmforge.errors import InvalidRequestError, ModelLoadError
 
 # Prompt tokens that prime the detokenizer, so the first output token decodes with the context it
@@ -27,10 +28,6 @@ from lmforge.errors import InvalidRequestError, ModelLoadError
 # INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET.
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"  # what a lossy decode of a partial UTF-8 byte sequence ends with
-
-
-def _lmforge_home() -> Path:
-    return Path(os.environ.get("LMFORGE_HOME", "~/.lmforge")).expanduser()
 
 
 def _read_generation_eos(directory: Path) -> set[int]:
@@ -180,7 +177,7 @@ class Tokenizer:
 def _gguf_cache_dir(path: Path) -> Path:
     stat = path.stat()
     raw = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
-    return _lmforge_home() / "cache" / "tokenizers" / hashlib.sha256(raw.encode()).hexdigest()
+    return lmforge_home() / "cache" / "tokenizers" / hashlib.sha256(raw.encode()).hexdigest()
 
 
 def _save_atomically(tokenizer: Tokenizer, cache_dir: Path) -> None:

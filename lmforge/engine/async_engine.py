@@ -13,9 +13,12 @@ one ``loop.call_soon_threadsafe`` per event loop. Torch kernels release
 the GIL, so the HTTP event loop stays responsive while the model runs.
 
 Embeddings (``embed``) run on the loop thread too, as an ``embed`` command: each loop iteration
-computes one piece (at most ``max_num_batched_tokens`` tokens) of the oldest embedding request,
-then one ``engine.step()``, so a long embedding batch slows generation steps down but never
-stalls them for more than one piece.
+computes one piece (at most ``max_num_batched_tokens`` tokens) of the oldest embedding request
+of the best priority, then one ``engine.step()``, so a long embedding batch slows generation
+steps down but never stalls them for more than one piece. They do not go through the scheduler,
+so their ``priority`` is applied here as the scheduler applies it to prefill: a batch
+(priority > 0) embedding runs in pieces of ``max_background_prefill_tokens`` and waits while a
+better-priority generation request waits or prefills.
 
 ``generate`` admits a request only while the backlog of requests without a first token stays
 under ``SchedulerConfig.max_waiting_requests`` / ``max_waiting_tokens`` (else a 429
@@ -38,7 +41,7 @@ from dataclasses import dataclass, field
 from lmforge.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.pooling import EmbeddingTask
-from lmforge.engine.request import RequestOutput, SamplingParams
+from lmforge.engine.request import ONLINE_PRIORITY, RequestOutput, SamplingParams
 from lmforge.errors import (
     EngineDeadError,
     InternalServerError,
@@ -121,7 +124,8 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._embeddings: dict[str, EmbeddingTask] = {}  # loop thread only; oldest first
+        # loop thread only; oldest first; request id -> (priority, task)
+        self._embeddings: dict[str, tuple[int, EmbeddingTask]] = {}
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="lmforge-engine")
         self._loop_future: Future | None = None
         self.error: BaseException | None = None  # set when the loop died
@@ -180,11 +184,13 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, after: str | None = None, *,
-                       admitted: bool = False) -> AsyncIterator[RequestOutput]:
+                       admitted: bool = False, priority: int = ONLINE_PRIORITY
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until one has ``finished=True``.
 
-        ``after``: as ``LLMEngine.add_request`` (the other choices of an ``n`` > 1 request wait
-        for the first one's prompt and share its KV blocks). ``admitted``: this is an internal
+        ``after`` and ``priority``: as ``LLMEngine.add_request`` (the other choices of an ``n`` > 1
+        request wait for the first one's prompt and share its KV blocks; batch jobs run at
+        ``BATCH_PRIORITY``, behind online requests). ``admitted``: this is an internal
         continuation of a request already admitted and counted (a beam-search step after the
         first), so neither the waiting limits nor the request metrics see it: a search is never
         refused halfway. Validation errors are raised before the first yield. Leaving the
@@ -203,7 +209,7 @@ class AsyncEngine:
             self._admit(num_tokens)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, after))
+        self._send(("add", request_id, list(prompt_token_ids), params, after, priority))
         finished, waiting = False, True
         last = time.monotonic()
         try:
@@ -281,25 +287,26 @@ class AsyncEngine:
             counters.generation_tokens += len(out.token_ids)
         return now
 
-    async def embed(self, request_id: str, prompts: list[list[int]]) -> list[list[float]]:
+    async def embed(self, request_id: str, prompts: list[list[int]],
+                    priority: int = ONLINE_PRIORITY) -> list[list[float]]:
         """Embeddings of token-id prompts: one list of ``embedding_size`` floats (a unit vector,
         ``lmforge.engine.pooling``) per prompt, in prompt order.
 
         Validated here, then computed on the loop thread a piece per loop iteration, between
-        engine steps. Cancelling the call (a client disconnect) drops the unfinished work at the
-        next iteration.
+        engine steps, best ``priority`` first (see the module docstring). Cancelling the call (a
+        client disconnect) drops the unfinished work at the next iteration.
 
         Raises:
             InvalidRequestError, ContextLengthExceededError: bad prompts (nothing is queued).
             EngineDeadError: the engine loop has stopped.
             InternalServerError: the computation failed (logged; generation goes on).
         """
-        task = self.engine.start_embedding(prompts)
+        task = self.engine.start_embedding(prompts, priority)
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
         result: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), result)
-        self._send(("embed", request_id, task))
+        self._send(("embed", request_id, (priority, task)))
         try:
             out = await result.get()
         except BaseException:
@@ -358,17 +365,21 @@ class AsyncEngine:
             if command[0] == "embed":
                 self._embeddings[command[1]] = command[2]
                 continue
-            _, request_id, prompt_token_ids, params, after = command
+            _, request_id, prompt_token_ids, params, after, priority = command
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, after)
+                self.engine.add_request(request_id, prompt_token_ids, params, after, priority)
             except LMForgeError as e:
                 self._deliver(request_id, e)
 
     def _embed_piece(self) -> None:
-        """One piece of the oldest embedding request; its vectors go out once it is done."""
+        """One piece of the oldest embedding request of the best priority (none while a
+        better-priority generation request waits or prefills); its vectors go out once done."""
         if not self._embeddings:
             return
-        request_id, task = next(iter(self._embeddings.items()))
+        request_id, (priority, task) = min(self._embeddings.items(), key=lambda kv: kv[1][0])
+        urgent = self.engine.scheduler.pending_prefill_priority()
+        if urgent is not None and urgent < priority:
+            return
         try:
             done = task.step()
             result = task.result().tolist() if done else None

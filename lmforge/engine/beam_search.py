@@ -28,7 +28,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from lmforge.engine.request import MAX_LOGPROBS, RequestOutput, SamplingParams, TokenLogprob
+from lmforge.engine.request import (
+    MAX_LOGPROBS,
+    ONLINE_PRIORITY,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from lmforge.errors import InvalidRequestError
 from lmforge.tokenizer import IncrementalDetokenizer
 
@@ -255,7 +261,8 @@ class BeamSearchOutput:
 
 
 async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: list[int],
-                      params: BeamSearchParams, n: int = 1) -> BeamSearchOutput:
+                      params: BeamSearchParams, n: int = 1, *,
+                      priority: int = ONLINE_PRIORITY) -> BeamSearchOutput:
     """Beam search for one prompt on a running ``AsyncEngine``; the ``n`` best beams.
 
     Each step sends one request per live beam (ids ``{request_id}-{step}-{beam}``), greedy with
@@ -271,6 +278,7 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
         prompt_token_ids: the prompt.
         params: width, length penalty, early stopping, stops, logprobs.
         n: how many beams to return, 1..width.
+        priority: the engine priority of every step's requests (``AsyncEngine.generate``).
 
     Raises:
         InvalidRequestError: ``n`` outside 1..width, or a bad prompt (as ``generate``).
@@ -294,13 +302,13 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
                         params.logprobs)
     step_params = params.step_params(num_top)
     first = await _one_token(engine, f"{request_id}-0-0", prompt,
-                             params.step_params(num_top, params.prompt_logprobs))
+                             params.step_params(num_top, params.prompt_logprobs), priority)
     search.step([first.logprobs[0].top])
     step = 1
     while not search.done:
         outs = await _gather([
             _one_token(engine, f"{request_id}-{step}-{b}", prompt + beam.token_ids, step_params,
-                       admitted=True)  # the first step was admitted for the whole search
+                       priority, admitted=True)  # the first step was admitted for the search
             for b, beam in enumerate(search.live)])
         search.step([out.logprobs[0].top for out in outs])
         step += 1
@@ -346,10 +354,11 @@ def _sequence(engine: AsyncEngine, prompt: list[int], params: BeamSearchParams,
 
 
 async def _one_token(engine: AsyncEngine, request_id: str, prompt: list[int],
-                     params: SamplingParams, admitted: bool = False) -> RequestOutput:
+                     params: SamplingParams, priority: int, admitted: bool = False
+                     ) -> RequestOutput:
     """The single output of a ``max_tokens=1`` request."""
     outs = [out async for out in engine.generate(request_id, prompt, params,
-                                                 admitted=admitted)]
+                                                 admitted=admitted, priority=priority)]
     return outs[-1]
 
 

@@ -18,6 +18,7 @@ from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
 from lmforge.engine.pooling import EmbeddingTask, validate_embedding_inputs
 from lmforge.engine.request import (
+    ONLINE_PRIORITY,
     Request,
     RequestOutput,
     RequestStatus,
@@ -77,10 +78,13 @@ class LLMEngine:
         self.held_ids: set[str] = set()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, after: str | None = None) -> None:
+                    params: SamplingParams, after: str | None = None,
+                    priority: int = ONLINE_PRIORITY) -> None:
         """Queue a request. Validation errors are raised here, before anything is queued.
 
         Args:
+            priority: smaller is scheduled first; online requests run at ``ONLINE_PRIORITY``
+                (0), batch jobs at ``BATCH_PRIORITY`` (1) behind them (``engine/scheduler.py``).
             after: the id of a running request with the same prompt (the first choice of an
                 ``n`` > 1 request): this one is held back until that one has computed its prompt,
                 then reads the prompt's full KV blocks from the prefix cache instead of computing
@@ -95,7 +99,8 @@ class LLMEngine:
         self.validate_prompt(prompt_token_ids, params)
         if request_id in self.scheduler.requests or request_id in self.held_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
-        request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids)
+        request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids,
+                          priority=priority)
         if params.structured is not None:
             request.grammar = self.structured.matcher(params.structured)
         if request.max_tokens is None:
@@ -137,11 +142,13 @@ class LLMEngine:
                 f"you requested {wanted} tokens ({n} in the prompt, {params.max_tokens or 0} for "
                 "the completion). Please reduce the prompt or max_tokens.")
 
-    def start_embedding(self, prompts: list[list[int]]) -> EmbeddingTask:
+    def start_embedding(self, prompts: list[list[int]],
+                        priority: int = ONLINE_PRIORITY) -> EmbeddingTask:
         """Validate the token-id prompts of one embeddings request and return its task.
 
         Runs nothing: the thread that runs the model drives ``task.step()``, each call computing
-        at most ``max_num_batched_tokens`` tokens (``lmforge.engine.pooling``), then reads
+        at most ``max_num_batched_tokens`` tokens (``lmforge.engine.pooling``), or, for a
+        ``priority`` > 0, at most ``max_background_prefill_tokens`` (when set), then reads
         ``task.result()``, (len(prompts), hidden_size) float32 unit vectors.
 
         Raises:
@@ -150,8 +157,11 @@ class LLMEngine:
             ContextLengthExceededError: a prompt longer than max_model_len.
         """
         validate_embedding_inputs(prompts, self.vocab_size, self.max_model_len)
-        return EmbeddingTask(self.model_runner.model, prompts, self.config.cache.block_size,
-                             self.config.scheduler.max_num_batched_tokens)
+        limits = self.config.scheduler
+        piece = limits.max_num_batched_tokens
+        if priority > ONLINE_PRIORITY and limits.max_background_prefill_tokens:
+            piece = min(piece, limits.max_background_prefill_tokens)
+        return EmbeddingTask(self.model_runner.model, prompts, self.config.cache.block_size, piece)
 
     def abort_request(self, request_id: str) -> None:
         """Finish a request as aborted and free its KV blocks now. Unknown ids are ignored."""

@@ -18,6 +18,10 @@ from lmforge.errors import InvalidRequestError
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 100.0  # |bias| limit, as OpenAI's logit_bias
+# Scheduling priorities: smaller runs first (vLLM's convention). Online (HTTP) requests run at
+# ONLINE_PRIORITY; batch jobs (/v1/batches) at BATCH_PRIORITY, behind them (engine/scheduler.py).
+ONLINE_PRIORITY = 0
+BATCH_PRIORITY = 1
 
 
 class RequestStatus(enum.IntEnum):
@@ -198,10 +202,13 @@ class Request:
 
     ``num_computed_tokens`` counts tokens whose K/V are in the cache; the scheduler advances it.
     ``all_token_ids`` is prompt + output; after preemption everything is recomputed as prefill.
+    ``priority``: smaller is scheduled first (``ONLINE_PRIORITY`` 0, ``BATCH_PRIORITY`` 1);
+    it changes when tokens are computed, never which tokens.
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None):
+                 eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None,
+                 priority: int = ONLINE_PRIORITY):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -214,6 +221,7 @@ class Request:
         self.stop_token_ids = frozenset(params.stop_token_ids) | (
             frozenset() if params.ignore_eos else eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority
         self.block_hashes: list[int] = []  # prefix hashes of full blocks, grown lazily
         self.generator = None  # torch.Generator for a seeded request, created by the sampler
         self.grammar = None  # engine.structured.GrammarMatcher if params.structured is set

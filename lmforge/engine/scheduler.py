@@ -3,15 +3,32 @@
 Every request carries ``num_computed_tokens``; a step gives each scheduled request
 ``num_tokens - num_computed_tokens`` new tokens (a decode is 1, a prefill the prompt), capped by a
 per-step token budget, so long prompts are prefilled in chunks (chunked prefill) while decodes keep
-flowing. Running requests are served first, in arrival order; when the KV cache runs out, the
-most recently arrived running request is preempted: its blocks are freed and it is recomputed
-later (vLLM v1's recompute preemption). A request is sampled only in the step that computes its
-last known token.
+flowing. A request is sampled only in the step that computes its last known token.
+
+Requests carry a ``priority`` (0 = online, the default; larger = later, vLLM's convention; batch
+jobs run at ``BATCH_PRIORITY``). The waiting and running lists are kept in (priority, arrival)
+order. The best priority that has prefill pending (a request waiting, or running with prompt
+tokens left) is the step's *urgent* class; with one priority, the rules below reduce to plain
+first-come-first-served:
+
+- A step serves the urgent class and better ones first: their running requests, then the waiting
+  ones. Worse classes come last, decodes only (1 token each), and only in a step that computes no
+  prefill for the better ones, so an online request's prefill step is as short as when idle.
+- Prefill of priority > 0 is capped per step by ``max_background_prefill_tokens`` (priority 0
+  never is), so that a step already in flight when an online request arrives stays short.
+- When the KV cache runs out, the worst running request (lowest priority, latest arrival) is
+  preempted: its blocks are freed and it is recomputed later (vLLM v1's recompute preemption);
+  it goes back to the waiting list at its (priority, arrival) place, the front of its class.
+  After a preemption nothing of the victim's priority or worse is admitted in that step.
+- A waiting request that finds no free sequence slot or KV blocks may preempt the worst running
+  request if that one has a worse priority and is not scheduled in this step (vLLM v0's priority
+  preemption); otherwise it waits. This also keeps held-back work from stalling the engine.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from bisect import insort
 from dataclasses import dataclass, field
 
 from lmforge.config import SchedulerConfig
@@ -36,11 +53,36 @@ class SchedulerOutput:
         return [r for r, s in zip(self.requests, self.will_sample) if s]
 
 
+@dataclass
+class _StepBudget:
+    """What one step may still hand out, and to whom."""
+
+    tokens: int  # the step's token budget left (max_num_batched_tokens)
+    background: int | None  # prefill tokens left for priority > 0 requests; None = uncapped
+    urgent: int | None  # best priority with prefill pending when the step began; None = none
+
+    def grant(self, request: Request, remaining: int) -> int:
+        """Tokens ``request`` may compute now out of the ``remaining`` it needs (0 = none)."""
+        if remaining <= 1:  # a decode (or a prompt's last token); schedule() decides whether
+            return min(remaining, self.tokens)  # a worse class runs at all in this step
+        if self.urgent is not None and request.priority > self.urgent:
+            return 0  # a better-priority prefill goes first
+        if request.priority > 0 and self.background is not None:
+            return min(remaining, self.tokens, self.background)
+        return min(remaining, self.tokens)
+
+    def spend(self, request: Request, num_new: int, remaining: int) -> None:
+        self.tokens -= num_new
+        if remaining > 1 and request.priority > 0 and self.background is not None:
+            self.background -= num_new
+
+
 class Scheduler:
-    """Decides each step's batch under the token budget and the KV block supply.
+    """Decides each step's batch under the token budget, the KV block supply and priorities.
 
     Args:
-        config: max_num_seqs, max_num_batched_tokens, enable_chunked_prefill.
+        config: max_num_seqs, max_num_batched_tokens, enable_chunked_prefill,
+            max_background_prefill_tokens.
         block_manager: the KV block supply.
         max_model_len: a request is finished with "length" when it reaches this many tokens.
     """
@@ -49,63 +91,114 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: list[Request] = []  # in (priority, arrival) order
+        self.running: list[Request] = []  # in (priority, arrival) order
         self.requests: dict[str, Request] = {}
+        # arrival order as a counter, not a clock: ties are impossible and a request held back by
+        # ``LLMEngine.add_request(after=)`` counts from when it reaches the scheduler
+        self._arrival: dict[str, int] = {}
+        self._arrivals = itertools.count()
 
     def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
+        self._arrival[request.request_id] = next(self._arrivals)
         self.requests[request.request_id] = request
+        insort(self.waiting, request, key=self._order)
+
+    def _order(self, request: Request) -> tuple[int, int]:
+        return request.priority, self._arrival[request.request_id]
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def pending_prefill_priority(self) -> int | None:
+        """The best priority among requests that wait or still have prompt tokens to compute
+        (None when there are none): worse-priority work yields to it."""
+        pending = [r.priority for r in self.running if r.num_tokens - r.num_computed_tokens > 1]
+        if self.waiting:
+            pending.append(self.waiting[0].priority)
+        return min(pending, default=None)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:  # under memory pressure, admit nothing new
-            self._schedule_waiting(out, budget)
+        cap = self.config.max_background_prefill_tokens
+        budget = _StepBudget(self.config.max_num_batched_tokens,
+                             cap if cap and self.config.enable_chunked_prefill else None,
+                             self.pending_prefill_priority())
+        urgent = budget.urgent
+        # the classes whose prefill is pending (and better ones) first: their running requests,
+        # then the waiting ones; worse classes get what is left, unless a prefill ran
+        self._schedule_running(out, budget, [r for r in self.running
+                                             if urgent is None or r.priority <= urgent])
+        self._schedule_waiting(out, budget)
+        if urgent is not None and not any(n > 1 for n in out.num_new_tokens):
+            self._schedule_running(out, budget, [r for r in self.running if r.priority > urgent])
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        for request in list(self.running):
-            if budget == 0:
+    def _schedule_running(self, out: SchedulerOutput, budget: _StepBudget,
+                          requests: list[Request]) -> None:
+        for request in requests:
+            if budget.tokens == 0:
                 break
             if request not in self.running:  # preempted earlier in this loop
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, out):
+            remaining = request.num_tokens - request.num_computed_tokens
+            num_new = budget.grant(request, remaining)
+            if num_new == 0 or not self._allocate_or_preempt(request, num_new, out):
                 continue
             self._add(out, request, num_new)
-            budget -= num_new
-        return budget
+            budget.spend(request, num_new, remaining)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         while not self.block_manager.allocate_slots(request, num_new):
-            victim = self.running[-1]
+            victim = self.running[-1]  # the worst; not scheduled yet, as running is in order
             self._preempt(victim, out)
             if victim is request:
                 return False
         return True
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: _StepBudget) -> None:
+        while self.waiting and budget.tokens > 0:
             request = self.waiting[0]
-            hits, num_hit = self.block_manager.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit
-            if num_new > budget and not self.config.enable_chunked_prefill:
+            if budget.urgent is not None and request.priority > budget.urgent:
+                break  # its prefill waits for the better class's (no prefix-cache lookup)
+            # under memory pressure, admit nothing as bad as what was just preempted
+            if any(r.priority <= request.priority for r in out.preempted):
                 break
-            num_new = min(num_new, budget)
-            if not self.block_manager.allocate_slots(request, num_new, hits):
-                break  # wait for running requests to free blocks
-            self.waiting.popleft()
+            full = len(self.running) >= self.config.max_num_seqs
+            if full and self._victim_for(request, out) is None:
+                break
+            hits, num_hit = self.block_manager.get_computed_blocks(request)
+            remaining = request.num_tokens - num_hit
+            if remaining > budget.tokens and not self.config.enable_chunked_prefill:
+                break
+            num_new = budget.grant(request, remaining)
+            if num_new == 0:
+                break
+            if full:
+                self._preempt(self._victim_for(request, out), out)
+            while not self.block_manager.allocate_slots(request, num_new, hits):
+                victim = self._victim_for(request, out)
+                if victim is None:
+                    return  # wait for running requests to free blocks
+                self._preempt(victim, out)
+            self.waiting.remove(request)  # the victims went in behind it
             request.num_computed_tokens = num_hit
             if request.num_output_tokens == 0:  # report hits of the original prompt only
                 request.num_cached_tokens = num_hit
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            insort(self.running, request, key=self._order)
             self._add(out, request, num_new)
-            budget -= num_new
+            budget.spend(request, num_new, remaining)
+
+    def _victim_for(self, request: Request, out: SchedulerOutput) -> Request | None:
+        """The running request to preempt to make room for ``request``: the worst one, if it
+        has a worse priority and is not scheduled in this step; else None."""
+        victim = self.running[-1] if self.running else None
+        # schedule() admits before it serves worse classes, so a worse victim is never scheduled
+        # yet; the check keeps that true if the order changes
+        if victim is None or victim.priority <= request.priority or victim in out.requests:
+            return None
+        return victim
 
     def _add(self, out: SchedulerOutput, request: Request, num_new: int) -> None:
         out.requests.append(request)
@@ -117,7 +210,7 @@ class Scheduler:
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        self.waiting.appendleft(request)
+        insort(self.waiting, request, key=self._order)  # the front of its priority class
         out.preempted.append(request)
 
     def update(self, out: SchedulerOutput, sampled_token_ids: list[int]) -> list[Request]:
@@ -165,6 +258,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.block_manager.free(request)
         self.requests.pop(request.request_id, None)
+        self._arrival.pop(request.request_id, None)
 
     def abort_request(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)

@@ -39,7 +39,9 @@ from lmforge.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from lmforge.server import embeddings, inference, metrics, models, tokenize
+from lmforge.jobs.store import Store
+from lmforge.jobs.worker import INTERNAL_SCOPE_KEY, BatchWorker
+from lmforge.server import batches, embeddings, files, inference, metrics, models, tokenize
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -50,10 +52,12 @@ _JSON_HINT = ("We could not parse the JSON body of your request. (HINT: This lik
               "aren't using your HTTP library correctly. The API expects a JSON payload, but what "
               "was sent was not valid JSON.)")
 _LOADING_RETRY_AFTER_S = 5
+# routes that answer while the model loads: they need the store, not the engine
+_WITHOUT_ENGINE = ("/metrics", "/v1/files", "/v1/batches")
 
 
 def build_app(engine: AsyncEngine, server_config: ServerConfig,
-              chat_template: str | None = None) -> FastAPI:
+              chat_template: str | None = None, store: Store | None = None) -> FastAPI:
     """The OpenAI-compatible app serving ``engine`` (already loaded).
 
     Args:
@@ -61,17 +65,20 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig,
         server_config: ``api_keys`` (empty = no authentication) guard every route but
             ``GET /health``; ``watchdog_timeout`` is /health's limit on a silent engine loop.
         chat_template: Jinja text overriding the tokenizer's chat template (``--chat-template``).
+        store: the jobs store (files, batches); None = one at ``server_config.database_url``.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        _start_batch_worker(app, engine)
         try:
             yield
         finally:
+            await app.state.batch_worker.stop()
             engine.shutdown()
 
-    app = _new_app(server_config, chat_template, lifespan)
+    app = _new_app(server_config, chat_template, lifespan, store)
     app.state.engine = engine
     return app
 
@@ -94,6 +101,8 @@ def build_loading_app(loading: Future[AsyncEngine], server_config: ServerConfig,
         finally:
             adopt.cancel()
             await asyncio.gather(adopt, return_exceptions=True)
+            if app.state.batch_worker is not None:
+                await app.state.batch_worker.stop()
             if app.state.engine is not None:
                 app.state.engine.shutdown()
             else:  # still loading: stop the engine thread once the load returns
@@ -114,8 +123,18 @@ async def _adopt(app: FastAPI, loading: Future[AsyncEngine],
         return
     engine.start()
     app.state.engine = engine
+    _start_batch_worker(app, engine)
     if on_ready is not None:
         on_ready(engine)
+
+
+def _start_batch_worker(app: FastAPI, engine: AsyncEngine) -> None:
+    """Run batches (``jobs/worker.py``) on the served model, resuming any a restart
+    interrupted; the routes of /v1/batches wake it."""
+    config: ServerConfig = app.state.server_config
+    app.state.batch_worker = BatchWorker(app.state.store, app, lambda: {engine.model_name},
+                                         concurrency=config.batch_concurrency)
+    app.state.batch_worker.start()
 
 
 def _shutdown_loaded(loading: Future[AsyncEngine]) -> None:
@@ -123,16 +142,19 @@ def _shutdown_loaded(loading: Future[AsyncEngine]) -> None:
         loading.result().shutdown()
 
 
-def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: Any) -> FastAPI:
+def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: Any,
+             store: Store | None = None) -> FastAPI:
     # strict_content_type=False: parse a body sent without Content-Type as JSON (curl -d ...).
     app = FastAPI(title="lmforge", lifespan=lifespan, strict_content_type=False)
     app.state.server_config = server_config
+    app.state.store = store if store is not None else Store(server_config.database_url)
+    app.state.batch_worker = None  # started with the engine
     app.state.chat_template = chat_template
     app.state.load_error = None
     app.state.metrics = metrics.ServerMetrics(lambda: app.state.engine)
     install_error_handlers(app)
     routers = (inference.router, models.router, embeddings.router, tokenize.router,
-               metrics.router)
+               metrics.router, batches.router, files.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(AccessMiddleware, server_config=server_config)
@@ -191,7 +213,7 @@ class AccessMiddleware:
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> LMForgeError | None:
-        if self.keys:
+        if self.keys and not scope.get(INTERNAL_SCOPE_KEY):  # the batch worker, in-process
             headers = Headers(scope=scope)
             scheme, _, bearer = headers.get("authorization", "").partition(" ")
             offered = [bearer.strip()] if scheme.lower() == "bearer" else []
@@ -203,7 +225,7 @@ class AccessMiddleware:
             if not any(api_key_matches(key, self.keys) for key in offered):
                 return AuthenticationError("Incorrect API key provided.")
         state = scope["app"].state
-        if state.engine is None and scope["path"] != "/metrics":
+        if state.engine is None and not scope["path"].startswith(_WITHOUT_ENGINE):
             if state.load_error is not None:
                 return ServiceUnavailableError("Loading the model failed; see the server log.",
                                                code="model_load_failed")
@@ -275,7 +297,8 @@ def validation_error(errors: list[dict[str, Any]]) -> LMForgeError:
     e = unknown[0] if unknown else max(body_errors, key=lambda e: len(e["loc"]))
     if isinstance(cause := (e.get("ctx") or {}).get("error"), LMForgeError):
         return cause
-    param = _param_name(e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"])
+    where = e["loc"][:1]  # a query or path parameter is named as plainly as a body field
+    param = _param_name(e["loc"][1:] if where in (("body",), ("query",), ("path",)) else e["loc"])
     if e["type"] == "extra_forbidden":
         return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
     if e["type"] == "missing":

@@ -56,7 +56,7 @@ from lmforge.protocol import (
     CompletionRequest,
     Usage,
 )
-from lmforge.server.generation import wait_disconnect
+from lmforge.server.generation import request_priority, wait_disconnect
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, finite
 
 if TYPE_CHECKING:
@@ -233,7 +233,9 @@ async def _search(request: Request, engine: AsyncEngine, response_id: str,
     """One beam search per prompt, concurrently; the outputs in prompt order, or an empty 499
     response when the client went away first (the searches are then cancelled, which aborts
     their engine requests). The first error of any search is raised after all are cancelled."""
-    tasks = [asyncio.ensure_future(beam_search(engine, f"{response_id}-{i}", prompt, params, n))
+    priority = request_priority(request)
+    tasks = [asyncio.ensure_future(beam_search(engine, f"{response_id}-{i}", prompt, params, n,
+                                               priority=priority))
              for i, prompt in enumerate(prompts)]
     watcher = asyncio.ensure_future(wait_disconnect(request))
     try:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request, Response
 
 from lmforge.errors import ModelNotFoundError
 from lmforge.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from lmforge.server.generation import until_disconnected
+from lmforge.server.generation import request_priority, until_disconnected
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -39,8 +39,8 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
     body.check(engine.embedding_size)
     prompts = [engine.tokenizer.encode(i, add_special_tokens=True) if isinstance(i, str) else i
                for i in body.inputs()]
-    vectors = await until_disconnected(request, engine.embed(f"embd-{uuid.uuid4().hex}",
-                                                               prompts))
+    vectors = await until_disconnected(request, engine.embed(
+        f"embd-{uuid.uuid4().hex}", prompts, priority=request_priority(request)))
     if vectors is None:
         return Response(status_code=499)  # nobody is listening
     encode = to_base64 if body.encoding_format == "base64" else list

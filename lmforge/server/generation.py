@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, TypeVar
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from lmforge.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from lmforge.engine.request import ONLINE_PRIORITY, RequestOutput, SamplingParams, TokenLogprob
 from lmforge.errors import InternalServerError, LMForgeError
+from lmforge.jobs.worker import PRIORITY_SCOPE_KEY
 from lmforge.protocol import Usage
 from lmforge.server.sse import DONE, SSEResponse, sse_event
 
@@ -29,6 +30,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+def request_priority(request: Request) -> int:
+    """The engine priority of this HTTP request: its scope's ``PRIORITY_SCOPE_KEY``, else 0.
+
+    Only in-process callers can set that scope key (the batch worker calls the app through
+    ``jobs.worker.in_process_client``); an HTTP client cannot, headers do not reach the scope.
+    """
+    return request.scope.get(PRIORITY_SCOPE_KEY, ONLINE_PRIORITY)
+
 
 # (choice index, an engine delta or None for the finish chunk, finish_reason or None) -> one
 # streamed chunk, or None when the delta has nothing to send
@@ -124,6 +134,9 @@ class Generation:
     shown without the token sampled in that step: no text, no tokens, ``finish_reason``
     "length", 0 completion tokens (as the OpenAI API and vLLM answer it).
 
+    ``priority`` goes to every engine request (``request_priority`` reads it from the route's
+    ASGI scope).
+
     ``start()`` waits for every choice's first output, so validation errors (raised by the
     engine before its first yield) surface before any response is sent; ``outputs()`` then
     yields ``(choice index, RequestOutput delta)`` in arrival order; ``aclose()`` cancels what is
@@ -131,7 +144,8 @@ class Generation:
     """
 
     def __init__(self, engine: AsyncEngine, response_id: str, prompts: list[list[int]],
-                 params: SamplingParams, n: int = 1, prompt_only: bool = False):
+                 params: SamplingParams, n: int = 1, prompt_only: bool = False,
+                 priority: int = ONLINE_PRIORITY):
         self.id = response_id
         self.n = n
         self.prompt_only = prompt_only
@@ -145,7 +159,8 @@ class Generation:
                 rid = response_id if self.num_choices == 1 else f"{response_id}-{i * n + j}"
                 choice_params = params if j == 0 or params.seed is None else replace(
                     params, seed=params.seed + j)
-                self._iters.append(engine.generate(rid, prompt, choice_params, after=first))
+                self._iters.append(engine.generate(rid, prompt, choice_params, after=first,
+                                                   priority=priority))
                 first = first or rid
         self._pending: dict[asyncio.Future, int] = {}  # next-output task -> choice index
         self._last: list[RequestOutput | None] = [None] * self.num_choices

@@ -38,7 +38,7 @@ from lmforge.protocol import (
 )
 from lmforge.protocol.logprobs import CompletionLogprobs
 from lmforge.server import beam
-from lmforge.server.generation import Generation, collect, stream
+from lmforge.server.generation import Generation, collect, request_priority, stream
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from lmforge.server.tools import ToolCallStream, ToolPlan
 
@@ -68,7 +68,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                              template_text)
     prompt = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, chat_template=template, **template_kwargs)
-    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices)
+    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices,
+                     priority=request_priority(request))
     created = int(time.time())
     texts = TokenTexts(engine.tokenizer)
     streams = [ToolCallStream(tools) for _ in range(gen.num_choices)]
@@ -132,7 +133,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     n = body.num_choices
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
                      beam.candidate_params(params, body), body.num_candidates,  # best_of
-                     prompt_only=body.prompt_only)
+                     prompt_only=body.prompt_only, priority=request_priority(request))
     created = int(time.time())
     texts = TokenTexts(tokenizer)
     offsets = [0] * gen.num_choices  # characters of each choice's text sent so far

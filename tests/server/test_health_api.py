@@ -67,6 +67,9 @@ def test_loading_answers_503_until_ready(other_tiny_dir):
             assert resp.headers["retry-after"] == "5"
         assert httpx.get(f"{url}/v1/models").status_code == 401  # the key still comes first
         assert httpx.get(f"{url}/metrics", headers=auth).status_code == 200
+        # files and batches need the store, not the model: they answer while it loads
+        assert httpx.get(f"{url}/v1/files", headers=auth).status_code == 200
+        assert httpx.get(f"{url}/v1/batches", headers=auth).status_code == 200
 
         loading.set_result(AsyncEngine.from_config(EngineConfig(
             model=ModelConfig(model=str(other_tiny_dir)), cache=CacheConfig(num_blocks=32))))

@@ -1,0 +1,225 @@
+"""The batch worker: drives every unfinished batch through its statuses, durably.
+
+::
+
+    validating -> in_progress -> finalizing -> completed
+        |              |  \\--> expired     (window passed: unrun lines reported batch_expired)
+        v              v
+      failed       cancelling -> cancelled  (unrun lines reported batch_cancelled)
+
+One batch runs at a time, oldest first, with up to ``concurrency`` of its lines in flight. Each
+line is an HTTP request to the serving app itself, in-process (``in_process_client``), marked in
+the ASGI scope with the batch priority, so the engine serves online requests first. A finished
+line is committed at once (``Store.add_result``); after a crash or a restart the worker finds the
+batch still ``in_progress`` and runs exactly the lines without a result, so every ``custom_id``
+ends up once in the output or error file. Output files get ids derived from the batch id, so
+finalizing twice (a crash between writing them and the status change) replaces, never doubles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from lmforge.engine.request import BATCH_PRIORITY
+from lmforge.jobs.batches import BatchLine, LineResult, jsonl, parse_input, run_line, unrun_result
+from lmforge.jobs.store import BatchRecord, Store
+
+logger = logging.getLogger(__name__)
+
+# ASGI scope keys only in-process code can set (an HTTP client cannot): the engine priority of
+# the request, and that it comes from inside the server (no API key needed).
+PRIORITY_SCOPE_KEY = "lmforge.priority"
+INTERNAL_SCOPE_KEY = "lmforge.internal"
+OUTPUT_PURPOSE = "batch_output"
+
+
+def in_process_client(app: Any, priority: int = 0) -> httpx.AsyncClient:
+    """An httpx client whose requests go straight to the ASGI ``app`` (no socket), marked
+    internal and with ``priority``. App exceptions become 500 responses, never raise here."""
+    async def scoped(scope: dict, receive: Any, send: Any) -> None:
+        await app({**scope, PRIORITY_SCOPE_KEY: priority, INTERNAL_SCOPE_KEY: True},
+                  receive, send)
+
+    transport = httpx.ASGITransport(app=scoped, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://lmforge.internal",
+                             timeout=None)
+
+
+class BatchWorker:
+    """Runs batches in the server's event loop (started and stopped by the app's lifespan).
+
+    Args:
+        store: the jobs store.
+        app: the serving ASGI app (lines are posted to it in-process).
+        model_names: the models the server serves now (batch lines must name one).
+        concurrency: lines in flight at once.
+        poll_s: how often a running batch checks for cancel and expiry, and an idle worker for
+            new batches (``wake()`` cuts the idle wait short).
+    """
+
+    def __init__(self, store: Store, app: Any, model_names: Callable[[], set[str]],
+                 concurrency: int = 8, poll_s: float = 0.5):
+        self.store, self.app, self.model_names = store, app, model_names
+        self.concurrency, self.poll_s = concurrency, poll_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def wake(self) -> None:
+        """A batch was created or cancelled: look now."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop at once; lines in flight are aborted and run again after a restart."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                for batch in await asyncio.to_thread(self.store.unfinished_batches):
+                    await self._drive(batch.id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store hiccup must not end the worker; try again later
+                logger.exception("batch worker error; retrying in %g s", self.poll_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _drive(self, batch_id: str) -> None:
+        """Advance one batch as far as it goes now (to a final status, normally)."""
+        batch = await self._get(batch_id)
+        lines = await self._lines(batch)
+        if batch.status == "validating" and lines is not None:
+            batch = await self._get(batch_id)
+        if batch.status == "cancelling":
+            await self._close(batch, lines or [], "batch_cancelled", "cancelled")
+        elif batch.status == "in_progress":
+            if lines is None:
+                return  # the input file vanished; _lines marked the batch failed
+            await self._run_lines(batch, lines)
+        elif batch.status == "finalizing":
+            await self._write_outputs(batch)
+            await self._transition(batch, "completed")
+
+    async def _lines(self, batch: BatchRecord) -> list[BatchLine] | None:
+        """The batch's valid lines (validating it first if it is ``validating``), or None when
+        it cannot run (validation failed, or its input file is gone)."""
+        if batch.status not in ("validating", "in_progress", "cancelling"):
+            return []
+        path = self.store.path(batch.input_file_id)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            await self._transition(batch, "failed", errors=[{
+                "code": "input_file_missing", "line": None, "param": "input_file_id",
+                "message": f"the input file {batch.input_file_id} was deleted"}])
+            return None
+        lines, errors = await asyncio.to_thread(parse_input, data, batch.endpoint,
+                                                self.model_names())
+        if batch.status != "validating":
+            return lines
+        if errors:
+            await self._transition(batch, "failed", errors=errors)
+            return None
+        await asyncio.to_thread(self.store.set_batch, batch.id, total=len(lines),
+                                model=lines[0].body.get("model"))
+        await self._transition(batch, "in_progress")
+        return lines
+
+    async def _run_lines(self, batch: BatchRecord, lines: list[BatchLine]) -> None:
+        done = await asyncio.to_thread(self.store.done_lines, batch.id)
+        pending = iter([line for line in lines if line.index not in done])
+        in_flight: dict[asyncio.Future, BatchLine] = {}
+        stop = await self._stop_reason(batch)
+        async with in_process_client(self.app, BATCH_PRIORITY) as client:
+            try:
+                while stop is None:
+                    for line in itertools.islice(pending, self.concurrency - len(in_flight)):
+                        in_flight[asyncio.ensure_future(
+                            run_line(client, line))] = line
+                    if not in_flight:
+                        break
+                    finished, _ = await asyncio.wait(in_flight, timeout=self.poll_s,
+                                                     return_when=asyncio.FIRST_COMPLETED)
+                    for task in finished:
+                        await self._record(batch, in_flight.pop(task), task.result())
+                    stop = await self._stop_reason(batch)
+            finally:  # cancelled, expired, or the worker stops: abort what is still running
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+        if stop == "cancelling":
+            await self._close(await self._get(batch.id), lines, "batch_cancelled", "cancelled")
+        elif stop == "expired":
+            await self._close(batch, lines, "batch_expired", "expired")
+        elif await self._transition(batch, "finalizing"):
+            await self._write_outputs(batch)
+            await self._transition(batch, "completed")
+
+    async def _stop_reason(self, batch: BatchRecord) -> str | None:
+        """"cancelling" if the batch was cancelled, "expired" if its window passed, else None."""
+        current = await self._get(batch.id)
+        if current.status == "cancelling":
+            return "cancelling"
+        if current.expires_at is not None and time.time() >= current.expires_at:
+            return "expired"
+        return None
+
+    async def _close(self, batch: BatchRecord, lines: list[BatchLine], code: str,
+                     status: str) -> None:
+        """End a batch early: each line without a result gets the ``code`` error record, the
+        files are written, and the batch moves to ``status`` (cancelled or expired)."""
+        if batch.total == 0:  # cancelled while validating
+            await asyncio.to_thread(self.store.set_batch, batch.id, total=len(lines))
+        done = await asyncio.to_thread(self.store.done_lines, batch.id)
+        for line in lines:
+            if line.index not in done:
+                await self._record(batch, line, unrun_result(line, code))
+        await self._write_outputs(batch)
+        await self._transition(batch, status)
+
+    async def _record(self, batch: BatchRecord, line: BatchLine, result: LineResult) -> None:
+        await asyncio.to_thread(self.store.add_result, batch.id, line.index, line.custom_id,
+                                result.ok, result.record, result.usage)
+
+    async def _write_outputs(self, batch: BatchRecord) -> None:
+        """The output file (successes) and error file (failures), in input order; their ids are
+        set on the batch. Files with no lines are not created (their id stays null)."""
+        results = await asyncio.to_thread(lambda: list(self.store.results(batch.id)))
+        expires_at = (int(time.time()) + batch.output_expires_s
+                      if batch.output_expires_s is not None else None)
+        ids: dict[str, str | None] = {}
+        for kind, ok in (("output", True), ("error", False)):
+            records = [record for _, good, record in results if good == ok]
+            file_id = f"file-{batch.id.removeprefix('batch_')}-{kind}"
+            if records:
+                await asyncio.to_thread(self.store.add_file, jsonl(records),
+                                        f"{batch.id}_{kind}.jsonl", OUTPUT_PURPOSE, expires_at,
+                                        file_id)
+            ids[f"{kind}_file_id"] = file_id if records else None
+        await asyncio.to_thread(self.store.set_batch, batch.id, **ids)
+
+    async def _transition(self, batch: BatchRecord, status: str, **values: Any) -> bool:
+        moved = await asyncio.to_thread(self.store.transition, batch.id, status, **values)
+        if moved:
+            logger.info("batch %s: %s", batch.id, status)
+        return moved
+
+    async def _get(self, batch_id: str) -> BatchRecord:
+        batch = await asyncio.to_thread(self.store.get_batch, batch_id)
+        assert batch is not None, batch_id  # batches are never deleted
+        return batch

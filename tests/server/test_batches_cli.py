@@ -1,0 +1,70 @@
+"""``lmforge batches ...`` against a batch server, and ``lmforge batch run`` (the offline runner,
+no server) on the tiny model: JSON out, the same records as the server writes, errors as one
+line with a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from batching import batch_server, line
+from click.testing import CliRunner
+
+from lmforge.cli import main
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    with batch_server(tiny_llama_dir, tmp_path_factory.mktemp("cli_home")) as client:
+        yield client
+
+
+def run(*args, env=None):
+    result = CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+    return result
+
+
+def test_batches_create_wait_get_list_cancel(server, tmp_path):
+    env = {"LMFORGE_BASE_URL": str(server.base_url)}
+    body = {"model": server.model_name, "prompt": "Hi", "max_tokens": 3, "temperature": 0}
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(line(f"x{i}", body, "/v1/completions") for i in range(3)))
+    created = run("batches", "create", "--input", path, "--endpoint", "/v1/completions",
+                  "--metadata", "team=nlp", env=env)
+    assert created.exit_code == 0, created.output
+    batch = json.loads(created.stdout)
+    assert batch["status"] == "validating" and batch["metadata"] == {"team": "nlp"}
+    waited = run("batches", "wait", batch["id"], "--poll", "0.1", "--timeout", "60", env=env)
+    assert waited.exit_code == 0, waited.output
+    done = json.loads(waited.stdout)
+    assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
+    assert json.loads(run("batches", "get", batch["id"], env=env).stdout) == done
+    listed = json.loads(run("batches", "list", "--limit", "5", env=env).stdout)
+    assert batch["id"] in [b["id"] for b in listed["data"]]
+    refused = run("batches", "cancel", batch["id"], env=env)
+    assert refused.exit_code == 1 and "completed" in refused.output and "HTTP 409" in refused.output
+    both = run("batches", "create", "--input", path, "--input-file-id", "file-x", env=env)
+    assert both.exit_code == 2 and "exactly one" in both.output
+
+
+def test_offline_batch_run_writes_every_line_in_order(tiny_llama_dir, tmp_path):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+            "temperature": 0}
+    lines = [line("a", chat), line("b", {"model": "tiny", "input": "hey"}, "/v1/embeddings"),
+             line("c", chat | {"max_tokens": 100000})]
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    result = run("batch", "run", source, "-o", output, "--model", tiny_llama_dir,
+                 "--served-model-name", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "3 requests: 2 succeeded, 1 failed" in result.output
+    records = [json.loads(x) for x in output.read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == ["a", "b", "c"]
+    assert [r["response"]["status_code"] for r in records] == [200, 200, 400]
+    assert records[0]["response"]["body"]["object"] == "chat.completion"
+    assert records[1]["response"]["body"]["data"][0]["object"] == "embedding"
+
+    source.write_text(line("a", chat | {"model": "other"}) + "\n")
+    bad = run("batch", "run", source, "-o", output, "--model", tiny_llama_dir,
+              "--served-model-name", "tiny")
+    assert bad.exit_code == 2 and "line 1" in bad.output and "other" in bad.output
