@@ -78,13 +78,62 @@ BATCH_RESULTS = sa.Table(
 )
 
 
+FINE_TUNING_JOBS = sa.Table(
+    "fine_tuning_jobs", _M,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(255), nullable=False),
+    sa.Column("training_file", sa.String(64), nullable=False),
+    sa.Column("validation_file", sa.String(64)),
+    sa.Column("suffix", sa.String(64)),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("hyperparameters", sa.Text, nullable=False),  # JSON: the request's, flat
+    sa.Column("method", sa.Text),  # JSON: the request's method object
+    sa.Column("metadata", sa.Text),  # JSON object or NULL
+    sa.Column("error", sa.Text),  # JSON {code, message, param} or NULL
+    sa.Column("fine_tuned_model", sa.String(255)),
+    sa.Column("adapter_path", sa.Text),  # the best checkpoint's PEFT directory once succeeded
+    sa.Column("trained_tokens", sa.BigInteger),
+    sa.Column("result_files", sa.Text),  # JSON list of file ids
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("finished_at", sa.BigInteger),
+    sa.Column("rank", sa.BigInteger, nullable=False),
+)
+FINE_TUNING_EVENTS = sa.Table(
+    "fine_tuning_events", _M,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),  # message | metrics
+    sa.Column("data", sa.Text),  # JSON or NULL
+    sa.Column("rank", sa.BigInteger, nullable=False),
+)
+FINE_TUNING_CHECKPOINTS = sa.Table(
+    "fine_tuning_checkpoints", _M,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("step_number", sa.Integer, nullable=False),
+    sa.Column("metrics", sa.Text, nullable=False),  # JSON {step, train_loss, valid_loss, ...}
+    sa.Column("path", sa.Text, nullable=False),  # its PEFT adapter directory
+    sa.Column("rank", sa.BigInteger, nullable=False),
+)
+
+
 def _create_tables(conn: Connection) -> None:
     _M.create_all(conn, tables=[FILES, BATCHES, BATCH_RESULTS])
+
+
+def _create_fine_tuning_tables(conn: Connection) -> None:
+    _M.create_all(conn, tables=[FINE_TUNING_JOBS, FINE_TUNING_EVENTS, FINE_TUNING_CHECKPOINTS])
 
 
 # Append-only: (version, what it does, the change). Never edit or reorder an entry.
 MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (1, "files, batches and batch_results", _create_tables),
+    (2, "fine-tuning jobs, their events and checkpoints", _create_fine_tuning_tables),
 ]
 
 # The statuses a batch moves through; the map says which statuses may precede each one.
@@ -253,7 +302,7 @@ class Store:
         query = FILES.select()
         if purpose is not None:
             query = query.where(FILES.c.purpose == purpose)
-        rows, more = self._page(FILES, query, limit, after, order)
+        rows, more = self.page(FILES, query, limit, after, order)
         return [_record(FileRecord, r) for r in rows], more
 
     def delete_file(self, file_id: str) -> bool:
@@ -294,7 +343,7 @@ class Store:
     def list_batches(self, limit: int = 20, after: str | None = None
                      ) -> tuple[list[BatchRecord], bool]:
         """A page of batches, newest first, after the batch id ``after``."""
-        rows, more = self._page(BATCHES, BATCHES.select(), limit, after, "desc")
+        rows, more = self.page(BATCHES, BATCHES.select(), limit, after, "desc")
         return [_batch(r) for r in rows], more
 
     def unfinished_batches(self) -> list[BatchRecord]:
@@ -356,8 +405,10 @@ class Store:
 
     # -- shared ------------------------------------------------------------------------------
 
-    def _page(self, table: sa.Table, query: Any, limit: int, after: str | None, order: str
-              ) -> tuple[list[Any], bool]:
+    def page(self, table: sa.Table, query: Any, limit: int, after: str | None, order: str
+             ) -> tuple[list[Any], bool]:
+        """Rows of ``query`` over ``table`` ordered by (rank, id), ``order`` "desc" or "asc",
+        after the row with id ``after``; returns ``(rows, has_more)``."""
         desc = order == "desc"
         key = sa.tuple_(table.c.rank, table.c.id)  # the id breaks ties of a coarse clock
         if after is not None:

@@ -27,7 +27,8 @@ def store(request, tmp_path):
     yield s
     if request.param == "url":  # the next test starts from an empty database
         with s.db.begin() as conn:
-            for table in ("batch_results", "batches", "files", "_migrations"):
+            for table in ("fine_tuning_checkpoints", "fine_tuning_events", "fine_tuning_jobs",
+                          "batch_results", "batches", "files", "_migrations"):
                 conn.execute(sa.text(f"DROP TABLE IF EXISTS {table}"))
     s.close()
 

@@ -1,0 +1,191 @@
+"""Fine-tuning jobs in the store: the job rows, their events and checkpoints.
+
+Statuses move forward only (``JOB_FROM``: the statuses each one may follow), through conditional
+updates, as batches do: ``validating_files -> queued -> running -> succeeded``, ``failed`` from
+any unfinished status, ``cancelled`` from any unfinished status. A job that was ``running`` when
+the server died is found by ``unfinished_jobs`` and resumed from its last checkpoint (or failed
+with a reason) by the fine-tune worker.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+from lmforge.jobs.store import (
+    FINE_TUNING_CHECKPOINTS,
+    FINE_TUNING_EVENTS,
+    FINE_TUNING_JOBS,
+    Store,
+    new_id,
+)
+
+UNFINISHED_JOBS = ("validating_files", "queued", "running")
+JOB_FROM = {
+    "queued": ("validating_files",),
+    "running": ("queued",),
+    "succeeded": ("running",),
+    "failed": UNFINISHED_JOBS,
+    "cancelled": UNFINISHED_JOBS,
+}
+_JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
+
+
+@dataclass
+class JobRecord:
+    """One fine-tuning job (JSON columns decoded)."""
+
+    id: str
+    model: str
+    training_file: str
+    validation_file: str | None
+    suffix: str | None
+    seed: int
+    status: str
+    hyperparameters: dict[str, Any]
+    method: dict[str, Any] | None
+    metadata: dict[str, str] | None
+    error: dict[str, Any] | None
+    fine_tuned_model: str | None
+    adapter_path: str | None
+    trained_tokens: int | None
+    result_files: list[str] | None
+    created_at: int
+    finished_at: int | None
+    rank: int
+
+
+@dataclass
+class EventRecord:
+    id: str
+    job_id: str
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+    rank: int
+
+
+@dataclass
+class CheckpointRecord:
+    id: str
+    job_id: str
+    created_at: int
+    step_number: int
+    metrics: dict[str, Any]
+    path: str
+    rank: int
+
+
+class FineTuneStore:
+    """Fine-tuning rows over a ``Store``'s database (the tables are its migration 2)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.db = store.db
+
+    def add_job(self, model: str, training_file: str, validation_file: str | None,
+                suffix: str | None, seed: int, hyperparameters: dict[str, Any],
+                method: dict[str, Any] | None, metadata: dict[str, str] | None) -> JobRecord:
+        rank = time.time_ns()
+        values = dict(id=new_id("ftjob-"), model=model, training_file=training_file,
+                      validation_file=validation_file, suffix=suffix, seed=seed,
+                      status="validating_files", hyperparameters=json.dumps(hyperparameters),
+                      method=_dumps(method), metadata=_dumps(metadata),
+                      created_at=rank // 10**9, rank=rank)
+        with self.db.begin() as conn:
+            conn.execute(FINE_TUNING_JOBS.insert().values(**values))
+        return self.get_job(values["id"])  # type: ignore[return-value]
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        with self.db.connect() as conn:
+            row = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.id == job_id)).first()
+        return None if row is None else _job(row)
+
+    def list_jobs(self, limit: int = 20, after: str | None = None
+                  ) -> tuple[list[JobRecord], bool]:
+        rows, more = self.store.page(FINE_TUNING_JOBS, FINE_TUNING_JOBS.select(), limit, after,
+                                     "desc")
+        return [_job(r) for r in rows], more
+
+    def unfinished_jobs(self) -> list[JobRecord]:
+        """Jobs a worker still has to drive, oldest first."""
+        with self.db.connect() as conn:
+            rows = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.status.in_(UNFINISHED_JOBS)).order_by(
+                FINE_TUNING_JOBS.c.rank)).all()
+        return [_job(r) for r in rows]
+
+    def transition(self, job_id: str, status: str, **values: Any) -> bool:
+        """Move a job to ``status`` if its current status may precede it (``JOB_FROM``), with
+        other columns in the same update (JSON ones encoded); a final status stamps
+        ``finished_at``. Returns whether it moved."""
+        values = {k: _dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()}
+        if status in ("succeeded", "failed", "cancelled"):
+            values["finished_at"] = int(time.time())
+        with self.db.begin() as conn:
+            moved = conn.execute(FINE_TUNING_JOBS.update().where(
+                FINE_TUNING_JOBS.c.id == job_id,
+                FINE_TUNING_JOBS.c.status.in_(JOB_FROM[status])).values(
+                status=status, **values)).rowcount
+        return bool(moved)
+
+    def add_event(self, job_id: str, message: str, level: str = "info", type: str = "message",
+                  data: dict[str, Any] | None = None) -> EventRecord:
+        rank = time.time_ns()
+        record = EventRecord(new_id("ftevent-"), job_id, rank // 10**9, level, message, type,
+                             data, rank)
+        with self.db.begin() as conn:
+            conn.execute(FINE_TUNING_EVENTS.insert().values(
+                **{f.name: getattr(record, f.name) for f in fields(record)} | {
+                    "data": _dumps(data)}))
+        return record
+
+    def list_events(self, job_id: str, limit: int = 20, after: str | None = None
+                    ) -> tuple[list[EventRecord], bool]:
+        """A job's events, newest first (OpenAI's order), after the event id ``after``."""
+        query = FINE_TUNING_EVENTS.select().where(FINE_TUNING_EVENTS.c.job_id == job_id)
+        rows, more = self.store.page(FINE_TUNING_EVENTS, query, limit, after, "desc")
+        return [_event(r) for r in rows], more
+
+    def add_checkpoint(self, job_id: str, step_number: int, metrics: dict[str, Any],
+                       path: str) -> CheckpointRecord:
+        rank = time.time_ns()
+        record = CheckpointRecord(new_id("ftckpt-"), job_id, rank // 10**9, step_number,
+                                  metrics, path, rank)
+        with self.db.begin() as conn:
+            conn.execute(FINE_TUNING_CHECKPOINTS.insert().values(
+                **{f.name: getattr(record, f.name) for f in fields(record)} | {
+                    "metrics": json.dumps(metrics)}))
+        return record
+
+    def list_checkpoints(self, job_id: str, limit: int = 10, after: str | None = None
+                         ) -> tuple[list[CheckpointRecord], bool]:
+        query = FINE_TUNING_CHECKPOINTS.select().where(
+            FINE_TUNING_CHECKPOINTS.c.job_id == job_id)
+        rows, more = self.store.page(FINE_TUNING_CHECKPOINTS, query, limit, after, "desc")
+        return [CheckpointRecord(**{f.name: getattr(r, f.name) for f in fields(
+            CheckpointRecord)} | {"metrics": json.loads(r.metrics)}) for r in rows], more
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+def _job(row: Any) -> JobRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(JobRecord)}
+    for name in _JSON_COLUMNS:
+        values[name] = json.loads(values[name]) if values[name] else None
+    values["hyperparameters"] = values["hyperparameters"] or {}
+    return JobRecord(**values)
+
+
+def _event(row: Any) -> EventRecord:
+    values = {f.name: getattr(row, f.name) for f in fields(EventRecord)}
+    values["data"] = json.loads(values["data"]) if values["data"] else None
+    return EventRecord(**values)

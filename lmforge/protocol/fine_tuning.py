@@ -1,0 +1,179 @@
+"""``/v1/fine_tuning/jobs`` wire schemas (OpenAI API reference, "Fine-tuning"), with lmforge's
+LoRA hyperparameters beside OpenAI's three.
+
+OpenAI's ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``, each a
+number or ``"auto"``) may come at the top level (the older form) or under ``method.supervised``;
+lmforge adds the LoRA and optimizer settings to the same object (``lora_r``, ``lora_alpha``,
+``lora_dropout``, ``target_modules``, ``learning_rate``, ``warmup_ratio``, ``weight_decay``,
+``max_seq_len``). ``resolved()`` gives one flat dict with ``"auto"`` left for the trainer to pick.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lmforge.errors import InvalidRequestError
+from lmforge.protocol.base import RequestModel, ResponseModel
+
+JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
+MAX_SUFFIX = 64  # characters, as OpenAI
+
+
+class Hyperparameters(RequestModel):
+    """OpenAI's three (``"auto"`` = the trainer's choice) plus lmforge's LoRA settings."""
+
+    n_epochs: int | Literal["auto"] | None = Field(default=None)
+    batch_size: int | Literal["auto"] | None = None
+    learning_rate_multiplier: float | Literal["auto"] | None = None
+    lora_r: int | None = Field(default=None, ge=1, le=256)
+    lora_alpha: float | None = Field(default=None, gt=0)
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    target_modules: list[str] | None = None
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    warmup_ratio: float | None = Field(default=None, ge=0, lt=1)
+    weight_decay: float | None = Field(default=None, ge=0)
+    max_seq_len: int | None = Field(default=None, ge=8)
+
+    def check(self) -> None:
+        """Ranges of OpenAI's three (pydantic checks the rest).
+
+        Raises:
+            InvalidRequestError: naming the hyperparameter.
+        """
+        for name, low, high in (("n_epochs", 1, 50), ("batch_size", 1, 256)):
+            value = getattr(self, name)
+            if isinstance(value, int) and not low <= value <= high:
+                raise InvalidRequestError(f"{name} must be between {low} and {high}, got {value}",
+                                          param=f"hyperparameters.{name}")
+        lrm = self.learning_rate_multiplier
+        if isinstance(lrm, float) and not 0 < lrm <= 10:
+            raise InvalidRequestError(f"learning_rate_multiplier must be in (0, 10], got {lrm}",
+                                      param="hyperparameters.learning_rate_multiplier")
+
+
+class SupervisedMethod(RequestModel):
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(RequestModel):
+    type: Literal["supervised"]  # dpo comes with the preference issue
+    supervised: SupervisedMethod | None = None
+
+
+class FineTuningJobCreate(RequestModel):
+    """``POST /v1/fine_tuning/jobs``."""
+
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = Field(default=None, max_length=MAX_SUFFIX, pattern=r"^[A-Za-z0-9_.-]*$")
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    metadata: dict[str, str] | None = None
+    integrations: list[dict[str, Any]] | None = None
+
+    def resolved(self) -> dict[str, Any]:
+        """The hyperparameters from both places, flat (``method``'s win), Nones dropped.
+
+        Raises:
+            InvalidRequestError: integrations (not offered), or a hyperparameter out of range.
+        """
+        if self.integrations:
+            raise InvalidRequestError("integrations (wandb) are not supported by lmforge; the "
+                                      "job's events carry its metrics", param="integrations")
+        merged: dict[str, Any] = {}
+        for source in (self.hyperparameters,
+                       self.method.supervised.hyperparameters
+                       if self.method and self.method.supervised else None):
+            if source is not None:
+                source.check()
+                merged |= source.model_dump(exclude_none=True)
+        return merged
+
+
+class JobError(ResponseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class JobHyperparameters(ResponseModel):
+    n_epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate_multiplier: float | Literal["auto"] = "auto"
+
+
+class FineTuningJob(ResponseModel):
+    """The OpenAI fine-tuning job object (``organization_id`` is ``"lmforge"``)."""
+
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    hyperparameters: JobHyperparameters
+    model: str
+    organization_id: str = "lmforge"
+    result_files: list[str] = []
+    seed: int
+    status: JobStatus
+    trained_tokens: int | None = None
+    training_file: str
+    validation_file: str | None = None
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    suffix: str | None = None
+
+
+class FineTuningJobList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool = False
+
+
+class FineTuningJobEvent(ResponseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: Literal["info", "warn", "error"] = "info"
+    message: str
+    type: Literal["message", "metrics"] = "message"
+    data: dict[str, Any] | None = None
+
+
+class FineTuningJobEventList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobEvent]
+    has_more: bool = False
+
+
+class CheckpointMetrics(ResponseModel):
+    step: float | None = None
+    train_loss: float | None = None
+    valid_loss: float | None = None
+    full_valid_loss: float | None = None
+
+
+class FineTuningJobCheckpoint(ResponseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: CheckpointMetrics
+    step_number: int
+
+
+class FineTuningJobCheckpointList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJobCheckpoint]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
