@@ -41,7 +41,16 @@ from lmforge.errors import (
 )
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import INTERNAL_SCOPE_KEY, BatchWorker
-from lmforge.server import batches, embeddings, files, inference, metrics, models, tokenize
+from lmforge.server import (
+    batches,
+    embeddings,
+    files,
+    fine_tuning,
+    inference,
+    metrics,
+    models,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -154,7 +163,7 @@ def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: A
     app.state.metrics = metrics.ServerMetrics(lambda: app.state.engine)
     install_error_handlers(app)
     routers = (inference.router, models.router, embeddings.router, tokenize.router,
-               metrics.router, batches.router, files.router)
+               metrics.router, batches.router, files.router, fine_tuning.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(AccessMiddleware, server_config=server_config)

@@ -1,0 +1,173 @@
+"""``/v1/fine_tuning/jobs`` routes (OpenAI API reference, "Fine-tuning"): create, list,
+retrieve, cancel, events, checkpoints.
+
+The routes read and write the store (``jobs/fine_tunes.py``); a fine-tune worker beside the
+server validates the files, trains, and registers the result. Creating a job checks what can be
+checked at once: the base model is the one served, the files exist with purpose ``fine-tune``,
+the hyperparameters are in range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from fastapi import APIRouter, Query, Request
+
+from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
+from lmforge.jobs.fine_tunes import (
+    UNFINISHED_JOBS,
+    CheckpointRecord,
+    EventRecord,
+    FineTuneStore,
+    JobRecord,
+)
+from lmforge.protocol.fine_tuning import (
+    CheckpointMetrics,
+    FineTuningJob,
+    FineTuningJobCheckpoint,
+    FineTuningJobCheckpointList,
+    FineTuningJobCreate,
+    FineTuningJobEvent,
+    FineTuningJobEventList,
+    FineTuningJobList,
+    JobError,
+    JobHyperparameters,
+)
+
+router = APIRouter()
+_PREFIX = "/v1/fine_tuning/jobs"
+
+
+@router.post(_PREFIX)
+async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJob:
+    """Create a job (``validating_files``); the worker takes it from there.
+
+    Raises:
+        InvalidRequestError: a base model this server does not serve, a file of another purpose,
+            a hyperparameter out of range, integrations. NotFoundError: no such file.
+    """
+    hyperparameters = body.resolved()
+    engine = request.app.state.engine
+    if body.model != engine.model_name:
+        raise InvalidRequestError(f"model {body.model!r} cannot be fine-tuned here: this server "
+                                  f"fine-tunes its base model {engine.model_name!r}",
+                                  param="model")
+    for param in ("training_file", "validation_file"):
+        file_id = getattr(body, param)
+        if file_id is not None:
+            await _check_file(request, file_id, param)
+    jobs = _jobs(request)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
+    job = await asyncio.to_thread(
+        jobs.add_job, body.model, body.training_file, body.validation_file, body.suffix, seed,
+        hyperparameters, body.method.model_dump(exclude_none=True) if body.method else None,
+        body.metadata)
+    await asyncio.to_thread(jobs.add_event, job.id, f"Created fine-tuning job: {job.id}")
+    worker = getattr(request.app.state, "fine_tune_worker", None)
+    if worker is not None:
+        worker.wake()
+    return job_object(job)
+
+
+@router.get(_PREFIX)
+async def list_jobs(request: Request, after: str | None = None,
+                    limit: int = Query(20, ge=1, le=100)) -> FineTuningJobList:
+    jobs, has_more = await asyncio.to_thread(_jobs(request).list_jobs, limit, after)
+    return FineTuningJobList(data=[job_object(j) for j in jobs], has_more=has_more)
+
+
+@router.get(_PREFIX + "/{job_id}")
+async def retrieve_job(job_id: str, request: Request) -> FineTuningJob:
+    return job_object(await _get(request, job_id))
+
+
+@router.post(_PREFIX + "/{job_id}/cancel")
+async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
+    """Cancel a job that has not finished (a running one stops at its next step).
+
+    Raises:
+        NotFoundError: no such job. ConflictError: it already finished.
+    """
+    jobs = _jobs(request)
+    job = await _get(request, job_id)
+    if job.status in UNFINISHED_JOBS:
+        if await asyncio.to_thread(jobs.transition, job_id, "cancelled"):
+            await asyncio.to_thread(jobs.add_event, job_id, "Fine-tuning job cancelled")
+    job = await _get(request, job_id)
+    if job.status != "cancelled":
+        raise ConflictError(f"fine-tuning job {job_id} is {job.status} and can no longer be "
+                            "cancelled", param="job_id")
+    return job_object(job)
+
+
+@router.get(_PREFIX + "/{job_id}/events")
+async def list_events(job_id: str, request: Request, after: str | None = None,
+                      limit: int = Query(20, ge=1, le=1000)) -> FineTuningJobEventList:
+    """The job's events, newest first: messages, and metrics (step, epoch, train_loss,
+    eval_loss, learning_rate in ``data``)."""
+    await _get(request, job_id)
+    events, has_more = await asyncio.to_thread(_jobs(request).list_events, job_id, limit, after)
+    return FineTuningJobEventList(data=[event_object(e) for e in events], has_more=has_more)
+
+
+@router.get(_PREFIX + "/{job_id}/checkpoints")
+async def list_checkpoints(job_id: str, request: Request, after: str | None = None,
+                           limit: int = Query(10, ge=1, le=100)) -> FineTuningJobCheckpointList:
+    job = await _get(request, job_id)
+    checkpoints, has_more = await asyncio.to_thread(_jobs(request).list_checkpoints, job_id,
+                                                    limit, after)
+    data = [checkpoint_object(job, c) for c in checkpoints]
+    return FineTuningJobCheckpointList(data=data, first_id=data[0].id if data else None,
+                                       last_id=data[-1].id if data else None, has_more=has_more)
+
+
+def job_object(job: JobRecord) -> FineTuningJob:
+    """The OpenAI job object of a stored job."""
+    hp = job.hyperparameters
+    return FineTuningJob(
+        id=job.id, created_at=job.created_at, model=job.model, seed=job.seed,
+        status=job.status,  # type: ignore[arg-type]
+        error=JobError(**job.error) if job.error else None,
+        fine_tuned_model=job.fine_tuned_model, finished_at=job.finished_at,
+        hyperparameters=JobHyperparameters(**{k: hp[k] for k in (
+            "n_epochs", "batch_size", "learning_rate_multiplier") if k in hp}),
+        result_files=job.result_files or [], trained_tokens=job.trained_tokens,
+        training_file=job.training_file, validation_file=job.validation_file,
+        metadata=job.metadata, method=job.method, suffix=job.suffix)
+
+
+def event_object(event: EventRecord) -> FineTuningJobEvent:
+    return FineTuningJobEvent(id=event.id, created_at=event.created_at,
+                              level=event.level,  # type: ignore[arg-type]
+                              message=event.message, type=event.type,  # type: ignore[arg-type]
+                              data=event.data)
+
+
+def checkpoint_object(job: JobRecord, checkpoint: CheckpointRecord) -> FineTuningJobCheckpoint:
+    name = f"{job.fine_tuned_model or 'ft:' + job.model}:ckpt-step-{checkpoint.step_number}"
+    return FineTuningJobCheckpoint(
+        id=checkpoint.id, created_at=checkpoint.created_at, fine_tuned_model_checkpoint=name,
+        fine_tuning_job_id=job.id, step_number=checkpoint.step_number,
+        metrics=CheckpointMetrics(**{k: v for k, v in checkpoint.metrics.items()
+                                     if k in CheckpointMetrics.model_fields}))
+
+
+def _jobs(request: Request) -> FineTuneStore:
+    return FineTuneStore(request.app.state.store)
+
+
+async def _get(request: Request, job_id: str) -> JobRecord:
+    job = await asyncio.to_thread(_jobs(request).get_job, job_id)
+    if job is None:
+        raise NotFoundError(f"No such fine-tuning job: {job_id}", param="job_id")
+    return job
+
+
+async def _check_file(request: Request, file_id: str, param: str) -> None:
+    file = await asyncio.to_thread(request.app.state.store.get_file, file_id)
+    if file is None:
+        raise NotFoundError(f"No such File object: {file_id}", param=param)
+    if file.purpose != "fine-tune":
+        raise InvalidRequestError(f"{param} {file_id} has purpose {file.purpose!r}; upload it "
+                                  "with purpose 'fine-tune'", param=param)
