@@ -105,11 +105,13 @@ def main() -> None:
 @click.option("--database-url", default=None,
               help="The jobs store (files, batches) as a SQLAlchemy URL, e.g. "
                    "postgresql://user@host/db (default: SQLite in $LMFORGE_HOME).")
+@click.option("--fine-tuning/--no-fine-tuning", default=True, show_default=True,
+              help="Run fine-tuning jobs on this server (a worker beside the engine).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
           host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
           batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
-          database_url: str | None, **options: Any) -> None:
+          database_url: str | None, fine_tuning: bool, **options: Any) -> None:
     """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The server listens at once and loads the model in the background (/health answers 503
@@ -126,7 +128,7 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
     server_config = ServerConfig(host=host, port=port, api_keys=list(api_keys),
                                  watchdog_timeout=watchdog_timeout,
                                  batch_concurrency=batch_concurrency,
-                                 batch_window_s=batch_window_s,
+                                 batch_window_s=batch_window_s, fine_tuning=fine_tuning,
                                  max_upload_mb=max_upload_mb, database_url=database_url,
                                  shutdown_timeout=shutdown_timeout)
     try:

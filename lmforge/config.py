@@ -52,6 +52,9 @@ class CacheConfig:
     num_blocks: int | None = None  # total KV blocks; None = derived from kv_cache_memory_mb
     kv_cache_memory_mb: int = 1024  # memory for K and V of all layers when num_blocks is None
     enable_prefix_caching: bool = True  # reuse full blocks whose token prefix is already cached
+    # LoRA adapters kept loaded in the model; past it the least recently used adapter that the
+    # running step does not need is dropped and read from disk again at its next use
+    max_loras: int = 8
 
     def validate(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -60,6 +63,8 @@ class CacheConfig:
             raise ValueError(f"num_blocks ({self.num_blocks}) must be at least 2")
         if self.kv_cache_memory_mb < 1:
             raise ValueError(f"kv_cache_memory_mb ({self.kv_cache_memory_mb}) must be positive")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras ({self.max_loras}) must be at least 1, e.g. 8")
 
 
 @dataclass
@@ -146,6 +151,9 @@ class ServerConfig:
     batch_concurrency: int = 8
     # seconds a batch's completion_window ("24h") lasts; None = what it says (tests shorten it)
     batch_window_s: float | None = None
+    # run fine-tuning jobs here (a worker beside the engine); False leaves them queued for a
+    # server that does (several replicas on one database: let one of them train)
+    fine_tuning: bool = True
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""

@@ -31,6 +31,8 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     # the batch worker drives the server's app as an ASGI callable it is handed, never imports it
     ("lmforge/jobs/", ("lmforge.server", "lmforge.cli")),
     ("lmforge/server/", ("lmforge.cli",)),
+    # training runs the models it is handed or loads; the jobs worker calls it, never the reverse
+    ("lmforge/training/", ("lmforge.server", "lmforge.jobs", "lmforge.cli")),
     ("lmforge/engine/block_manager.py", ("torch",)),
     ("lmforge/engine/scheduler.py", ("torch",)),
     ("lmforge/engine/request.py", ("torch",)),

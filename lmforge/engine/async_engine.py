@@ -184,8 +184,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, after: str | None = None, *,
-                       admitted: bool = False, priority: int = ONLINE_PRIORITY
-                       ) -> AsyncIterator[RequestOutput]:
+                       admitted: bool = False, priority: int = ONLINE_PRIORITY,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's output deltas until one has ``finished=True``.
 
         ``after`` and ``priority``: as ``LLMEngine.add_request`` (the other choices of an ``n`` > 1
@@ -193,15 +193,20 @@ class AsyncEngine:
         ``BATCH_PRIORITY``, behind online requests). ``admitted``: this is an internal
         continuation of a request already admitted and counted (a beam-search step after the
         first), so neither the waiting limits nor the request metrics see it: a search is never
-        refused halfway. Validation errors are raised before the first yield. Leaving the
+        refused halfway. ``lora``: a registered adapter's name (``add_lora``), None = the base
+        model. Validation errors are raised before the first yield. Leaving the
         iteration early (``aclose()``, cancellation, client disconnect) aborts the request.
 
         Raises:
-            InvalidRequestError, ContextLengthExceededError: bad prompt or parameters.
+            InvalidRequestError, ContextLengthExceededError: bad prompt or parameters, an
+                unknown ``lora``.
+            ModelLoadError: the adapter's files cannot be read or do not fit the model.
             EngineDeadError: the engine loop has stopped.
             RateLimitError: too many requests or prompt tokens wait already (``_admit``).
         """
         self.engine.validate_prompt(prompt_token_ids, params)
+        if lora is not None:
+            self.engine.loras.get(lora)  # a dict read: raises for an unknown name, before queuing
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
         num_tokens = len(prompt_token_ids)
@@ -209,7 +214,7 @@ class AsyncEngine:
             self._admit(num_tokens)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, after, priority))
+        self._send(("add", request_id, list(prompt_token_ids), params, after, priority, lora))
         finished, waiting = False, True
         last = time.monotonic()
         try:
@@ -318,6 +323,25 @@ class AsyncEngine:
             raise out
         return out
 
+    async def add_lora(self, name: str, directory: str) -> None:
+        """``LLMEngine.add_lora`` on the loop thread, between steps (same errors)."""
+        await self._call(self.engine.add_lora, name, directory)
+
+    async def remove_lora(self, name: str) -> None:
+        """``LLMEngine.remove_lora`` on the loop thread, between steps (same errors)."""
+        await self._call(self.engine.remove_lora, name)
+
+    async def _call(self, fn, *args):
+        """Run ``fn(*args)`` on the loop thread (which owns the model) and await its result.
+        Before ``start()`` the caller's thread runs it, as nothing else touches the engine."""
+        if self._loop_future is None:
+            return fn(*args)
+        if self.error is not None or self._stopping.is_set():
+            raise EngineDeadError("the engine loop has stopped; restart the server")
+        future: Future = Future()
+        self._send(("call", future, fn, args))
+        return await asyncio.wrap_future(future)
+
     def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed at the start of the next step."""
         self._send(("abort", request_id))
@@ -365,9 +389,17 @@ class AsyncEngine:
             if command[0] == "embed":
                 self._embeddings[command[1]] = command[2]
                 continue
-            _, request_id, prompt_token_ids, params, after, priority = command
+            if command[0] == "call":  # add_lora / remove_lora: run here, answer the future
+                _, future, fn, args = command
+                try:
+                    future.set_result(fn(*args))
+                except Exception as e:
+                    future.set_exception(e)
+                continue
+            _, request_id, prompt_token_ids, params, after, priority, lora = command
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, after, priority)
+                self.engine.add_request(request_id, prompt_token_ids, params, after, priority,
+                                        lora)
             except LMForgeError as e:
                 self._deliver(request_id, e)
 

@@ -5,7 +5,9 @@ A block that is full and computed gets a hash of its token prefix (parent hash +
 later request whose prompt starts with the same tokens reuses it (prefix caching, as vLLM's
 ``vllm/v1/core/block_pool.py``). Freed blocks keep their hash and stay reusable until the block is
 handed out again: the free queue is LRU, and blocks of a finished request are queued tail-first so
-that the end of a prefix is evicted before its beginning.
+that the end of a prefix is evicted before its beginning. The K/V of a request served with a
+LoRA adapter depend on the adapter, so its first block's parent is the adapter's id: requests of
+different adapters (or of an adapter and the base model) never share blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...]) -> in
     Python's tuple hash of ints is deterministic across processes (no hash randomization).
     """
     return hash((parent_hash, token_ids))
+
+
+def _root_hash(request: Request) -> int | None:
+    """The parent of a request's first block: None for the base model, else its adapter's id."""
+    return None if request.lora_id is None else hash(("lora", request.lora_id))
 
 
 class BlockManager:
@@ -163,6 +170,6 @@ class BlockManager:
         tokens = request.all_token_ids
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
-            parent = hashes[-1] if hashes else None
+            parent = hashes[-1] if hashes else _root_hash(request)
             hashes.append(hash_block_tokens(parent, tuple(tokens[i * bs:(i + 1) * bs])))
         return hashes

@@ -30,6 +30,7 @@ from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.structured import GrammarCompiler
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
+from lmforge.models.lora import LoRAManager
 from lmforge.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class LLMEngine:
                 "or decrease max_model_len")
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.loras = LoRAManager(loaded.model, cache.max_loras)
         self.model_runner = ModelRunner(loaded.model, self.block_manager, num_blocks,
-                                        cache.block_size)
+                                        cache.block_size, self.loras)
         self.sampler = Sampler(loaded.config.vocab_size, self.model_runner.device,
                                seed=config.model.seed)
         self.vocab_size = loaded.config.vocab_size
@@ -77,12 +79,43 @@ class LLMEngine:
         self.held: dict[str, list[Request]] = {}
         self.held_ids: set[str] = set()
 
+    def add_lora(self, name: str, directory: str) -> None:
+        """Register a PEFT LoRA adapter directory under ``name``; requests then name it with
+        ``add_request(..., lora=name)``. Its weights are read at first use
+        (``models.lora.LoRAManager``; at most ``CacheConfig.max_loras`` stay loaded).
+
+        Raises:
+            InvalidRequestError: ``name`` is taken.
+            ModelLoadError: missing or invalid adapter, or unsupported options.
+        """
+        self.loras.register(name, directory)
+
+    def remove_lora(self, name: str) -> None:
+        """Unregister an adapter and drop its weights.
+
+        Raises:
+            InvalidRequestError: unknown name, or requests still use it (abort them first).
+        """
+        self.loras.get(name)
+        users = [r.request_id for r in self._all_requests() if r.lora_name == name]
+        if users:
+            raise InvalidRequestError(f"the LoRA adapter {name!r} is in use by {len(users)} "
+                                      "request(s); wait for them to finish or abort them",
+                                      param="lora_name")
+        self.loras.unregister(name)
+
+    def _all_requests(self) -> list[Request]:
+        held = [r for group in self.held.values() for r in group]
+        return list(self.scheduler.requests.values()) + held
+
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, after: str | None = None,
-                    priority: int = ONLINE_PRIORITY) -> None:
+                    priority: int = ONLINE_PRIORITY, lora: str | None = None) -> None:
         """Queue a request. Validation errors are raised here, before anything is queued.
 
         Args:
+            lora: the name of a LoRA adapter (``add_lora``) to run the request with; None =
+                the base model. Its weights are read now if they are not loaded.
             priority: smaller is scheduled first; online requests run at ``ONLINE_PRIORITY``
                 (0), batch jobs at ``BATCH_PRIORITY`` (1) behind them (``engine/scheduler.py``).
             after: the id of a running request with the same prompt (the first choice of an
@@ -95,12 +128,18 @@ class LLMEngine:
             InvalidRequestError: empty prompt, token id outside the vocabulary, duplicate id,
                 an invalid grammar (``params.structured``).
             ContextLengthExceededError: prompt + max_tokens exceeds max_model_len.
+            InvalidRequestError: an unknown ``lora`` (naming it).
+            ModelLoadError: the adapter's files cannot be read or do not fit the model.
         """
         self.validate_prompt(prompt_token_ids, params)
         if request_id in self.scheduler.requests or request_id in self.held_ids:
             raise InvalidRequestError(f"request id {request_id!r} is already running")
+        lora_id = None
+        if lora is not None:
+            lora_id = self.loras.get(lora).lora_id
+            self.loras.activate({lora})  # loaded at first use, so a bad adapter fails here
         request = Request(request_id, prompt_token_ids, params, self.tokenizer.eos_token_ids,
-                          priority=priority)
+                          priority=priority, lora_name=lora, lora_id=lora_id)
         if params.structured is not None:
             request.grammar = self.structured.matcher(params.structured)
         if request.max_tokens is None:
@@ -288,13 +327,16 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts: str | list[str] | list[list[int]],
-                 params: SamplingParams | None = None, use_tqdm: bool = True
-                 ) -> list[GenerationOutput]:
-        """Generate for all prompts in continuous batches; results in prompt order."""
+                 params: SamplingParams | None = None, use_tqdm: bool = True,
+                 lora: str | None = None) -> list[GenerationOutput]:
+        """Generate for all prompts in continuous batches; results in prompt order.
+
+        ``lora``: an adapter registered with ``self.engine.add_lora`` (None = the base model).
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
-        return self._run(ids, params or SamplingParams(), use_tqdm)
+        return self._run(ids, params or SamplingParams(), use_tqdm, lora)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[GenerationOutput]:
@@ -322,11 +364,12 @@ class LLM:
             pass
         return task.result()
 
-    def _run(self, prompt_ids: list[list[int]], params: SamplingParams, use_tqdm: bool):
+    def _run(self, prompt_ids: list[list[int]], params: SamplingParams, use_tqdm: bool,
+             lora: str | None = None):
         engine = self.engine
         rids = [f"offline-{next(self._ids)}" for _ in prompt_ids]
         for rid, ids in zip(rids, prompt_ids):
-            engine.add_request(rid, ids, params)
+            engine.add_request(rid, ids, params, lora=lora)
         texts = {rid: [] for rid in rids}
         tokens = {rid: [] for rid in rids}
         logprobs = {rid: [] for rid in rids}

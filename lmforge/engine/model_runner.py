@@ -18,6 +18,7 @@ from lmforge.engine.request import Request
 from lmforge.engine.scheduler import SchedulerOutput
 from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
 from lmforge.models.llama import LlamaForCausalLM
+from lmforge.models.lora import LoRAManager
 
 
 def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig) -> int:
@@ -52,11 +53,14 @@ class ModelRunner:
         block_manager: source of each request's block table.
         num_blocks, block_size: KV cache geometry; K and V per layer are
             (n_kv_heads, num_blocks * block_size, head_dim) tensors in the model's dtype.
+        loras: the LoRA adapters requests may name (``Request.lora_name``); each step's
+            ``LoRABatch`` goes to the model in the attention metadata.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, num_blocks: int,
-                 block_size: int):
+                 block_size: int, loras: LoRAManager | None = None):
         self.model = model
+        self.loras = loras
         self.block_manager = block_manager
         self.block_size, self.num_blocks = block_size, num_blocks
         self.num_kv_heads = model.config.num_key_value_heads
@@ -135,7 +139,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(to), block_size=bs, num_decodes=num_decodes,
             decode_rows=None if decode_rows is None else decode_rows.to(to),
-            decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
+            decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills,
+            lora=self.loras and self.loras.batch([r.lora_name for r in reqs], counts))
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 
     def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:

@@ -203,12 +203,15 @@ class Request:
     ``num_computed_tokens`` counts tokens whose K/V are in the cache; the scheduler advances it.
     ``all_token_ids`` is prompt + output; after preemption everything is recomputed as prefill.
     ``priority``: smaller is scheduled first (``ONLINE_PRIORITY`` 0, ``BATCH_PRIORITY`` 1);
-    it changes when tokens are computed, never which tokens.
+    it changes when tokens are computed, never which tokens. ``lora_name``: the LoRA adapter
+    the request runs with (None = the base model); ``lora_id`` is that adapter registration's
+    unique id, which salts the prefix-cache hashes (KV computed under an adapter differs).
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: frozenset[int] = frozenset(), arrival_time: float | None = None,
-                 priority: int = ONLINE_PRIORITY):
+                 priority: int = ONLINE_PRIORITY, lora_name: str | None = None,
+                 lora_id: int | None = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -222,6 +225,7 @@ class Request:
             frozenset() if params.ignore_eos else eos_token_ids)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.priority = priority
+        self.lora_name, self.lora_id = lora_name, lora_id
         self.block_hashes: list[int] = []  # prefix hashes of full blocks, grown lazily
         self.generator = None  # torch.Generator for a seeded request, created by the sampler
         self.grammar = None  # engine.structured.GrammarMatcher if params.structured is set

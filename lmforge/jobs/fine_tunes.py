@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-
 from lmforge.jobs.store import (
     FINE_TUNING_CHECKPOINTS,
     FINE_TUNING_EVENTS,
@@ -118,6 +117,15 @@ class FineTuneStore:
         with self.db.connect() as conn:
             rows = conn.execute(FINE_TUNING_JOBS.select().where(
                 FINE_TUNING_JOBS.c.status.in_(UNFINISHED_JOBS)).order_by(
+                FINE_TUNING_JOBS.c.rank)).all()
+        return [_job(r) for r in rows]
+
+    def succeeded_jobs(self) -> list[JobRecord]:
+        """Jobs whose adapter is served (re-registered at every start-up), oldest first."""
+        with self.db.connect() as conn:
+            rows = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.status == "succeeded",
+                FINE_TUNING_JOBS.c.adapter_path.is_not(None)).order_by(
                 FINE_TUNING_JOBS.c.rank)).all()
         return [_job(r) for r in rows]
 

@@ -52,7 +52,47 @@ def in_process_client(app: Any, priority: int = 0) -> httpx.AsyncClient:
                              timeout=None)
 
 
-class BatchWorker:
+class PollingWorker:
+    """A task in the server's event loop that drives stored jobs: ``drive_all()`` every
+    ``poll_s`` seconds, or at once after ``wake()``. Subclasses implement ``drive_all``."""
+
+    def __init__(self, poll_s: float):
+        self.poll_s = poll_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def wake(self) -> None:
+        """A job was created or cancelled: look now."""
+        self._wake.set()
+
+    async def stop(self) -> None:
+        """Stop at once; work in flight is aborted and resumed after a restart."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def drive_all(self) -> None:
+        raise NotImplementedError
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self.drive_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a store hiccup must not end the worker; try again later
+                logger.exception("%s error; retrying in %g s", type(self).__name__, self.poll_s)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+class BatchWorker(PollingWorker):
     """Runs batches in the server's event loop (started and stopped by the app's lifespan).
 
     Args:
@@ -66,38 +106,13 @@ class BatchWorker:
 
     def __init__(self, store: Store, app: Any, model_names: Callable[[], set[str]],
                  concurrency: int = 8, poll_s: float = 0.5):
+        super().__init__(poll_s)
         self.store, self.app, self.model_names = store, app, model_names
-        self.concurrency, self.poll_s = concurrency, poll_s
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self.concurrency = concurrency
 
-    def start(self) -> None:
-        self._task = asyncio.ensure_future(self._run())
-
-    def wake(self) -> None:
-        """A batch was created or cancelled: look now."""
-        self._wake.set()
-
-    async def stop(self) -> None:
-        """Stop at once; lines in flight are aborted and run again after a restart."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        while True:
-            self._wake.clear()
-            try:
-                for batch in await asyncio.to_thread(self.store.unfinished_batches):
-                    await self._drive(batch.id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a store hiccup must not end the worker; try again later
-                logger.exception("batch worker error; retrying in %g s", self.poll_s)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
-            except asyncio.TimeoutError:
-                pass
+    async def drive_all(self) -> None:
+        for batch in await asyncio.to_thread(self.store.unfinished_batches):
+            await self._drive(batch.id)
 
     async def _drive(self, batch_id: str) -> None:
         """Advance one batch as far as it goes now (to a final status, normally)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
@@ -54,6 +55,12 @@ FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_pro
 Rope = tuple[torch.Tensor, torch.Tensor]  # this step's (cos, sin), each (T, 1, head_dim)
 
 
+def _linear(layer: nn.Module, x: torch.Tensor, lora) -> torch.Tensor:
+    """``layer(x)``, plus the step's LoRA updates when a request uses an adapter (``lora`` is a
+    ``models.lora.LoRABatch``; the layer is then a ``MultiLoRALinear``)."""
+    return layer(x) if lora is None else layer(x, lora)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -70,10 +77,12 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t, h, h_kv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        lora = meta.lora
         if self.qkv_proj is not None:
-            qk, v = self.qkv_proj(x).split(((h + h_kv) * d, h_kv * d), dim=-1)
+            qk, v = _linear(self.qkv_proj, x, lora).split(((h + h_kv) * d, h_kv * d), dim=-1)
         else:
-            qk, v = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1), self.v_proj(x)
+            qk = torch.cat((_linear(self.q_proj, x, lora), _linear(self.k_proj, x, lora)), dim=-1)
+            v = _linear(self.v_proj, x, lora)
         qk = RotaryEmbedding.apply(qk.view(t, h + h_kv, d), rope)  # q and k heads in one pass
         q, k = qk.split((h, h_kv), dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(t, h_kv, d)
@@ -81,7 +90,7 @@ class LlamaAttention(nn.Module):
         write_kv(k_cache, meta.slot_mapping, k)
         write_kv(v_cache, meta.slot_mapping, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
+        return _linear(self.o_proj, o.reshape(t, self.n_heads * self.head_dim), lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,7 +103,17 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, rope: Rope, x, kv_cache, meta):
         x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h) if meta.lora is None else _lora_mlp(self.mlp, h, meta.lora))
+
+
+def _lora_mlp(mlp: GatedMLP, x: torch.Tensor, lora) -> torch.Tensor:
+    """``GatedMLP.forward`` with the step's LoRA updates on its projections (fused or not)."""
+    if mlp.gate_up_proj is not None:
+        gate, up = _linear(mlp.gate_up_proj, x, lora).chunk(2, dim=-1)
+    else:
+        gate, up = _linear(mlp.gate_proj, x, lora), _linear(mlp.up_proj, x, lora)
+    return _linear(mlp.down_proj, F.silu(gate) * up, lora)
 
 
 class LlamaModel(nn.Module):

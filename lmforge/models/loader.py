@@ -60,8 +60,11 @@ class LoadedModel:
     name: str  # the default served model id
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, for_training: bool = False) -> LoadedModel:
     """Load ``cfg.model`` (alias, GGUF file or HF directory) in ``cfg.dtype`` on ``cfg.device``.
+
+    ``for_training`` keeps the Hugging Face layers as they are (q|k|v and gate|up unfused, no
+    prepacked or 4-bit weights), so LoRA can wrap them and gradients reach them.
 
     Raises:
         ModelLoadError: missing path, unsupported architecture, or a corrupt/unreadable file.
@@ -83,6 +86,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device = torch.device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     model = build_model(config, state_dict, dtype, device)
+    if for_training:
+        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
     model.fuse_projections_()
     if can_pack(dtype, device):
         pack_llama_(model)

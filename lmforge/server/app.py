@@ -39,6 +39,7 @@ from lmforge.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
+from lmforge.jobs.fine_tune_worker import FineTuneWorker
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import INTERNAL_SCOPE_KEY, BatchWorker
 from lmforge.server import (
@@ -80,11 +81,11 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        _start_batch_worker(app, engine)
+        _start_workers(app, engine)
         try:
             yield
         finally:
-            await app.state.batch_worker.stop()
+            await _stop_workers(app)
             engine.shutdown()
 
     app = _new_app(server_config, chat_template, lifespan, store)
@@ -110,8 +111,7 @@ def build_loading_app(loading: Future[AsyncEngine], server_config: ServerConfig,
         finally:
             adopt.cancel()
             await asyncio.gather(adopt, return_exceptions=True)
-            if app.state.batch_worker is not None:
-                await app.state.batch_worker.stop()
+            await _stop_workers(app)
             if app.state.engine is not None:
                 app.state.engine.shutdown()
             else:  # still loading: stop the engine thread once the load returns
@@ -132,18 +132,27 @@ async def _adopt(app: FastAPI, loading: Future[AsyncEngine],
         return
     engine.start()
     app.state.engine = engine
-    _start_batch_worker(app, engine)
+    _start_workers(app, engine)
     if on_ready is not None:
         on_ready(engine)
 
 
-def _start_batch_worker(app: FastAPI, engine: AsyncEngine) -> None:
-    """Run batches (``jobs/worker.py``) on the served model, resuming any a restart
-    interrupted; the routes of /v1/batches wake it."""
+def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
+    """Run batches (``jobs/worker.py``) and fine-tuning jobs (``jobs/fine_tune_worker.py``) on
+    the served model, resuming any a restart interrupted; their routes wake them."""
     config: ServerConfig = app.state.server_config
     app.state.batch_worker = BatchWorker(app.state.store, app, lambda: {engine.model_name},
                                          concurrency=config.batch_concurrency)
     app.state.batch_worker.start()
+    if config.fine_tuning:
+        app.state.fine_tune_worker = FineTuneWorker(app.state.store, engine)
+        app.state.fine_tune_worker.start()
+
+
+async def _stop_workers(app: FastAPI) -> None:
+    for worker in (app.state.batch_worker, app.state.fine_tune_worker):
+        if worker is not None:
+            await worker.stop()
 
 
 def _shutdown_loaded(loading: Future[AsyncEngine]) -> None:
@@ -157,7 +166,7 @@ def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: A
     app = FastAPI(title="lmforge", lifespan=lifespan, strict_content_type=False)
     app.state.server_config = server_config
     app.state.store = store if store is not None else Store(server_config.database_url)
-    app.state.batch_worker = None  # started with the engine
+    app.state.batch_worker = app.state.fine_tune_worker = None  # started with the engine
     app.state.chat_template = chat_template
     app.state.load_error = None
     app.state.metrics = metrics.ServerMetrics(lambda: app.state.engine)

@@ -58,8 +58,9 @@ async def create_file(request: Request) -> FileObject:
         form = _create_form(upload.fields)
         if upload.filename is None:
             raise InvalidRequestError("Missing required parameter: 'file'.", param="file")
-        if form.purpose in JSONL_PURPOSES:
-            await asyncio.to_thread(check_jsonl, temp, form.purpose)
+        csv_training = form.purpose == "fine-tune" and upload.filename.lower().endswith(".csv")
+        if form.purpose in JSONL_PURPOSES and not csv_training:  # CSV: LLM Engine's format,
+            await asyncio.to_thread(check_jsonl, temp, form.purpose)  # checked by the job
         expires_after = form.expires_after.seconds if form.expires_after else None
         record = await asyncio.to_thread(store.add_file, temp, safe_filename(upload.filename),
                                          form.purpose, expires_after=expires_after)

@@ -140,12 +140,13 @@ class Generation:
     ``start()`` waits for every choice's first output, so validation errors (raised by the
     engine before its first yield) surface before any response is sent; ``outputs()`` then
     yields ``(choice index, RequestOutput delta)`` in arrival order; ``aclose()`` cancels what is
-    pending and closes every engine iterator, which aborts unfinished requests.
+    pending and closes every engine iterator, which aborts unfinished requests. ``lora``: the
+    LoRA adapter every choice runs with (None: the base model).
     """
 
     def __init__(self, engine: AsyncEngine, response_id: str, prompts: list[list[int]],
                  params: SamplingParams, n: int = 1, prompt_only: bool = False,
-                 priority: int = ONLINE_PRIORITY):
+                 priority: int = ONLINE_PRIORITY, lora: str | None = None):
         self.id = response_id
         self.n = n
         self.prompt_only = prompt_only
@@ -160,7 +161,7 @@ class Generation:
                 choice_params = params if j == 0 or params.seed is None else replace(
                     params, seed=params.seed + j)
                 self._iters.append(engine.generate(rid, prompt, choice_params, after=first,
-                                                   priority=priority))
+                                                   priority=priority, lora=lora))
                 first = first or rid
         self._pending: dict[asyncio.Future, int] = {}  # next-output task -> choice index
         self._last: list[RequestOutput | None] = [None] * self.num_choices

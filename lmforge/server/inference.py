@@ -22,7 +22,6 @@ from fastapi import APIRouter, Request, Response
 from lmforge.engine.request import RequestOutput, SamplingParams, StructuredOutput, TokenLogprob
 from lmforge.errors import (
     InvalidRequestError,
-    ModelNotFoundError,
 )
 from lmforge.protocol import (
     ChatCompletion,
@@ -40,6 +39,7 @@ from lmforge.protocol.logprobs import CompletionLogprobs
 from lmforge.server import beam
 from lmforge.server.generation import Generation, collect, request_priority, stream
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from lmforge.server.models import resolve_model
 from lmforge.server.tools import ToolCallStream, ToolPlan
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ router = APIRouter()
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI "Create chat completion" (text only; ``n`` choices)."""
     engine: AsyncEngine = request.app.state.engine
-    _check_model(engine, body.model)
+    lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):
         return await beam.create_chat_completion(body, request)
@@ -69,7 +69,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     prompt = engine.tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, chat_template=template, **template_kwargs)
     gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices,
-                     priority=request_priority(request))
+                     priority=request_priority(request), lora=lora)
     created = int(time.time())
     texts = TokenTexts(engine.tokenizer)
     streams = [ToolCallStream(tools) for _ in range(gen.num_choices)]
@@ -117,7 +117,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion;
     ``echo`` with ``max_tokens: 0`` returns only that (``Generation(prompt_only=True)``)."""
     engine: AsyncEngine = request.app.state.engine
-    _check_model(engine, body.model)
+    lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):
         return await beam.create_completion(body, request)
@@ -133,7 +133,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     n = body.num_choices
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
                      beam.candidate_params(params, body), body.num_candidates,  # best_of
-                     prompt_only=body.prompt_only, priority=request_priority(request))
+                     prompt_only=body.prompt_only, priority=request_priority(request),
+                     lora=lora)
     created = int(time.time())
     texts = TokenTexts(tokenizer)
     offsets = [0] * gen.num_choices  # characters of each choice's text sent so far
@@ -184,9 +185,17 @@ def _first(out: RequestOutput) -> bool:
     return out.num_output_tokens == len(out.token_ids)
 
 
-def _check_model(engine: AsyncEngine, model: str) -> None:
-    if model != engine.model_name:
-        raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
+def _check_model(engine: AsyncEngine, model: str, beam_search: bool) -> str | None:
+    """The LoRA adapter ``model`` names (None: the base model).
+
+    Raises:
+        ModelNotFoundError: an unknown model. InvalidRequestError: beam search on an adapter.
+    """
+    lora = resolve_model(engine, model)
+    if lora is not None and beam_search:
+        raise InvalidRequestError("beam search runs on the base model only; drop num_beams / "
+                                  "use_beam_search or use the base model", param="model")
+    return lora
 
 
 def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,

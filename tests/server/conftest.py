@@ -75,14 +75,16 @@ def long_engine(tiny_llama_dir, tmp_path_factory) -> Iterator[AsyncEngine]:
 
 @pytest.fixture(scope="session")
 def long_base_url(long_engine) -> Iterator[str]:
-    with ServerThread(build_app(long_engine, ServerConfig())) as url:
+    # no fine-tuning worker: it would train the session store's jobs (test_fine_tuning_api.py)
+    with ServerThread(build_app(long_engine, ServerConfig(fine_tuning=False))) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
 def base_url(engine) -> Iterator[str]:
-    """``http://127.0.0.1:PORT`` of the served app (the lifespan starts the engine)."""
-    with ServerThread(build_app(engine, ServerConfig())) as url:
+    """``http://127.0.0.1:PORT`` of the served app (the lifespan starts the engine). It runs
+    no fine-tuning jobs (tests/server/test_fine_tuning_api.py trains on a server of its own)."""
+    with ServerThread(build_app(engine, ServerConfig(fine_tuning=False))) as url:
         yield url
 
 
@@ -137,7 +139,7 @@ def smollm2_base_url() -> Iterator[str]:
     config = EngineConfig(model=ModelConfig(max_model_len=1024), cache=CacheConfig(num_blocks=64))
     engine = AsyncEngine.from_config(config)
     try:
-        with ServerThread(build_app(engine, ServerConfig())) as url:
+        with ServerThread(build_app(engine, ServerConfig(fine_tuning=False))) as url:
             yield url
     finally:
         engine.shutdown()

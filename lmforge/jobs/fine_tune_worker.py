@@ -1,0 +1,241 @@
+"""The fine-tune worker: drives fine-tuning jobs from ``validating_files`` to a served adapter.
+
+::
+
+    validating_files -> queued -> running -> succeeded   (the adapter is served at once)
+           \\______________\\__________\\-> failed       (error: code, message, param)
+                                        \\-> cancelled
+
+One job runs at a time, oldest first, in a thread beside the serving engine (training is
+CPU/GPU-bound; the event loop stays free). Its events (messages, and metrics per optimizer step)
+and checkpoints (one per epoch) go to the store as they happen. On success the best checkpoint
+(lowest validation loss) is copied to ``<home>/adapters/<job id>`` and registered with the engine
+as ``ft:<base>:<suffix>:<job id>``; at start-up the adapters of all succeeded jobs are
+registered again. A job that was ``running`` when the server stopped continues from its last
+checkpoint (``training.trainer.train(resume=True)``) in ``<home>/fine_tunes/<job id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import logging
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import LMForgeError
+from lmforge.jobs.fine_tunes import FineTuneStore, JobRecord
+from lmforge.jobs.store import Store
+from lmforge.jobs.worker import PollingWorker
+
+logger = logging.getLogger(__name__)
+RESULTS_PURPOSE = "fine-tune-results"
+_DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+_CANCEL_CHECK_S = 1.0  # how often the training thread reads the job's status
+
+
+def fine_tuned_model_name(job: JobRecord) -> str:
+    """``ft:<base>:<suffix>:<job id>`` (``ft:<base>:<job id>`` without a suffix)."""
+    return ":".join(["ft", job.model, *([job.suffix] if job.suffix else []), job.id])
+
+
+def training_config(job: JobRecord) -> Any:
+    """The job's hyperparameters as a ``TrainingConfig`` ("auto" and absent ones: defaults)."""
+    from lmforge.models.lora import LoRAConfig
+    from lmforge.training.trainer import TrainingConfig
+
+    hp = {k: v for k, v in job.hyperparameters.items() if v != "auto"}
+    lora = {k: v for k, v in (("r", hp.get("lora_r")), ("lora_alpha", hp.get("lora_alpha")),
+                              ("lora_dropout", hp.get("lora_dropout")),
+                              ("target_modules", hp.get("target_modules"))) if v is not None}
+    if "target_modules" in lora:
+        lora["target_modules"] = tuple(lora["target_modules"])
+    plain = {k: hp.get(k, _DEFAULTS.get(k)) for k in (
+        "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "warmup_ratio",
+        "weight_decay", "max_seq_len")}
+    return TrainingConfig(seed=job.seed, lora=LoRAConfig(**lora),
+                          **{k: v for k, v in plain.items() if v is not None})
+
+
+class FineTuneWorker(PollingWorker):
+    """Runs fine-tuning jobs on the served base model (see the module docstring).
+
+    Args:
+        store: the jobs store (files, and the fine-tuning tables).
+        engine: the ``AsyncEngine`` serving the base model; adapters are registered with it.
+        poll_s: how often an idle worker looks for new jobs.
+    """
+
+    def __init__(self, store: Store, engine: Any, poll_s: float = 1.0):
+        super().__init__(poll_s)
+        self.store, self.jobs, self.engine = store, FineTuneStore(store), engine
+        self.work_dir = store.home / "fine_tunes"
+        self.adapter_dir = store.home / "adapters"
+        self._shutdown = threading.Event()  # read by the training thread
+        self._registered = False
+
+    async def register_adapters(self) -> None:
+        """Serve the adapters of every succeeded job (at start-up); a missing one is logged."""
+        for job in await asyncio.to_thread(self.jobs.succeeded_jobs):
+            try:
+                await self.engine.add_lora(job.fine_tuned_model, job.adapter_path)
+            except LMForgeError as e:
+                logger.error("cannot serve %s (%s): %s", job.fine_tuned_model, job.id, e.message)
+
+    async def stop(self) -> None:
+        self._shutdown.set()  # a training thread stops at its next step; it resumes on restart
+        await super().stop()
+
+    async def drive_all(self) -> None:
+        if not self._registered:  # the first pass, at start-up
+            await self.register_adapters()
+            self._registered = True
+        for job in await asyncio.to_thread(self.jobs.unfinished_jobs):
+            await self._drive(job)
+
+    async def _drive(self, job: JobRecord) -> None:
+        if job.status == "validating_files":
+            if not await self._validate(job):
+                return
+            job = await self._get(job.id)
+        if job.status == "queued" and await self._move(job, "running",
+                                                       "Fine-tuning job started"):
+            job = await self._get(job.id)
+        if job.status == "running":
+            await self._train(job)
+
+    async def _validate(self, job: JobRecord) -> bool:
+        """Read and check the files now (a bad one fails the job at once, naming the line)."""
+        from lmforge.training.data import read_examples
+
+        await self._event(job, f"Validating training file: {job.training_file}")
+        config = training_config(job)
+        try:
+            for param in ("training_file", "validation_file"):
+                file_id = getattr(job, param)
+                if file_id is not None:
+                    await asyncio.to_thread(read_examples, self.store.path(file_id),
+                                            self.engine.tokenizer, config.max_seq_len,
+                                            param=param)
+        except LMForgeError as e:
+            await self._fail(job, "invalid_file", e.message, e.param)
+            return False
+        except OSError:
+            await self._fail(job, "invalid_file", "the file was deleted", "training_file")
+            return False
+        return await self._move(job, "queued", "Files validated; the job is queued")
+
+    async def _train(self, job: JobRecord) -> None:
+        from lmforge.training.trainer import train
+
+        config = training_config(job)
+        last_check = [0.0, False]
+
+        def should_stop() -> bool:
+            if self._shutdown.is_set():
+                return True
+            now = time.monotonic()
+            if now - last_check[0] >= _CANCEL_CHECK_S:
+                last_check[0] = now
+                current = self.jobs.get_job(job.id)
+                last_check[1] = current is None or current.status != "running"
+            return bool(last_check[1])
+
+        metrics: list[dict[str, Any]] = []
+
+        def on_event(event: dict[str, Any]) -> None:  # in the training thread
+            if event.get("type") == "metrics":
+                metrics.append(event)
+                self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
+                                    data={k: v for k, v in event.items() if k != "type"})
+                if event.get("eval_loss") is not None:  # an epoch ended: a checkpoint
+                    self.jobs.add_checkpoint(job.id, int(event["step"]), {
+                        "step": event["step"], "train_loss": event.get("train_loss"),
+                        "valid_loss": event["eval_loss"],
+                        "full_valid_loss": event["eval_loss"]},
+                        str(self.work_dir / job.id / f"checkpoint-{event['step']}"))
+            elif event.get("message"):
+                self.jobs.add_event(job.id, str(event["message"]))
+
+        validation = self.store.path(job.validation_file) if job.validation_file else None
+        try:
+            result = await asyncio.to_thread(
+                train, self.engine.engine.config.model.model,
+                self.store.path(job.training_file), validation, config,
+                self.work_dir / job.id, on_event=on_event, should_stop=should_stop)
+        except LMForgeError as e:
+            await self._fail(job, "training_failed", e.message, e.param)
+            return
+        except Exception:
+            logger.exception("fine-tuning job %s failed", job.id)
+            await self._fail(job, "training_failed", "training failed with an internal error; "
+                             "see the server log", None)
+            return
+        if result.stopped or result.best_checkpoint is None:
+            return  # cancelled (its status says so) or the server is stopping (resumes later)
+        await self._succeed(job, result, metrics)
+
+    async def _succeed(self, job: JobRecord, result: Any, metrics: list[dict]) -> None:
+        name = fine_tuned_model_name(job)
+        target = self.adapter_dir / job.id
+        await asyncio.to_thread(_replace_dir, Path(result.best_checkpoint), target)
+        results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
+                                          f"{job.id}_results.csv", RESULTS_PURPOSE)
+        await self.engine.add_lora(name, str(target))
+        if await asyncio.to_thread(self.jobs.transition, job.id, "succeeded",
+                                   fine_tuned_model=name, adapter_path=str(target),
+                                   trained_tokens=result.trained_tokens,
+                                   result_files=[results.id]):
+            await self._event(job, f"The job has successfully completed: {name} is served")
+        else:  # cancelled at the very end: do not serve it
+            await self.engine.remove_lora(name)
+
+    async def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
+        if await asyncio.to_thread(self.jobs.transition, job.id, "failed",
+                                   error={"code": code, "message": message, "param": param}):
+            await self._event(job, f"Fine-tuning job failed: {message}", level="error")
+
+    async def _move(self, job: JobRecord, status: str, message: str) -> bool:
+        moved = await asyncio.to_thread(self.jobs.transition, job.id, status)
+        if moved:
+            await self._event(job, message)
+        return moved
+
+    async def _event(self, job: JobRecord, message: str, level: str = "info") -> None:
+        await asyncio.to_thread(self.jobs.add_event, job.id, message, level)
+
+    async def _get(self, job_id: str) -> JobRecord:
+        job = await asyncio.to_thread(self.jobs.get_job, job_id)
+        assert job is not None, job_id  # jobs are never deleted
+        return job
+
+
+def _metrics_message(event: dict[str, Any]) -> str:
+    text = f"Step {event['step']}: training loss={event['train_loss']:.4f}"
+    if event.get("eval_loss") is not None:
+        text += f", validation loss={event['eval_loss']:.4f}"
+    return text
+
+
+def _results_csv(metrics: list[dict[str, Any]]) -> bytes:
+    """OpenAI's result file: one row per step (step, train_loss, valid_loss, learning_rate)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate"])
+    for m in metrics:
+        writer.writerow([m.get("step"), m.get("epoch"), m.get("train_loss"),
+                         m.get("eval_loss", ""), m.get("learning_rate")])
+    return out.getvalue().encode()
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary sibling, then rename (never partial)."""
+    temp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    shutil.copytree(source, temp)
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)

@@ -1,0 +1,562 @@
+"""LoRA: low-rank adapters for training, the PEFT file format, and many adapters in one batch.
+
+LoRA (Hu et al. 2021, arXiv:2106.09685) freezes a linear layer ``W`` and learns a low-rank update:
+``y = W x + (B A x) * scaling`` with ``A``: (r, in), ``B``: (out, r), ``scaling = alpha / r``
+(``alpha / sqrt(r)`` with rsLoRA). The names, initialization and file layout follow PEFT's
+``LoraLayer`` / ``LoraConfig``, so an adapter saved here loads with ``PeftModel.from_pretrained``
+on the Hugging Face model, and one saved by PEFT loads here.
+
+Three parts:
+
+- training: ``LoRAConfig``, ``LoRALinear``, ``inject_lora`` (on the unfused HF-named model),
+  ``lora_state_dict``;
+- the PEFT format: ``save_peft_adapter`` / ``load_peft_adapter``;
+- serving many adapters at once (Punica, arXiv:2310.18547; S-LoRA, arXiv:2311.03285): the served
+  model is fused (q|k|v, gate|up) and its linears may be prepacked bf16 or 4-bit, so
+  ``MultiLoRALinear`` wraps whatever linear is there and adds each adapter's update to the rows
+  (tokens) of that adapter only, into the output slice of the projection it targets. The
+  ``LoRABatch`` of a step says which rows use which adapter; it travels in the attention metadata.
+  ``LoRAManager`` keeps the registered adapters and loads them into the model on demand, at most
+  ``max_loras`` resident.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.errors import InvalidRequestError, ModelLoadError
+from lmforge.models.llama import FUSED_PROJECTIONS
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                     "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    """The PEFT ``LoraConfig`` fields lmforge uses (same names and meaning).
+
+    ``use_rslora``: rank-stabilized scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023,
+    arXiv:2312.03732) instead of ``lora_alpha / r``.
+    """
+
+    r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                       "gate_proj", "up_proj", "down_proj")
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``B A x``: ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field and the fix."""
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r ({self.r!r}) must be a positive integer, e.g. 8")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha ({self.lora_alpha}) must be positive, e.g. 2 * r")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout ({self.lora_dropout}) must be in [0, 1), e.g. 0.05")
+        self.target_modules = tuple(self.target_modules)
+        bad = [t for t in self.target_modules if t not in SUPPORTED_TARGETS]
+        if not self.target_modules or bad:
+            raise ValueError(f"target_modules {list(self.target_modules)} must be a non-empty "
+                             f"subset of {list(SUPPORTED_TARGETS)}; unsupported: {bad}")
+
+
+# --- training: one adapter on the unfused model --------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update, PEFT's ``lora.Linear`` math.
+
+    ``forward(x (..., in)) -> (..., out) = base(x) + lora_B(lora_A(dropout(x))) * scaling``.
+    ``lora_A``: Linear(in, r), Kaiming-uniform (a = sqrt(5), as ``nn.Linear`` and PEFT);
+    ``lora_B``: Linear(r, out), zero, so a fresh adapter leaves the outputs unchanged.
+    """
+
+    def __init__(self, base: nn.Linear, config: LoRAConfig):
+        super().__init__()
+        self.base = base
+        self.scaling = config.scaling
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Linear(base.in_features, config.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device,
+                                dtype=dtype)
+        self.lora_dropout = (nn.Dropout(config.lora_dropout) if config.lora_dropout > 0
+                             else nn.Identity())
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """Wrap every ``nn.Linear`` whose attribute name is in ``config.target_modules`` in a
+    ``LoRALinear``, in place, and freeze every other parameter.
+
+    Works on the unfused model (HF names, ``model.layers.0.self_attn.q_proj``): call it before
+    ``fuse_projections_``, never after.
+
+    Returns:
+        the replaced modules' names, in model order.
+
+    Raises:
+        ValueError: an invalid config, or no module matches ``target_modules``.
+    """
+    config.validate()
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.rpartition(".")[2] in
+               config.target_modules]
+    if not targets:
+        raise ValueError(f"no nn.Linear named one of {list(config.target_modules)} in the model; "
+                         "inject LoRA before fuse_projections_ (the fused model has qkv_proj)")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name, module in targets:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, LoRALinear(module, config))
+    return [name for name, _ in targets]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights of a model under PEFT's key names.
+
+    ``base_model.model.<module name>.lora_A.weight`` (r, in) and ``....lora_B.weight`` (out, r),
+    detached (the tensors share storage with the model).
+    """
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    return out
+
+
+def load_lora_state_dict_(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy PEFT-named LoRA weights (``lora_state_dict``'s keys) into an ``inject_lora``'d model.
+
+    Raises:
+        ValueError: a key names no LoRA module of the model, or a shape differs.
+    """
+    params = {f"{PEFT_PREFIX}{name}": p for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            param = params.get(key)
+            if param is None or param.shape != value.shape:
+                raise ValueError(f"LoRA weight {key} {tuple(value.shape)} does not fit the model "
+                                 "(inject_lora with the adapter's config first)")
+            param.copy_(value)
+
+
+# --- the PEFT format -------------------------------------------------------------------------
+
+def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path,
+                      base_model_name_or_path: str) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT's ``save_pretrained``.
+
+    Written into a temporary sibling directory that is then renamed onto ``directory`` (an
+    existing adapter there is replaced), so a reader never sees half an adapter.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(config,
+                                                                    base_model_name_or_path),
+                                                  indent=2, sort_keys=True))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str) -> dict:
+    """``adapter_config.json`` content for ``config`` (the fields PEFT's LoraConfig reads)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
+        "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules), "bias": "none",
+        "use_rslora": config.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+        "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "base_model_name_or_path": base_model_name_or_path, "revision": None,
+    }
+
+
+def read_peft_config(directory: str | Path) -> LoRAConfig:
+    """The ``LoRAConfig`` of an adapter directory, refusing options lmforge does not apply.
+
+    Raises:
+        ModelLoadError: no directory / config, invalid JSON, not a LoRA adapter, or an
+            unsupported option (DoRA, trained biases, per-module rank/alpha patterns,
+            ``modules_to_save``, ``fan_in_fan_out``, LoRA bias), naming the fix.
+    """
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} has no {CONFIG_FILE}: pass a PEFT LoRA adapter "
+                             f"directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from e
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{directory} holds a {raw.get('peft_type')} adapter; only LoRA "
+                             "adapters (peft_type LORA) are supported")
+    unsupported = {"use_dora": bool(raw.get("use_dora")),
+                   "bias": raw.get("bias", "none") != "none",
+                   "lora_bias": bool(raw.get("lora_bias")),
+                   "modules_to_save": bool(raw.get("modules_to_save")),
+                   "rank_pattern": bool(raw.get("rank_pattern")),
+                   "alpha_pattern": bool(raw.get("alpha_pattern")),
+                   "fan_in_fan_out": bool(raw.get("fan_in_fan_out"))}
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ModelLoadError(f"adapter {directory} uses {', '.join(bad)}, which lmforge does not "
+                             "support; retrain with plain LoRA (use_dora false, bias \"none\", no "
+                             "modules_to_save, no rank/alpha patterns)")
+    targets = raw.get("target_modules") or ()
+    # a regex string selects modules by full name: the weights' keys say which (load_peft_adapter)
+    targets = tuple(SUPPORTED_TARGETS) if isinstance(targets, str) else tuple(targets)
+    config = LoRAConfig(r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8),
+                        lora_dropout=raw.get("lora_dropout", 0.0) or 0.0,
+                        target_modules=targets, use_rslora=bool(raw.get("use_rslora")))
+    try:
+        config.validate()
+    except ValueError as e:
+        raise ModelLoadError(f"adapter {directory}: {e}") from e
+    return config
+
+
+def load_peft_adapter(directory: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read an adapter that ``save_peft_adapter`` or PEFT's ``save_pretrained`` wrote.
+
+    Returns:
+        (config, weights) with PEFT key names (``lora_state_dict``'s), float tensors on the CPU;
+        ``config.target_modules`` lists the module names the weights actually cover.
+
+    Raises:
+        ModelLoadError: missing or invalid files, unsupported options (``read_peft_config``),
+            keys other than ``lora_A`` / ``lora_B`` of Linear modules, A without B, or shapes
+            that disagree with the rank.
+    """
+    from safetensors.torch import load_file
+
+    config = read_peft_config(directory)
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} has no {WEIGHTS_FILE} (adapters saved as .bin are "
+                             "not read: re-save with safe_serialization=True)")
+    try:
+        weights = load_file(path)
+    except Exception as e:  # truncated or corrupt safetensors
+        raise ModelLoadError(f"could not read {path}: {type(e).__name__}: {e}") from e
+    targets = set()
+    for module, (a, b) in _pairs(weights, str(directory)).items():
+        if a.shape[0] != config.r or b.shape[1] != config.r:
+            raise ModelLoadError(f"adapter {directory}: {module} has rank {a.shape[0]}, the "
+                                 f"config says r = {config.r}")
+        targets.add(module.rpartition(".")[2])
+    config.target_modules = tuple(t for t in SUPPORTED_TARGETS if t in targets)
+    return config, weights
+
+
+def _pairs(weights: dict[str, torch.Tensor], where: str
+           ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """PEFT-named weights -> {module name: (A (r, in), B (out, r))}; raises ModelLoadError."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        stem = key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+        module, _, kind = stem.rpartition(".")
+        if kind not in ("lora_A", "lora_B") or not key.startswith(PEFT_PREFIX) or value.ndim != 2:
+            raise ModelLoadError(f"adapter {where}: unsupported tensor {key}; only lora_A / "
+                                 "lora_B weights of linear layers are supported")
+        found.setdefault(module, {})[kind] = value
+    if not found:
+        raise ModelLoadError(f"adapter {where} holds no LoRA weights")
+    out = {}
+    for module, pair in found.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ModelLoadError(f"adapter {where}: {module} has only {list(pair)}")
+        out[module] = (pair["lora_A"], pair["lora_B"])
+    return out
+
+
+# --- serving: many adapters in one batch -----------------------------------------------------
+
+@dataclass
+class LoRABatch:
+    """Which rows of a step's flat batch use which adapter (rows of the base model: none).
+
+    ``groups``: (slot, rows) per adapter in the step; ``rows`` is a (n,) int64 tensor of row
+    indices into the flat batch of T tokens, or None when every row uses that adapter.
+    """
+
+    groups: list[tuple[int, torch.Tensor | None]]
+
+
+class MultiLoRALinear(nn.Module):
+    """Any linear layer (``nn.Linear``, ``PackedLinear``, ``Int4DecodeLinear``) plus the
+    updates of every resident adapter that targets it, each applied to its own rows.
+
+    ``forward(x (T, in), lora) -> (T, out)``: ``base(x)``, then for each (slot, rows) of
+    ``lora``: ``y[rows] += (x[rows] @ A^T) @ B^T`` with the adapter's A (R, in) and B (out, R),
+    scaling folded into B. A fused layer (``parts`` q|k|v or gate|up) stacks the parts' A
+    along R and makes B block-diagonal, so each part's update lands in its output slice and a
+    part the adapter does not target gets zeros: one pair of matmuls per adapter (the
+    "gather, shrink, expand, scatter" of Punica's BGMV, as a loop over the few adapters of a
+    step). Base outputs are untouched: ``lora=None`` costs one check.
+
+    Args:
+        base: the layer to wrap.
+        parts: (HF module name, output size) of each projection in ``base``'s output, in order.
+    """
+
+    def __init__(self, base: nn.Module, parts: list[tuple[str, int]]):
+        super().__init__()
+        self.base = base
+        self.parts = parts
+        self.in_features, self.out_features = base.in_features, base.out_features
+        # slot -> (A^T (in, R), B^T (R, out)): pre-transposed so both matmuls read rows
+        self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+        y = self.base(x)
+        if lora is None:
+            return y
+        for slot, rows in lora.groups:
+            weights = self.adapters.get(slot)
+            if weights is None:  # this adapter does not target this layer
+                continue
+            a_t, b_t = weights
+            if rows is None:
+                y += (x @ a_t @ b_t).to(y.dtype)
+            else:
+                delta = x.index_select(0, rows) @ a_t @ b_t  # (n, in) -> (n, R) -> (n, out)
+                # in place into the fresh base output; index_put_ is 2x faster than index_add
+                y.index_put_((rows,), delta.to(y.dtype), accumulate=True)
+        return y
+
+    def set_adapter(self, slot: int, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    scaling: float) -> None:
+        """Install an adapter's (A (r, in), B (out_part, r)) per HF part name (missing parts: no
+        update) under ``slot``, in the layer's dtype and device."""
+        present = [(name, size, pairs[name]) for name, size in self.parts if name in pairs]
+        if not present:
+            return
+        ref = next(t for t in self.base.state_dict().values() if t.is_floating_point())
+        rank = sum(a.shape[0] for _, _, (a, _) in present)
+        a_all = torch.cat([a for _, _, (a, _) in present]).float()  # (R, in)
+        b_all = torch.zeros(self.out_features, rank)  # (out, R), block-diagonal
+        offset, r0 = 0, 0
+        for name, size in self.parts:
+            if name in pairs:
+                a, b = pairs[name]
+                b_all[offset:offset + size, r0:r0 + a.shape[0]] = b.float() * scaling
+                r0 += a.shape[0]
+            offset += size
+        self.adapters[slot] = (a_all.t().contiguous().to(ref.device, ref.dtype),
+                               b_all.t().contiguous().to(ref.device, ref.dtype))
+
+    def remove_adapter(self, slot: int) -> None:
+        self.adapters.pop(slot, None)
+
+
+def projection_parts(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """The LoRA-targetable linears of a Llama-family model as it is now (fused or not).
+
+    Returns:
+        module name (``model.layers.0.self_attn.qkv_proj``) -> [(HF part name, output size)].
+    """
+    cfg = model.config
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    sizes = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
+             "self_attn.o_proj": cfg.hidden_size, "mlp.gate_proj": cfg.intermediate_size,
+             "mlp.up_proj": cfg.intermediate_size, "mlp.down_proj": cfg.hidden_size}
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        fused_parts = set()
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if getattr(layer.get_submodule(fused.rpartition(".")[0]),
+                       fused.rpartition(".")[2], None) is not None:
+                out[prefix + fused] = [(prefix + p, sizes[p]) for p in parts]
+                fused_parts.update(parts)
+        for part, size in sizes.items():
+            if part not in fused_parts:
+                out[prefix + part] = [(prefix + part, size)]
+    return out
+
+
+@dataclass
+class RegisteredAdapter:
+    """An adapter the engine may serve: where it lives and its unique id (its slot)."""
+
+    name: str
+    directory: Path
+    config: LoRAConfig
+    lora_id: int  # unique per registration: the wrappers' slot and the prefix-cache salt
+
+
+class LoRAManager:
+    """Registered adapters by name, and which of them are loaded into the model (resident).
+
+    Adapters are read from disk at first use (``activate``); past ``max_loras`` resident ones,
+    the least recently used adapter that the current step does not need is dropped (it is read
+    again when next used). A step needs all of its adapters at once, so it may hold more than
+    ``max_loras`` for as long as it runs them. The model's target linears are wrapped in
+    ``MultiLoRALinear`` when the first adapter is registered, so a base-only server runs the
+    plain model. Not thread-safe: the engine loop thread owns it.
+
+    Args:
+        model: the served Llama-family model (fused or not, any linear kind).
+        max_loras: adapters kept resident.
+    """
+
+    def __init__(self, model: nn.Module, max_loras: int):
+        self.model, self.max_loras = model, max_loras
+        self.registered: dict[str, RegisteredAdapter] = {}
+        self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
+        self.layers: dict[str, MultiLoRALinear] | None = None
+        self._next_id = 1
+        self.num_loads = 0  # adapters read from disk, cumulative
+
+    def register(self, name: str, directory: str | Path) -> RegisteredAdapter:
+        """Register an adapter under ``name`` (its weights are read at first use).
+
+        Raises:
+            InvalidRequestError: ``name`` is already registered.
+            ModelLoadError: missing/invalid adapter, or targets the model lacks.
+        """
+        if name in self.registered:
+            raise InvalidRequestError(f"a LoRA adapter named {name!r} is already loaded; "
+                                      "remove it first or pick another name", param="lora_name")
+        config = read_peft_config(directory)
+        adapter = RegisteredAdapter(name, Path(directory), config, self._next_id)
+        self._next_id += 1
+        self._wrap_model()
+        self.registered[name] = adapter
+        return adapter
+
+    def unregister(self, name: str) -> None:
+        """Forget an adapter and drop its weights. Raises InvalidRequestError if unknown."""
+        self.get(name)
+        self._evict(name)
+        del self.registered[name]
+
+    def get(self, name: str) -> RegisteredAdapter:
+        """Raises InvalidRequestError naming an unknown adapter and the known ones."""
+        adapter = self.registered.get(name)
+        if adapter is None:
+            known = ", ".join(sorted(self.registered)) or "none"
+            raise InvalidRequestError(f"the LoRA adapter {name!r} does not exist (loaded "
+                                      f"adapters: {known})", param="model",
+                                      code="model_not_found")
+        return adapter
+
+    def activate(self, names: set[str]) -> dict[str, int]:
+        """Make ``names`` resident (most recently used), evicting over the limit; their slots.
+
+        Raises:
+            InvalidRequestError: an unknown name. ModelLoadError: an adapter cannot be read or
+                does not fit the model.
+        """
+        for name in names:
+            if name in self.resident:
+                self.resident.move_to_end(name)
+            else:
+                self._load(self.get(name))
+        for name in [n for n in self.resident if n not in names]:
+            if len(self.resident) <= self.max_loras:
+                break
+            self._evict(name)
+        return {name: self.resident[name] for name in names}
+
+    def batch(self, names: list[str | None], counts: list[int]) -> LoRABatch | None:
+        """The ``LoRABatch`` of a step whose flat batch holds ``counts[i]`` consecutive rows of
+        request i, which uses adapter ``names[i]`` (None = the base model); None when no
+        request uses an adapter."""
+        wanted = {n for n in names if n is not None}
+        if not wanted:
+            return None
+        slots = self.activate(wanted)
+        if len(wanted) == 1 and None not in names:
+            return LoRABatch([(slots[names[0]], None)])
+        rows: dict[int, list[int]] = {}
+        start = 0
+        for name, n in zip(names, counts):
+            if name is not None:
+                rows.setdefault(slots[name], []).extend(range(start, start + n))
+            start += n
+        device = next(self.model.parameters()).device
+        return LoRABatch([(slot, torch.tensor(r, device=device)) for slot, r in rows.items()])
+
+    def _wrap_model(self) -> None:
+        if self.layers is not None:
+            return
+        self.layers = {}
+        for name, parts in projection_parts(self.model).items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name)
+            wrapper = MultiLoRALinear(getattr(parent, attr), parts)
+            setattr(parent, attr, wrapper)
+            self.layers[name] = wrapper
+
+    def _load(self, adapter: RegisteredAdapter) -> None:
+        config, weights = load_peft_adapter(adapter.directory)
+        pairs = _pairs(weights, str(adapter.directory))
+        part_of = {part: (name, size) for name, parts in projection_parts(self.model).items()
+                   for part, size in parts}
+        by_layer: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for module, (a, b) in pairs.items():
+            where = part_of.get(module)
+            if where is None:
+                raise ModelLoadError(f"adapter {adapter.name!r} targets {module}, which this "
+                                     "model does not have (or lmforge cannot adapt)")
+            layer, size = where
+            in_features = self.layers[layer].in_features
+            if a.shape[1] != in_features or b.shape[0] != size:
+                raise ModelLoadError(
+                    f"adapter {adapter.name!r} does not fit this model: {module} has A "
+                    f"{tuple(a.shape)} and B {tuple(b.shape)}, the model's layer maps "
+                    f"{in_features} -> {size}; was it trained on another base model?")
+            by_layer.setdefault(layer, {})[module] = (a, b)
+        for layer, layer_pairs in by_layer.items():
+            self.layers[layer].set_adapter(adapter.lora_id, layer_pairs, config.scaling)
+        self.resident[adapter.name] = adapter.lora_id
+        self.num_loads += 1
+
+    def _evict(self, name: str) -> None:
+        slot = self.resident.pop(name, None)
+        if slot is not None:
+            for layer in self.layers.values():
+                layer.remove_adapter(slot)

@@ -1,0 +1,289 @@
+"""Training data: OpenAI chat JSONL, prompt/completion JSONL and LLM Engine's CSV -> token ids.
+
+Each row becomes an ``Example``: the prompt's token ids (no loss) and the completion's (the
+loss), in the model's own format:
+
+- chat rows (``{"messages": [...]}``, OpenAI's fine-tuning format): the completion is the final
+  assistant message, the prompt everything before it rendered by the model's chat template with
+  ``add_generation_prompt=True``. Both come from one tokenization of the full conversation, so
+  prompt + completion are exactly the template's own tokens (up to the end-of-turn token; what
+  the template writes after it, e.g. SmolLM2's ``"\\n"``, is dropped).
+- prompt/completion rows (``{"prompt", "completion"}``, OpenAI's legacy format) and CSV rows
+  with ``prompt`` and ``response`` columns (LLM Engine's format): the prompt's tokens (with the
+  tokenizer's bos, if it adds one) and the completion's, followed by eos.
+
+Validation fails on the first bad row with its 1-based line number and the reason
+(``DataError``). A row longer than ``max_seq_len`` tokens is truncated from the end, as OpenAI's
+fine-tuning does; a row whose prompt alone leaves no completion token is an error.
+
+``collate`` pads a list of examples on the right into ``input_ids``, ``labels`` (``-100`` on
+prompt and padding) and ``attention_mask``, the batch ``sft_loss`` takes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import InvalidRequestError
+from lmforge.tokenizer import Tokenizer
+from lmforge.training.losses import IGNORE_INDEX
+
+MIN_ROWS = 10  # OpenAI's minimum of training examples per file
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+HOLDOUT_FRACTION = 0.1  # of the training rows held out for validation when no file is given
+
+
+class DataError(InvalidRequestError):
+    """A training or validation file is malformed (HTTP 400; the fine-tuning job fails with it).
+
+    Attributes:
+        line: 1-based line of the offending row (its last line for a CSV record spanning
+            several), or None for a problem of the whole file (too few rows, unknown format).
+    """
+
+    default_code = "invalid_training_file"
+
+    def __init__(self, message: str, *, line: int | None = None, param: str = "training_file"):
+        super().__init__(f"line {line}: {message}" if line is not None else message, param=param)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training row as token ids; the loss is taken on ``completion_ids`` only."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # never empty
+    line: int  # 1-based line of the row in its file
+    truncated: bool = False  # cut to max_seq_len from the end
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+
+def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
+                  min_rows: int = MIN_ROWS, param: str = "training_file") -> list[Example]:
+    """Read, validate and tokenize a training (or validation) file.
+
+    The format comes from the extension (``.csv``; ``.jsonl``/``.json``) or, for any other name,
+    from the content (a first character ``{`` means JSONL). In a JSONL file every row must have
+    the format of the first (``messages``, or ``prompt`` + ``completion``).
+
+    Raises:
+        DataError: with the line and the reason: malformed JSON, a row that is not an object,
+            missing or non-string fields, an unknown role, no final assistant message, an empty
+            completion, a prompt of ``max_seq_len`` tokens or more, a template error; or, for the
+            whole file, an undecodable file or fewer than ``min_rows`` rows.
+    """
+    rows = list(_read_rows(Path(path), param))
+    if len(rows) < min_rows:
+        raise DataError(f"the file has {len(rows)} example(s); at least {min_rows} are needed",
+                        param=param)
+    kind = _row_kind(rows[0][1], rows[0][0], param)
+    examples = []
+    for line, row in rows:
+        if _row_kind(row, line, param) != kind:
+            raise DataError(f"row is in the {_row_kind(row, line, param)} format, but the file "
+                            f"starts in the {kind} format; use one format per file",
+                            line=line, param=param)
+        prompt, completion = (chat_to_ids(row["messages"], tokenizer, line, param)
+                              if kind == "chat" else text_to_ids(row, tokenizer, line, param))
+        examples.append(_fit(prompt, completion, line, max_seq_len, param))
+    return examples
+
+
+def split_holdout(examples: Sequence[Example], seed: int,
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[list[Example], list[Example]]:
+    """(train, validation): a ``fraction`` of the rows, at least one, held out at random.
+
+    Deterministic for a given ``seed`` and row order; both parts keep the file's order.
+
+    Raises:
+        DataError: fewer than 2 rows (nothing would be left to train on).
+    """
+    if len(examples) < 2:
+        raise DataError("at least 2 examples are needed to hold out a validation set")
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    held = set(random.Random(seed).sample(range(len(examples)), n_val))
+    train = [e for i, e in enumerate(examples) if i not in held]
+    return train, [e for i, e in enumerate(examples) if i in held]
+
+
+@dataclass
+class Batch:
+    """A right-padded batch. All tensors are (B, T) with T the longest example's length."""
+
+    input_ids: torch.Tensor  # int64, pad_id after each example's tokens
+    labels: torch.Tensor  # int64, the completion's ids where they are; IGNORE_INDEX elsewhere
+    attention_mask: torch.Tensor  # int64, 1 on tokens, 0 on padding
+
+    @property
+    def num_completion_tokens(self) -> int:
+        """Labelled tokens the loss predicts (a row's first token is never predicted)."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> Batch:
+    """Pad ``examples`` on the right into one ``Batch``.
+
+    Example: prompt [5, 6], completion [7, 2] and prompt [5], completion [8] with pad 0 give
+    ``input_ids [[5, 6, 7, 2], [5, 8, 0, 0]]``, ``labels [[-100, -100, 7, 2], [-100, 8, -100,
+    -100]]``, ``attention_mask [[1, 1, 1, 1], [1, 1, 0, 0]]``.
+    """
+    width = max(e.num_tokens for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        p, n = len(e.prompt_ids), e.num_tokens
+        input_ids[row, :n] = torch.tensor(e.prompt_ids + e.completion_ids)
+        labels[row, p:n] = torch.tensor(e.completion_ids)
+        attention_mask[row, :n] = 1
+    return Batch(input_ids, labels, attention_mask)
+
+
+# --- rows -> token ids -----------------------------------------------------------------------
+
+def chat_to_ids(messages: object, tokenizer: Tokenizer, line: int,
+                param: str = "training_file") -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one chat row; the completion is the last message.
+
+    The full conversation is rendered once and split where the prompt's rendering (all but the
+    last message, with the generation prompt) ends, so prompt + completion are the template's
+    own tokens. The completion ends at its last eos (end-of-turn) token. Where the template
+    does not render the prompt as a prefix of the whole, or the two tokenizations disagree at
+    the boundary, the prompt is rendered alone and the completion is the assistant text + eos.
+
+    Raises:
+        DataError: see ``read_examples``.
+    """
+    _check_messages(messages, line, param)
+    try:
+        full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    except InvalidRequestError as e:
+        raise DataError(e.message, line=line, param=param) from None
+    if full[:len(prompt)] == prompt and len(full) > len(prompt):
+        completion = full[len(prompt):]
+        ends = [i for i, t in enumerate(completion) if t in tokenizer.eos_token_ids]
+        completion = completion[:ends[-1] + 1] if ends else completion
+    else:
+        completion = _completion_ids(messages[-1]["content"], tokenizer)
+    return prompt, completion
+
+
+def text_to_ids(row: dict, tokenizer: Tokenizer, line: int,
+                param: str = "training_file") -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids + eos) of a prompt/completion (or prompt/response) row.
+
+    Raises:
+        DataError: a missing, non-string or empty field.
+    """
+    key = "completion" if "completion" in row else "response"
+    for field in ("prompt", key):
+        if not isinstance(row.get(field), str):
+            raise DataError(f"field {field!r} is missing or not a string", line=line, param=param)
+    if not row[key].strip():
+        raise DataError(f"field {key!r} is empty: there is nothing to learn", line=line,
+                        param=param)
+    return tokenizer.encode(row["prompt"]), _completion_ids(row[key], tokenizer)
+
+
+def _completion_ids(text: str, tokenizer: Tokenizer) -> list[int]:
+    eos = tokenizer.hf.eos_token_id
+    return tokenizer.encode(text, add_special_tokens=False) + ([eos] if eos is not None else [])
+
+
+def _check_messages(messages: object, line: int, param: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError("'messages' must be a non-empty list", line=line, param=param)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise DataError(f"messages[{i}] must be an object with a 'role'", line=line,
+                            param=param)
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(f"messages[{i}] has role {m['role']!r}; roles are "
+                            f"{', '.join(CHAT_ROLES)}", line=line, param=param)
+        if not isinstance(m.get("content"), str) and not (m["role"] == "assistant"
+                                                          and m.get("tool_calls")):
+            raise DataError(f"messages[{i}] ({m['role']}) needs a string 'content'", line=line,
+                            param=param)
+    if messages[-1]["role"] != "assistant":
+        raise DataError("the last message must be the assistant's (the completion to learn); "
+                        f"it is {messages[-1]['role']!r}", line=line, param=param)
+    if not (messages[-1].get("content") or "").strip():
+        raise DataError("the final assistant message is empty: there is nothing to learn",
+                        line=line, param=param)
+
+
+def _fit(prompt: list[int], completion: list[int], line: int, max_seq_len: int,
+         param: str) -> Example:
+    if len(prompt) >= max_seq_len:
+        raise DataError(f"the prompt has {len(prompt)} tokens, so max_seq_len ({max_seq_len}) "
+                        "leaves no completion token; shorten the prompt or raise max_seq_len",
+                        line=line, param=param)
+    room = max_seq_len - len(prompt)
+    return Example(prompt, completion[:room], line, truncated=len(completion) > room)
+
+
+# --- files -> rows ---------------------------------------------------------------------------
+
+def _row_kind(row: dict, line: int, param: str) -> str:
+    if "messages" in row:
+        return "chat"
+    if "prompt" in row and ("completion" in row or "response" in row):
+        return "prompt/completion"
+    raise DataError(f"row has fields {sorted(row)}; expected 'messages' (chat), or 'prompt' "
+                    "and 'completion' (or 'response')", line=line, param=param)
+
+
+def _read_rows(path: Path, param: str) -> Iterator[tuple[int, dict]]:
+    """(1-based line, row object) of each non-blank JSONL line or CSV record."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"file {path} does not exist", param=param) from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"the file is not UTF-8 text ({e.reason} at byte {e.start})",
+                        param=param) from None
+    is_csv = path.suffix.lower() == ".csv" or (
+        path.suffix.lower() not in (".jsonl", ".json") and not text.lstrip().startswith("{"))
+    yield from (_csv_rows(text, param) if is_csv else _jsonl_rows(text, param))
+
+
+def _jsonl_rows(text: str, param: str) -> Iterator[tuple[int, dict]]:
+    for line, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON ({e.msg} at column {e.colno})", line=line,
+                            param=param) from None
+        if not isinstance(row, dict):
+            raise DataError(f"each line must be a JSON object, not {type(row).__name__}",
+                            line=line, param=param)
+        yield line, row
+
+
+def _csv_rows(text: str, param: str) -> Iterator[tuple[int, dict]]:
+    reader = csv.DictReader(text.splitlines(keepends=True))
+    columns = set(reader.fieldnames or ())
+    if not {"prompt", "response"} <= columns:
+        raise DataError(f"a CSV file needs the columns 'prompt' and 'response'; its header has "
+                        f"{sorted(columns)}", line=1, param=param)
+    try:
+        for record in reader:
+            if not any((v or "").strip() for v in record.values() if isinstance(v, str)):
+                continue
+            yield reader.line_num, {"prompt": record["prompt"], "response": record["response"]}
+    except csv.Error as e:
+        raise DataError(f"malformed CSV ({e})", line=reader.line_num, param=param) from None

@@ -1,0 +1,65 @@
+"""The training forward: a padded (B, T) batch through the model the engine serves, with autograd.
+
+``LlamaForCausalLM.forward`` takes a flat batch of tokens and attention metadata; a training
+batch is the same thing as one engine step that prefills B new sequences from scratch. So the
+batch's real tokens are packed into one flat batch (padding is never computed), each sequence is
+a ``PrefillChunk`` without a cached prefix (its own causal SDPA call, the serving prefill path),
+and the K/V writes go to a throwaway scratch cache that nothing reads. The serving code is
+unchanged, and the module classes trained are exactly the ones served (LoRA layers included).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.models.attention import AttentionMetadata, PrefillChunk
+from lmforge.models.llama import LlamaForCausalLM
+
+
+def packed_metadata(lengths: list[int], device: torch.device) -> AttentionMetadata:
+    """Metadata of a flat batch of sequences of ``lengths`` tokens, each a fresh prefill.
+
+    Token i of the flat batch writes its K/V to scratch slot i.
+    """
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    chunks = [PrefillChunk(start=s, end=e, context_rows=None, mask=None)
+              for s, e in zip(starts, starts[1:]) if e > s]
+    return AttentionMetadata(slot_mapping=torch.arange(starts[-1], device=device), block_size=1,
+                             num_decodes=0, decode_rows=None, decode_bias=None, prefills=chunks)
+
+
+def causal_lm_logits(model: LlamaForCausalLM, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of every position of a padded batch, differentiable.
+
+    Args:
+        model: an UNFUSED ``LlamaForCausalLM`` (``fuse_projections_`` drops the layers LoRA
+            wraps and fused weights carry no gradient).
+        input_ids: (B, T) int64.
+        attention_mask: (B, T), 1 on tokens and 0 on padding; each row's tokens must be
+            contiguous (right or left padding). None = no padding.
+
+    Returns:
+        (B, T, V) float32 logits; rows of padding positions are ``lm_head(0)`` (zeros unless the
+        head has a bias) and carry no information. Real positions equal Hugging Face's
+        ``LlamaForCausalLM(input_ids, attention_mask).logits`` for right padding (positions
+        restart at 0 in every row, as HF's ``position_ids`` from the attention mask).
+    """
+    b, t = input_ids.shape
+    mask = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
+            else attention_mask.bool())
+    lengths = mask.sum(-1).tolist()
+    flat_ids = input_ids[mask]  # (N,) the real tokens, row after row
+    positions = torch.cat([torch.arange(n, device=input_ids.device) for n in lengths])
+    param = next(model.parameters())
+    k_scratch = torch.empty(model.kv_cache_shape(len(flat_ids)), dtype=param.dtype,
+                            device=param.device)
+    scratch = (k_scratch, torch.empty_like(k_scratch))
+    # every layer writes the same scratch: the attention reads this batch's own K/V, never it
+    kv_caches = [scratch] * model.config.num_hidden_layers
+    hidden = model(flat_ids, positions, kv_caches, packed_metadata(lengths, input_ids.device))
+    padded = hidden.new_zeros(b, t, hidden.shape[-1])
+    padded[mask] = hidden  # (B, T, hidden), zeros on padding
+    return model.compute_logits(padded)

@@ -1,0 +1,347 @@
+"""One supervised fine-tuning loop: LoRA on our own LlamaForCausalLM (the class the engine serves).
+
+``train(model, train_rows, val_rows, config, output_dir)`` loads the base model unfused in
+float32 (``load_model(..., for_training=True)``), wraps the target linears with LoRA
+(``models.lora.inject_lora``; everything else frozen) and runs AdamW over the LoRA weights with
+linear warmup then cosine decay (transformers' ``get_cosine_schedule_with_warmup``), gradient
+accumulation (the loss of each optimizer step is normalized by the step's completion tokens, so
+it equals one big batch) and gradient-norm clipping. After each epoch it evaluates the mean
+validation loss per completion token and writes a checkpoint ``output_dir/checkpoint-<step>``:
+a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) plus
+``trainer_state.pt`` (optimizer, scheduler, step, best so far) for resuming. The result is the
+checkpoint with the lowest validation loss (LLM Engine's rule); the others but the last are
+deleted.
+
+The caller gets ``on_event(dict)`` callbacks, ``{"type": "metrics", "step", "epoch",
+"train_loss", "learning_rate"}`` after every optimizer step (with ``"eval_loss"`` after the
+last step of an epoch) and ``{"type": "message", "message"}`` lines, and stops the run between
+two micro-batches by returning True from ``should_stop()`` (cancellation; nothing is saved).
+With ``resume=True`` a run continues after the last complete checkpoint in ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lmforge.config import ModelConfig
+from lmforge.errors import InvalidRequestError
+from lmforge.models.loader import LoadedModel, load_model
+from lmforge.models.lora import (
+    LoRAConfig,
+    inject_lora,
+    load_lora_state_dict_,
+    load_peft_adapter,
+    save_peft_adapter,
+)
+from lmforge.training.data import Batch, Example, collate, read_examples, split_holdout
+from lmforge.training.forward import causal_lm_logits
+from lmforge.training.losses import sft_loss
+
+STATE_FILE = "trainer_state.pt"  # written last: a checkpoint without it is incomplete
+
+Event = dict
+Rows = Sequence[Example] | str | Path
+
+
+@dataclass
+class TrainingConfig:
+    """Hyperparameters of one LoRA SFT run (OpenAI's fine-tuning names where they exist)."""
+
+    n_epochs: int = 3
+    batch_size: int = 8  # examples per micro-batch
+    learning_rate: float = 2e-4  # base learning rate of AdamW
+    learning_rate_multiplier: float = 1.0  # OpenAI's: the peak rate is learning_rate * this
+    warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up linearly
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay on the LoRA weights
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_seq_len: int = 1024  # tokens per example; longer rows are cut from the end
+    seed: int = 0  # LoRA init, shuffling, the validation hold-out
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    device: str = "cpu"
+
+    @property
+    def peak_learning_rate(self) -> float:
+        return self.learning_rate * self.learning_rate_multiplier
+
+    def validate(self) -> None:
+        """Raises InvalidRequestError naming the field (as ``param``) and its valid range."""
+        checks = [
+            ("n_epochs", self.n_epochs >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("learning_rate", self.learning_rate > 0, "positive, e.g. 2e-4"),
+            ("learning_rate_multiplier", self.learning_rate_multiplier > 0, "positive"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("max_grad_norm", self.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
+            ("max_seq_len", self.max_seq_len >= 2, "at least 2"),
+        ]
+        for name, ok, want in checks:
+            if not ok:
+                raise InvalidRequestError(f"{name} ({getattr(self, name)}) must be {want}",
+                                          param=name)
+        try:
+            self.lora.validate()
+        except ValueError as e:
+            raise InvalidRequestError(str(e), param="lora") from None
+
+
+@dataclass
+class TrainingResult:
+    """What a run produced. ``best_checkpoint`` is a PEFT adapter directory (None if no epoch
+    finished before a stop)."""
+
+    best_checkpoint: Path | None
+    best_eval_loss: float | None
+    trained_tokens: int  # prompt + completion tokens of every example trained on, all epochs
+    steps: int  # optimizer steps done, resumed ones included
+    stopped: bool = False  # should_stop() ended the run early
+
+
+@dataclass
+class _State:
+    """The loop's progress, saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    trained_tokens: int = 0
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): ``step / warmup_steps`` during
+    warmup, then ``0.5 * (1 + cos(pi * progress))`` down to 0 at ``total_steps``, as
+    transformers' ``get_cosine_schedule_with_warmup``."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | None,
+          config: TrainingConfig, output_dir: str | Path, *,
+          on_event: Callable[[Event], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingResult:
+    """Fine-tune a LoRA adapter on ``model`` and return the best checkpoint by validation loss.
+
+    Args:
+        model: a GGUF file, HF directory or alias (loaded in float32, unfused), or a
+            ``LoadedModel`` loaded with ``for_training=True`` (LoRA is injected into it in place).
+        train_rows: examples (``data.read_examples``) or a file path to read them from.
+        val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
+        output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
+        on_event: called with metrics and message dicts (module docstring).
+        should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
+
+    Raises:
+        InvalidRequestError: an invalid config (``TrainingConfig.validate``), or max_seq_len
+            beyond the model's context.
+        DataError: a training or validation file that does not validate.
+        ModelLoadError: the base model cannot be loaded.
+    """
+    config.validate()
+    emit = on_event or (lambda event: None)
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
+    _check_context(config, loaded)
+    train_set, val_set = _datasets(train_rows, val_rows, loaded, config)
+    torch.manual_seed(config.seed)
+    inject_lora(loaded.model, config.lora)
+    params = [p for p in loaded.model.parameters() if p.requires_grad]
+    loop = _Loop(loaded, params, train_set, val_set, config, Path(output_dir), emit)
+    if resume:
+        loop.restore_last_checkpoint()
+    return loop.run(should_stop or (lambda: False))
+
+
+def _check_context(config: TrainingConfig, loaded: LoadedModel) -> None:
+    if config.max_seq_len > loaded.config.max_position_embeddings:
+        raise InvalidRequestError(
+            f"max_seq_len ({config.max_seq_len}) exceeds the model's context "
+            f"({loaded.config.max_position_embeddings}); lower max_seq_len", param="max_seq_len")
+
+
+def _datasets(train_rows: Rows, val_rows: Rows | None, loaded: LoadedModel,
+              config: TrainingConfig) -> tuple[list[Example], list[Example]]:
+    def read(rows: Rows, param: str, min_rows: int) -> list[Example]:
+        if isinstance(rows, (str, Path)):
+            return read_examples(rows, loaded.tokenizer, config.max_seq_len, param=param,
+                                 min_rows=min_rows)
+        return list(rows)
+
+    train_set = read(train_rows, "training_file", 2)
+    if val_rows is None:
+        return split_holdout(train_set, config.seed)
+    return train_set, read(val_rows, "validation_file", 1)
+
+
+class _Loop:
+    """The state of one run: the model, the optimizer, the schedule and the data order."""
+
+    def __init__(self, loaded: LoadedModel, params: list[torch.nn.Parameter],
+                 train_set: list[Example], val_set: list[Example], config: TrainingConfig,
+                 output_dir: Path, emit: Callable[[Event], None]):
+        self.loaded, self.model, self.config = loaded, loaded.model, config
+        self.train_set, self.val_set, self.output_dir, self.emit = (
+            train_set, val_set, output_dir, emit)
+        self.params = params
+        hf = loaded.tokenizer.hf
+        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
+        micro = math.ceil(len(train_set) / config.batch_size)
+        self.steps_per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
+        self.total_steps = self.steps_per_epoch * config.n_epochs
+        warmup = round(config.warmup_ratio * self.total_steps)
+        self.optimizer = torch.optim.AdamW(params, lr=config.peak_learning_rate,
+                                           weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: cosine_with_warmup(s, warmup, self.total_steps))
+        self.state = _State()
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self, should_stop: Callable[[], bool]) -> TrainingResult:
+        cfg = self.config
+        self.message(f"Training on {len(self.train_set)} examples, validating on "
+                     f"{len(self.val_set)}: {self.total_steps} steps over {cfg.n_epochs} epochs")
+        with tqdm(total=self.total_steps, initial=self.state.step, desc="Fine-tuning",
+                  unit="step") as bar:
+            for epoch in range(self.state.epoch, cfg.n_epochs):
+                for step_batches in self.epoch_steps(epoch):
+                    if should_stop():
+                        self.message(f"Stopped at step {self.state.step}")
+                        return self.result(stopped=True)
+                    train_loss, lr = self.optimizer_step(step_batches)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{train_loss:.4f}")
+                    self.emit_metrics(epoch, train_loss, lr, last=self.state.step
+                                      == (epoch + 1) * self.steps_per_epoch)
+        self.message(f"Done: the best checkpoint is {self.state.best_checkpoint} "
+                     f"(validation loss {self.state.best_eval_loss:.4f})")
+        return self.result(stopped=False)
+
+    def epoch_steps(self, epoch: int) -> list[list[Batch]]:
+        """This epoch's optimizer steps, each a list of micro-batches, skipping those done.
+
+        The order is a shuffle seeded by (seed, epoch), so a resumed run sees the same batches.
+        """
+        order = list(range(len(self.train_set)))
+        random.Random(self.config.seed * 1000 + epoch).shuffle(order)
+        size, accum = self.config.batch_size, self.config.gradient_accumulation_steps
+        batches = [collate([self.train_set[i] for i in order[s:s + size]], self.pad_id)
+                   for s in range(0, len(order), size)]
+        steps = [batches[s:s + accum] for s in range(0, len(batches), accum)]
+        done = self.state.step - epoch * self.steps_per_epoch
+        return steps[done:]
+
+    def optimizer_step(self, batches: list[Batch]) -> tuple[float, float]:
+        """Forward/backward every micro-batch, clip, step.
+
+        Returns:
+            (the step's mean loss per completion token, the learning rate it used).
+        """
+        self.model.train()
+        num_items = sum(b.num_completion_tokens for b in batches)
+        total = 0.0
+        for batch in batches:
+            batch = self.to_device(batch)
+            logits = causal_lm_logits(self.model, batch.input_ids, batch.attention_mask)
+            loss = sft_loss(logits, batch.labels, num_items=num_items)
+            loss.backward()
+            total += loss.item()
+            self.state.trained_tokens += int(batch.attention_mask.sum())
+        if self.config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return total, lr
+
+    def emit_metrics(self, epoch: int, train_loss: float, lr: float, last: bool) -> None:
+        """The step's metrics event; after an epoch's last step, evaluate and checkpoint first."""
+        event = {"type": "metrics", "step": self.state.step, "epoch": epoch + 1,
+                 "train_loss": train_loss, "learning_rate": lr}
+        if last:
+            eval_loss = self.evaluate()
+            event["eval_loss"] = eval_loss
+            self.state.epoch = epoch + 1
+            self.save_checkpoint(eval_loss)
+        self.emit(event)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per completion token over the validation set (dropout off)."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for s in range(0, len(self.val_set), self.config.batch_size):
+            batch = self.to_device(collate(self.val_set[s:s + self.config.batch_size],
+                                           self.pad_id))
+            n = batch.num_completion_tokens
+            logits = causal_lm_logits(self.model, batch.input_ids, batch.attention_mask)
+            total += sft_loss(logits, batch.labels, num_items=1).item()  # the sum
+            count += n
+        return total / max(count, 1)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self, eval_loss: float) -> None:
+        directory = self.output_dir / f"checkpoint-{self.state.step}"
+        save_peft_adapter(self.model, self.config.lora, directory, self.loaded.name)
+        if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
+            self.state.best_eval_loss, self.state.best_checkpoint = eval_loss, str(directory)
+        tmp = directory / f"{STATE_FILE}.tmp"
+        torch.save({"state": vars(self.state), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, tmp)
+        os.replace(tmp, directory / STATE_FILE)
+        self.prune_checkpoints(keep={directory, Path(self.state.best_checkpoint)})
+        self.message(f"Epoch {self.state.epoch}: validation loss {eval_loss:.4f}, checkpoint "
+                     f"{directory.name}")
+
+    def prune_checkpoints(self, keep: set[Path]) -> None:
+        for path in self.output_dir.glob("checkpoint-*"):
+            if path not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def restore_last_checkpoint(self) -> None:
+        """Continue after the last complete checkpoint in output_dir, if there is one."""
+        done = [p for p in self.output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
+        if not done:
+            return
+        last = max(done, key=lambda p: int(p.name.rpartition("-")[2]))
+        _, weights = load_peft_adapter(last)
+        load_lora_state_dict_(self.model, weights)
+        saved = torch.load(last / STATE_FILE, weights_only=True)  # plain data: no pickled code
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        self.state = _State(**saved["state"])
+        self.message(f"Resumed from {last.name} (step {self.state.step}, epoch "
+                     f"{self.state.epoch})")
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def to_device(self, batch: Batch) -> Batch:
+        device = next(self.model.parameters()).device
+        return Batch(batch.input_ids.to(device), batch.labels.to(device),
+                     batch.attention_mask.to(device))
+
+    def message(self, text: str) -> None:
+        self.emit({"type": "message", "message": text})
+
+    def result(self, stopped: bool) -> TrainingResult:
+        best = self.state.best_checkpoint
+        return TrainingResult(Path(best) if best else None, self.state.best_eval_loss,
+                              self.state.trained_tokens, self.state.step, stopped)

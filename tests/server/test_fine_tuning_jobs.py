@@ -1,0 +1,96 @@
+"""Fine-tuning jobs run end to end on a server of their own (tiny Llama, own store): a job goes
+validating_files -> queued -> running -> succeeded with metrics events, a checkpoint per epoch
+and a results file; its model is served at once as ``ft:<base>:<suffix>:<job id>`` next to the
+base, and again after a restart; a bad file fails the job at once naming the line; a running
+job can be cancelled."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+import pytest
+from batching import batch_server
+
+ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                      {"role": "assistant", "content": "Arr, matey!"}]} for i in range(12)]
+
+
+def upload(client, rows, tmp_path, name="train.jsonl") -> str:
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with open(path, "rb") as f:
+        return client.files.create(file=f, purpose="fine-tune").id
+
+
+def wait_job(client, job_id, statuses, timeout_s=120.0):
+    deadline = time.monotonic() + timeout_s
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in statuses:
+        assert time.monotonic() < deadline, f"job still {job.status}"
+        time.sleep(0.2)
+    return job
+
+
+HYPER = {"n_epochs": 2, "batch_size": 4, "lora_r": 4, "learning_rate": 1e-3, "max_seq_len": 64}
+
+
+def test_a_job_trains_and_its_model_is_served_at_once_and_after_a_restart(tiny_llama_dir,
+                                                                        tmp_path):
+    home = tmp_path / "home"
+    with batch_server(tiny_llama_dir, home) as client:
+        base = client.model_name
+        job = client.fine_tuning.jobs.create(model=base, training_file=upload(client, ROWS,
+                                                                              tmp_path),
+                                             suffix="pirate", seed=3,
+                                             extra_body={"hyperparameters": HYPER})
+        job = wait_job(client, job.id, {"succeeded", "failed", "cancelled"})
+        assert job.status == "succeeded", job.error
+        assert job.fine_tuned_model == f"ft:{base}:pirate:{job.id}"
+        assert job.trained_tokens > 0 and job.finished_at and len(job.result_files) == 1
+        results = client.files.content(job.result_files[0]).read().decode().splitlines()
+        assert results[0] == "step,epoch,train_loss,valid_loss,learning_rate" and len(results) > 2
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        messages = [e.message for e in reversed(events)]
+        assert messages[0] == f"Created fine-tuning job: {job.id}"
+        assert "Fine-tuning job started" in messages and messages[-1].startswith(
+            "The job has successfully completed")
+        metrics = [e for e in events if e.type == "metrics"]
+        assert metrics and all({"step", "train_loss", "learning_rate"} <= set(e.data)
+                               for e in metrics)
+        checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert len(checkpoints) == 2 and checkpoints[0].metrics.valid_loss is not None
+        models = {m.id: m for m in client.models.list().data}
+        assert models[job.fine_tuned_model].parent == base and models[base].parent is None
+        for model in (job.fine_tuned_model, base):
+            resp = client.chat.completions.create(model=model, max_tokens=4, messages=[
+                {"role": "user", "content": "Question 99?"}])
+            assert resp.model == model and resp.usage.completion_tokens >= 1
+    with batch_server(tiny_llama_dir, home) as client:  # a restart: still served
+        deadline = time.monotonic() + 10
+        while job.fine_tuned_model not in {m.id for m in client.models.list().data}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2, messages=[
+            {"role": "user", "content": "hi"}]).choices
+
+
+def test_a_bad_file_fails_at_once_and_a_running_job_cancels(tiny_llama_dir, tmp_path):
+    with batch_server(tiny_llama_dir, tmp_path / "home") as client:
+        rows = ROWS[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}] + ROWS[5:]
+        bad = client.fine_tuning.jobs.create(model=client.model_name,
+                                             training_file=upload(client, rows, tmp_path))
+        bad = wait_job(client, bad.id, {"failed"}, timeout_s=30)
+        assert bad.error.code == "invalid_file" and bad.error.message.startswith("line 5: ")
+        assert bad.error.param == "training_file"
+        slow = client.fine_tuning.jobs.create(
+            model=client.model_name, training_file=upload(client, ROWS * 20, tmp_path, "big.jsonl"),
+            extra_body={"hyperparameters": HYPER | {"n_epochs": 20, "batch_size": 1}})
+        wait_job(client, slow.id, {"running"}, timeout_s=60)
+        assert client.fine_tuning.jobs.cancel(slow.id).status == "cancelled"
+        time.sleep(2)  # the training thread stops at its next step
+        job = client.fine_tuning.jobs.retrieve(slow.id)
+        assert job.status == "cancelled" and job.fine_tuned_model is None
+        assert len(client.models.list().data) == 1
+        with pytest.raises(openai.ConflictError):
+            client.fine_tuning.jobs.cancel(bad.id)
