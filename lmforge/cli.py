@@ -17,7 +17,7 @@ from typing import Any
 import click
 import uvicorn
 
-from lmforge.cli_api import batches, files
+from lmforge.cli_api import batches, files, fine_tune
 from lmforge.config import (
     DEFAULT_MODEL,
     CacheConfig,
@@ -105,13 +105,18 @@ def main() -> None:
 @click.option("--database-url", default=None,
               help="The jobs store (files, batches) as a SQLAlchemy URL, e.g. "
                    "postgresql://user@host/db (default: SQLite in $LMFORGE_HOME).")
+@click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
+              help="Serve the PEFT LoRA adapter directory PATH as the model NAME (repeatable).")
+@click.option("--max-loras", type=int, default=None,
+              help="LoRA adapters kept loaded at once (default 8; others load on demand).")
 @click.option("--fine-tuning/--no-fine-tuning", default=True, show_default=True,
               help="Run fine-tuning jobs on this server (a worker beside the engine).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
           host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
           batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
-          database_url: str | None, fine_tuning: bool, **options: Any) -> None:
+          database_url: str | None, fine_tuning: bool, loras: tuple[str, ...],
+          **options: Any) -> None:
     """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The server listens at once and loads the model in the background (/health answers 503
@@ -129,6 +134,7 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
                                  watchdog_timeout=watchdog_timeout,
                                  batch_concurrency=batch_concurrency,
                                  batch_window_s=batch_window_s, fine_tuning=fine_tuning,
+                                 loras=_lora_modules(loras),
                                  max_upload_mb=max_upload_mb, database_url=database_url,
                                  shutdown_timeout=shutdown_timeout)
     try:
@@ -208,6 +214,17 @@ def batch_run(input_file: Path, output_file: Path, model: str, served_model_name
     click.echo(f"{summary}; wrote {output_file}")
 
 
+def _lora_modules(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("name=path", ...)`` -> {name: path}. Raises click.BadParameter for a malformed pair."""
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{pair!r} is not NAME=PATH", param_hint="--lora")
+        out[name] = path
+    return out
+
+
 def precheck(config: EngineConfig, server_config: ServerConfig) -> str:
     """Fail before listening on what needs no loaded model: a missing model path and bad
     configuration fields. Returns the model's default served name.
@@ -224,6 +241,10 @@ def precheck(config: EngineConfig, server_config: ServerConfig) -> str:
     config.scheduler.validate(config.model.max_model_len or 0)
     server_config.validate()
     _open_store(server_config.database_url)
+    from lmforge.models.lora import read_peft_config
+
+    for path in server_config.loras.values():
+        read_peft_config(path)  # ModelLoadError naming the problem, before loading the model
     return config.model.served_model_name or name
 
 
@@ -254,7 +275,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   kv_cache_memory_mb: int | None, no_prefix_caching: bool,
                   max_waiting_requests: int | None = None,
                   max_waiting_tokens: int | None = None,
-                  max_background_prefill_tokens: int | None = None) -> EngineConfig:
+                  max_background_prefill_tokens: int | None = None,
+                  max_loras: int | None = None) -> EngineConfig:
     """``EngineConfig`` from CLI options; an option left out keeps the dataclass default."""
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -265,7 +287,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                           chat_template=chat_template, seed=seed, gguf_int4=gguf_int4),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,
-                                  kv_cache_memory_mb=kv_cache_memory_mb)),
+                                  kv_cache_memory_mb=kv_cache_memory_mb,
+                                  max_loras=max_loras)),
         scheduler=SchedulerConfig(**given(max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens,
                                           max_waiting_requests=max_waiting_requests,
@@ -339,6 +362,7 @@ class _Server(uvicorn.Server):
 
 main.add_command(files)
 main.add_command(batches)
+main.add_command(fine_tune)
 
 if __name__ == "__main__":
     main()

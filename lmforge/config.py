@@ -154,6 +154,8 @@ class ServerConfig:
     # run fine-tuning jobs here (a worker beside the engine); False leaves them queued for a
     # server that does (several replicas on one database: let one of them train)
     fine_tuning: bool = True
+    # LoRA adapters served from the start, name -> PEFT directory (``--lora name=path``)
+    loras: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""

@@ -118,9 +118,12 @@ class FineTuneWorker(PollingWorker):
             for param in ("training_file", "validation_file"):
                 file_id = getattr(job, param)
                 if file_id is not None:
+                    # OpenAI's minimum of 10 examples is the training file's; a validation
+                    # file may be small
                     await asyncio.to_thread(read_examples, self.store.path(file_id),
                                             self.engine.tokenizer, config.max_seq_len,
-                                            param=param)
+                                            param=param, **({"min_rows": 1} if param ==
+                                                            "validation_file" else {}))
         except LMForgeError as e:
             await self._fail(job, "invalid_file", e.message, e.param)
             return False

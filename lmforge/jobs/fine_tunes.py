@@ -129,6 +129,18 @@ class FineTuneStore:
                 FINE_TUNING_JOBS.c.rank)).all()
         return [_job(r) for r in rows]
 
+    def unserve(self, fine_tuned_model: str) -> str | None:
+        """Stop serving a fine-tuned model at start-up (``DELETE /v1/models``): its job keeps
+        its record but loses ``adapter_path``, which is returned (None: no such job)."""
+        with self.db.begin() as conn:
+            row = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.fine_tuned_model == fine_tuned_model)).first()
+            if row is None:
+                return None
+            conn.execute(FINE_TUNING_JOBS.update().where(FINE_TUNING_JOBS.c.id == row.id)
+                         .values(adapter_path=None))
+        return row.adapter_path
+
     def transition(self, job_id: str, status: str, **values: Any) -> bool:
         """Move a job to ``status`` if its current status may precede it (``JOB_FROM``), with
         other columns in the same update (JSON ones encoded); a final status stamps

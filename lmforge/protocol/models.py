@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
+from lmforge.protocol.base import RequestModel
 from lmforge.protocol.common import ResponseModel
 
 
@@ -21,3 +24,24 @@ class ModelCard(ResponseModel):
 class ModelList(ResponseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ModelDeleted(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
+
+
+class LoadLoRAAdapterRequest(RequestModel):
+    """vLLM's ``POST /v1/load_lora_adapter``: serve the PEFT adapter at ``lora_path`` (a
+    directory on the server) as the model ``lora_name``."""
+
+    lora_name: str = Field(min_length=1, max_length=255)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(RequestModel):
+    """vLLM's ``POST /v1/unload_lora_adapter`` (``lora_int_id`` accepted, unused)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None

@@ -81,7 +81,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig,
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
-        _start_workers(app, engine)
+        await _start_workers(app, engine)
         try:
             yield
         finally:
@@ -132,15 +132,22 @@ async def _adopt(app: FastAPI, loading: Future[AsyncEngine],
         return
     engine.start()
     app.state.engine = engine
-    _start_workers(app, engine)
+    await _start_workers(app, engine)
     if on_ready is not None:
         on_ready(engine)
 
 
-def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
-    """Run batches (``jobs/worker.py``) and fine-tuning jobs (``jobs/fine_tune_worker.py``) on
-    the served model, resuming any a restart interrupted; their routes wake them."""
+async def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
+    """Serve the ``--lora`` adapters, then run batches (``jobs/worker.py``) and fine-tuning jobs
+    (``jobs/fine_tune_worker.py``) on the served model, resuming any a restart interrupted;
+    their routes wake them.
+
+    Raises:
+        ModelLoadError / InvalidRequestError: a ``--lora`` adapter cannot be served.
+    """
     config: ServerConfig = app.state.server_config
+    for name, path in config.loras.items():
+        await engine.add_lora(name, path)
     app.state.batch_worker = BatchWorker(app.state.store, app, lambda: {engine.model_name},
                                          concurrency=config.batch_concurrency)
     app.state.batch_worker.start()

@@ -79,3 +79,11 @@ def test_unknown_job_and_wrong_file_purpose(client, model, tmp_path):
         batch_file = client.files.create(file=f, purpose="batch").id
     with pytest.raises(openai.BadRequestError, match="fine-tune"):
         client.fine_tuning.jobs.create(model=model, training_file=batch_file)
+
+
+def test_a_csv_training_file_uploads_for_fine_tune(client, tmp_path):
+    """LLM Engine's CSV (prompt, response) is accepted as a fine-tune file (the job checks it)."""
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,response\n" + "".join(f"Say {i},Ahoy {i}\n" for i in range(10)))
+    with open(path, "rb") as f:
+        assert client.files.create(file=f, purpose="fine-tune").purpose == "fine-tune"

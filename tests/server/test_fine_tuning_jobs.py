@@ -73,6 +73,11 @@ def test_a_job_trains_and_its_model_is_served_at_once_and_after_a_restart(tiny_l
             time.sleep(0.1)
         assert client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2, messages=[
             {"role": "user", "content": "hi"}]).choices
+        assert client.models.delete(job.fine_tuned_model).deleted
+    with batch_server(tiny_llama_dir, home) as client:  # deleted stays deleted
+        time.sleep(1.5)  # the worker's first pass registers what is left
+        assert {m.id for m in client.models.list().data} == {base}
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
 
 
 def test_a_bad_file_fails_at_once_and_a_running_job_cancels(tiny_llama_dir, tmp_path):
@@ -94,3 +99,26 @@ def test_a_bad_file_fails_at_once_and_a_running_job_cancels(tiny_llama_dir, tmp_
         assert len(client.models.list().data) == 1
         with pytest.raises(openai.ConflictError):
             client.fine_tuning.jobs.cancel(bad.id)
+
+
+def test_a_job_running_when_the_server_stops_resumes_from_its_checkpoint(tiny_llama_dir,
+                                                                         tmp_path):
+    home = tmp_path / "home"
+    with batch_server(tiny_llama_dir, home) as client:
+        job = client.fine_tuning.jobs.create(
+            model=client.model_name, training_file=upload(client, ROWS * 4, tmp_path),
+            extra_body={"hyperparameters": HYPER | {"n_epochs": 4, "batch_size": 1}})
+        deadline = time.monotonic() + 60
+        while not client.fine_tuning.jobs.checkpoints.list(job.id).data:  # an epoch is done
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    # the server stopped mid-training (as after a crash, the job is still "running")
+    with batch_server(tiny_llama_dir, home) as client:
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+        job = wait_job(client, job.id, {"succeeded", "failed", "cancelled"})
+        assert job.status == "succeeded", job.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id,
+                                                                          limit=500).data]
+        assert any(m.startswith("Resumed from checkpoint-") for m in messages)
+        assert len(client.fine_tuning.jobs.checkpoints.list(job.id).data) >= 4  # one per epoch
+        assert job.fine_tuned_model in {m.id for m in client.models.list().data}

@@ -91,3 +91,12 @@ def test_serve_process_announces_and_answers(tiny_llama_dir):
             proc.kill()
             pytest.fail("lmforge serve did not stop on SIGINT")
     assert proc.returncode == 0
+
+
+def test_bad_lora_options_exit_2(tiny_llama_dir, tmp_path):
+    malformed = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                          "--lora", "no-equals-sign"])
+    assert malformed.exit_code == 2 and "NAME=PATH" in malformed.output
+    missing = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                        "--lora", f"x={tmp_path / 'none'}"])
+    assert missing.exit_code == 2 and str(tmp_path / "none") in missing.output

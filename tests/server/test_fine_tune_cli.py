@@ -1,0 +1,89 @@
+"""``lmforge fine-tune ...`` against a server of its own (tiny Llama, own store) that trains
+jobs: create with a local file and --follow ends with the succeeded job as JSON on stdout and the
+events and a loss line on stderr; get, list and events print what the server holds; cancelling
+a finished job is the server's 409; a bad training file ends --follow with exit 1 naming the
+line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from batching import batch_server
+from click.testing import CliRunner
+
+from lmforge.cli import main
+
+ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                      {"role": "assistant", "content": "Arr, matey!"}]} for i in range(12)]
+# trains in a few seconds on the tiny model (as test_fine_tuning_jobs.py)
+HYPER = ["--n-epochs", "2", "--batch-size", "4", "--lora-r", "4", "--learning-rate", "1e-3",
+         "--max-seq-len", "64"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    with batch_server(tiny_llama_dir, tmp_path_factory.mktemp("ft_cli_home")) as client:
+        yield client
+
+
+def run(server, *args):
+    env = {"LMFORGE_BASE_URL": str(server.base_url)}
+    return CliRunner().invoke(main, ["fine-tune", *map(str, args)], env=env,
+                              catch_exceptions=False)
+
+
+def write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_create_follow_get_list_events_cancel(server, tmp_path):
+    created = run(server, "create", "--model", server.model_name, "--training",
+                  write(tmp_path, "train.jsonl", ROWS), "--validation",
+                  write(tmp_path, "val.jsonl", ROWS[2:]), "--suffix", "pirate", "--seed", 3,
+                  *HYPER, "--follow", "--poll", "0.1")
+    assert created.exit_code == 0, created.output
+    job = json.loads(created.stdout)  # stdout: the final job object only
+    assert job["status"] == "succeeded" and job["seed"] == 3
+    assert job["fine_tuned_model"] == f"ft:{server.model_name}:pirate:{job['id']}"
+    assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4,
+                                      "learning_rate_multiplier": "auto"}
+    assert job["validation_file"] and job["training_file"] != job["validation_file"]
+    assert f"Created fine-tuning job: {job['id']}" in created.stderr
+    assert "Fine-tuning job started" in created.stderr
+    assert "train_loss=" in created.stderr and "eval_loss=" in created.stderr  # the loss line
+    assert "Step 1: training loss" not in created.stderr  # metrics feed the bar, not lines
+
+    assert json.loads(run(server, "get", job["id"]).stdout) == job
+    listed = json.loads(run(server, "list", "--limit", 5).stdout)
+    assert job["id"] in [j["id"] for j in listed["data"]]
+
+    lines = run(server, "events", job["id"], "--limit", 1000).stdout.splitlines()
+    assert lines[0].endswith(f" info  Created fine-tuning job: {job['id']}")  # oldest first
+    assert "The job has successfully completed" in lines[-1]
+    assert any(" info  Step 1: training loss=" in x for x in lines)
+    assert len(run(server, "events", job["id"], "--limit", 2).stdout.splitlines()) == 2
+    followed = run(server, "events", job["id"], "--follow", "--poll", "0.1")
+    assert followed.exit_code == 0 and json.loads(followed.stdout) == job
+
+    refused = run(server, "cancel", job["id"])
+    assert refused.exit_code == 1 and "succeeded" in refused.stderr
+    assert "HTTP 409" in refused.stderr
+    missing = run(server, "get", "ftjob-nope")
+    assert missing.exit_code == 1 and "ftjob-nope" in missing.stderr
+    assert "HTTP 404" in missing.stderr
+    both = run(server, "create", "--model", "m", "--training-file", "file-x", "--training",
+               tmp_path / "train.jsonl")
+    assert both.exit_code == 2 and "exactly one" in both.output
+
+
+def test_a_bad_training_file_ends_follow_with_exit_1_naming_the_line(server, tmp_path):
+    rows = ROWS[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}] + ROWS[5:]
+    result = run(server, "create", "--model", server.model_name, "--training",
+                 write(tmp_path, "bad.jsonl", rows), *HYPER, "--follow", "--poll", "0.1")
+    assert result.exit_code == 1
+    job = json.loads(result.stdout)
+    assert job["status"] == "failed" and job["error"]["message"].startswith("line 5: ")
+    assert f"Error: fine-tuning job {job['id']} failed: line 5: " in result.stderr
