@@ -17,7 +17,8 @@ from typing import Any
 import click
 import uvicorn
 
-from lmforge.cli_api import batches, files, fine_tune
+from lmforge.cli_api import files
+from lmforge.cli_jobs import batches, fine_tune
 from lmforge.config import (
     DEFAULT_MODEL,
     CacheConfig,

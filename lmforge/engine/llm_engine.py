@@ -30,7 +30,7 @@ from lmforge.engine.scheduler import Scheduler, SchedulerOutput
 from lmforge.engine.structured import GrammarCompiler
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
-from lmforge.models.lora import LoRAManager
+from lmforge.models.multi_lora import LoRAManager
 from lmforge.tokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class LLMEngine:
     def add_lora(self, name: str, directory: str) -> None:
         """Register a PEFT LoRA adapter directory under ``name``; requests then name it with
         ``add_request(..., lora=name)``. Its weights are read at first use
-        (``models.lora.LoRAManager``; at most ``CacheConfig.max_loras`` stay loaded).
+        (``models.multi_lora.LoRAManager``; at most ``CacheConfig.max_loras`` stay loaded).
 
         Raises:
             InvalidRequestError: ``name`` is taken.

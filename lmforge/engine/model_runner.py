@@ -18,7 +18,7 @@ from lmforge.engine.request import Request
 from lmforge.engine.scheduler import SchedulerOutput
 from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
 from lmforge.models.llama import LlamaForCausalLM
-from lmforge.models.lora import LoRAManager
+from lmforge.models.multi_lora import LoRAManager
 
 
 def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig) -> int:

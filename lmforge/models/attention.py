@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from lmforge.models.lora import LoRABatch
+    from lmforge.models.multi_lora import LoRABatch
 
 # Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
 # 54-88 vs 131-137 us per layer at 1 sequence, 107 vs 179 at 4, about even at 8 and behind

@@ -57,7 +57,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # this step's (cos, sin), each (T, 1, 
 
 def _linear(layer: nn.Module, x: torch.Tensor, lora) -> torch.Tensor:
     """``layer(x)``, plus the step's LoRA updates when a request uses an adapter (``lora`` is a
-    ``models.lora.LoRABatch``; the layer is then a ``MultiLoRALinear``)."""
+    ``models.multi_lora.LoRABatch``; the layer is then a ``MultiLoRALinear``)."""
     return layer(x) if lora is None else layer(x, lora)
 
 

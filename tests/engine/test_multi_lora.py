@@ -13,7 +13,7 @@ from lmforge.engine.async_engine import AsyncEngine
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.request import SamplingParams
 from lmforge.errors import InvalidRequestError
-from lmforge.models.lora import LoRABatch, MultiLoRALinear
+from lmforge.models.multi_lora import LoRABatch, MultiLoRALinear
 from lmforge.models.packing import PackedLinear, can_pack
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)

@@ -127,7 +127,7 @@ def test_peft_adapter_loads_and_serves_with_peft_logits(tiny_llama_dir, peft_ada
     engine.add_lora("peft", str(peft_adapter_dir))
     engine.loras.activate({"peft"})
     model = engine.model_runner.model
-    from lmforge.models.lora import LoRABatch
+    from lmforge.models.multi_lora import LoRABatch
 
     t = len(ids)
     kv = [(torch.zeros(model.kv_cache_shape(t)), torch.zeros(model.kv_cache_shape(t)))
