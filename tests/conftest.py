@@ -159,3 +159,25 @@ def tiny_qwen2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     )
     directory = tmp_path_factory.mktemp("tiny_qwen2")
     return _save_tiny_checkpoint(Qwen2ForCausalLM, config, directory, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def make_peft_adapter():
+    """``make(model_dir, directory, seed, targets) -> str``: a random adapter saved by ``peft``
+    on the HF model, with a large non-zero B so that it visibly changes the outputs."""
+    def make(model_dir, directory, seed: int, targets: list[str]) -> str:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.3)
+        model.save_pretrained(directory)
+        return str(directory)
+
+    return make

@@ -5,8 +5,6 @@ import asyncio
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmforge.engine.async_engine import AsyncEngine
@@ -19,25 +17,13 @@ from lmforge.models.packing import PackedLinear, can_pack
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
-def make_adapter(model_dir, directory, seed: int, targets: list[str]):
-    """A random peft adapter with large non-zero B, so that it changes greedy outputs."""
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(directory)
-    return str(directory)
-
-
 @pytest.fixture(scope="module")
-def adapters(tiny_llama_dir, tmp_path_factory):
+def adapters(tiny_llama_dir, tmp_path_factory, make_peft_adapter):
     root = tmp_path_factory.mktemp("adapters")
-    return {"a": make_adapter(tiny_llama_dir, root / "a", 1, ["q_proj", "v_proj", "down_proj"]),
-            "b": make_adapter(tiny_llama_dir, root / "b", 2,
-                              ["k_proj", "o_proj", "gate_proj", "up_proj"])}
+    return {"a": make_peft_adapter(tiny_llama_dir, root / "a", 1,
+                                   ["q_proj", "v_proj", "down_proj"]),
+            "b": make_peft_adapter(tiny_llama_dir, root / "b", 2,
+                                   ["k_proj", "o_proj", "gate_proj", "up_proj"])}
 
 
 def make_engine(model_dir, adapters, max_loras=8, budget=512) -> LLMEngine:

@@ -10,31 +10,15 @@ import zipfile
 import httpx
 import openai
 import pytest
-import torch
 from batching import batch_server
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
-
-
-def make_adapter(model_dir, directory, seed: int) -> str:
-    """A random peft adapter with a large B, so that it changes greedy outputs."""
-    torch.manual_seed(seed)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
-                                                                             "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.3)
-    model.save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_llama_dir, tmp_path_factory):
+def served(tiny_llama_dir, tmp_path_factory, make_peft_adapter):
     root = tmp_path_factory.mktemp("lora_api")
-    paths = {"a": make_adapter(tiny_llama_dir, root / "a", 1),
-             "b": make_adapter(tiny_llama_dir, root / "b", 2)}
+    targets = ["q_proj", "down_proj"]
+    paths = {"a": make_peft_adapter(tiny_llama_dir, root / "a", 1, targets),
+             "b": make_peft_adapter(tiny_llama_dir, root / "b", 2, targets)}
     with batch_server(tiny_llama_dir, root / "home", loras={"a": paths["a"]}) as client:
         yield client, paths
 
