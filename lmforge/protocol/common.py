@@ -20,6 +20,8 @@ MAX_N = 128  # choices per prompt, OpenAI's limit
 
 class StreamOptions(RequestModel):
     include_usage: bool | None = False  # send a last chunk with ``choices: []`` and ``usage``
+    # vLLM's: with include_usage, every chunk also carries the usage so far
+    continuous_usage_stats: bool | None = False
 
 
 class PromptTokensDetails(ResponseModel):
@@ -116,6 +118,10 @@ class SamplingRequest(RequestModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``SamplingParams`` (all but ``max_tokens``), OpenAI defaults

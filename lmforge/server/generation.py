@@ -78,8 +78,11 @@ async def collect(request: Request, gen: Generation) -> list[ChoiceResult] | Res
 
 
 async def stream(request: Request, gen: Generation, chunk: ChunkFactory,
-                  opening: list[BaseModel], usage_chunk: BaseModel | None) -> Response:
-    """Start ``gen`` (errors so far become plain HTTP errors) and return its SSE response."""
+                  opening: list[BaseModel], usage_chunk: BaseModel | None,
+                  continuous_usage: bool = False) -> Response:
+    """Start ``gen`` (errors so far become plain HTTP errors) and return its SSE response;
+    with ``continuous_usage`` (vLLM's ``continuous_usage_stats``) every chunk carries the
+    usage so far."""
     try:
         await gen.start(request)
     except ClientDisconnected:
@@ -89,22 +92,27 @@ async def stream(request: Request, gen: Generation, chunk: ChunkFactory,
         await gen.aclose()
         raise
     await gen.stop_watching()
-    return SSEResponse(sse_events(gen, chunk, opening, usage_chunk), on_close=gen.aclose)
+    return SSEResponse(sse_events(gen, chunk, opening, usage_chunk, continuous_usage),
+                       on_close=gen.aclose)
 
 
 async def sse_events(gen: Generation, chunk: ChunkFactory, opening: list[BaseModel],
-                      usage_chunk: BaseModel | None) -> AsyncIterator[str]:
+                      usage_chunk: BaseModel | None, continuous_usage: bool = False
+                      ) -> AsyncIterator[str]:
     """The SSE body: opening chunks, one chunk per non-empty delta, one ``finish_reason`` chunk
     per choice, the usage chunk if asked for, ``[DONE]``. Errors become an error event."""
+    def event(c: BaseModel) -> str:
+        return sse_event(c.model_copy(update={"usage": gen.usage()}) if continuous_usage else c)
+
     try:
         for c in opening:
-            yield sse_event(c)
+            yield event(c)
         async for index, out in gen.outputs():
             delta = chunk(index, out, None)
             if delta is not None:
-                yield sse_event(delta)
+                yield event(delta)
             if out.finished:
-                yield sse_event(chunk(index, None, out.finish_reason or "stop"))
+                yield event(chunk(index, None, out.finish_reason or "stop"))
         if usage_chunk is not None:
             yield sse_event(usage_chunk.model_copy(update={"usage": gen.usage()}))
     except LMForgeError as e:

@@ -96,7 +96,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         usage_chunk = ChatCompletionChunk(id=gen.id, created=created, model=body.model,
                                           choices=[])
         return await stream(request, gen, chunk, roles, usage_chunk if body.include_usage
-                             else None)
+                             else None, continuous_usage=body.continuous_usage)
     results = await collect(request, gen)
     if isinstance(results, Response):
         return results
@@ -166,7 +166,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     if body.stream:
         usage_chunk = Completion(id=gen.id, created=created, model=body.model, choices=[])
         return await stream(request, gen, chunk, [], usage_chunk if body.include_usage
-                             else None)
+                             else None, continuous_usage=body.continuous_usage)
     results = await collect(request, gen)
     if isinstance(results, Response):
         return results
