@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,31 @@ def test_readme_tree_lists_only_existing_modules() -> None:
     listed = readme_tree_files((ROOT / "README.md").read_text(encoding="utf-8"))
     absent = sorted(f for f in listed if not (ROOT / f).is_file())
     assert not absent, f"README.md's layout tree lists files that do not exist: {', '.join(absent)}"
+
+
+# what lmforge.client may import: it must work where only httpx and pydantic are installed
+# (tests/server/test_client_without_torch.py runs it so; this names the offending import)
+CLIENT_DEPENDENCIES = ("httpx", "pydantic")
+
+
+def client_outside_imports(path: str, source: str | None = None) -> list[str]:
+    """The imports of a ``lmforge/client/`` module beyond the standard library, httpx, pydantic
+    and ``lmforge.client`` itself."""
+    return sorted(
+        name for name in imported_modules(path, source)
+        if name.split(".")[0] not in (*sys.stdlib_module_names, *CLIENT_DEPENDENCIES)
+        and name not in ("lmforge", "lmforge.client") and not name.startswith("lmforge.client.")
+    )
+
+
+def test_client_helper_finds_outside_imports() -> None:
+    source = "import json\nimport httpx\nfrom lmforge.client import transport\nimport numpy\n" \
+             "from lmforge.protocol import chat\n"
+    assert client_outside_imports("lmforge/client/x.py", source) == [
+        "lmforge.protocol", "lmforge.protocol.chat", "numpy"]
+
+
+@pytest.mark.parametrize("path", [p for p in package_files() if p.startswith("lmforge/client/")])
+def test_client_imports_only_httpx_and_pydantic(path: str) -> None:
+    bad = client_outside_imports(path)
+    assert not bad, f"{path} imports beyond httpx, pydantic and the standard library: {bad}"

@@ -169,7 +169,7 @@ def stream(method: str, path: str, *, timeout: float | None = None, **kwargs: An
             if started or last or isinstance(e, TimeoutError):
                 raise
             wait = retry_wait(attempt, None)
-        time.sleep(wait)
+        _pause(wait)
 
 
 @asynccontextmanager
@@ -199,7 +199,7 @@ async def astream(method: str, path: str, *, timeout: float | None = None, **kwa
                 if started or last or isinstance(e, TimeoutError):
                     raise
                 wait = retry_wait(attempt, None)
-            await asyncio.sleep(wait)
+            await _apause(wait)
 
 
 async def arequest(method: str, path: str, *, timeout: float | None = None, **kwargs: Any
@@ -261,6 +261,15 @@ def _sse_payload(line: str) -> dict[str, Any] | None:
     if isinstance(payload, dict) and "error" in payload:
         raise stream_error(payload)
     return payload
+
+
+def _pause(seconds: float) -> None:
+    """The wait before a retry (a seam: tests record the waits instead of sleeping)."""
+    time.sleep(seconds)
+
+
+async def _apause(seconds: float) -> None:
+    await asyncio.sleep(seconds)
 
 
 def retry_wait(attempt: int, headers: httpx.Headers | None) -> float:

@@ -40,6 +40,16 @@ __all__ = [
 ]
 
 
+class _Status(str, Enum):
+    """A status that prints as its value (``print(job.status)`` shows ``SUCCESS``)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
 class _ServerObject(BaseModel):
     """A type that keeps the server object's fields it does not declare."""
 
@@ -98,7 +108,7 @@ class CompletionStreamResponse(BaseModel):
 # -- fine-tuning ------------------------------------------------------------------------------
 
 
-class BatchJobStatus(str, Enum):
+class BatchJobStatus(_Status):
     """A fine-tuning job's status as LLM Engine names it (``status``); the server's own
     OpenAI status is ``server_status``."""
 
@@ -170,7 +180,7 @@ class GetFineTuneEventsResponse(BaseModel):
 # -- models -----------------------------------------------------------------------------------
 
 
-class ModelEndpointStatus(str, Enum):
+class ModelEndpointStatus(_Status):
     READY = "READY"  # every model the server lists is being served
 
 
@@ -229,7 +239,7 @@ class ListFilesResponse(BaseModel):
     files: list[GetFileResponse]  # newest first
 
 
-class DeleteFileResponse(BaseModel):
+class DeleteFileResponse(_ServerObject):
     deleted: bool
     id: str | None = None  # lmforge
 
@@ -248,7 +258,7 @@ class BatchRequestCounts(BaseModel):
     failed: int = 0
 
 
-class BatchStatus(str, Enum):
+class BatchStatus(_Status):
     """A batch's status, as the OpenAI Batch API names it."""
 
     VALIDATING = "validating"

@@ -236,9 +236,13 @@ def _results_csv(metrics: list[dict[str, Any]]) -> bytes:
 
 
 def _replace_dir(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` through a temporary sibling, then rename (never partial)."""
+    """Copy the checkpoint ``source`` to ``target`` through a temporary sibling, then rename
+    (never partial). Only the adapter goes: the trainer's resume state (optimizer moments,
+    twice the adapter's size) stays behind, so a model download holds the PEFT files alone."""
+    from lmforge.training.trainer import STATE_FILE
+
     temp = target.with_name(target.name + ".tmp")
     shutil.rmtree(temp, ignore_errors=True)
-    shutil.copytree(source, temp)
+    shutil.copytree(source, temp, ignore=shutil.ignore_patterns(STATE_FILE))
     shutil.rmtree(target, ignore_errors=True)
     temp.rename(target)

@@ -1,6 +1,6 @@
 """``lmforge batches ...`` against a batch server, and ``lmforge batch run`` (the offline runner,
-no server) on the tiny model: JSON out, the same records as the server writes, errors as one
-line with a non-zero exit."""
+no server) on the tiny model: tables and ``--json``, the same records as the server writes,
+errors as one line (naming the list command of a missing id) with a non-zero exit."""
 
 from __future__ import annotations
 
@@ -30,19 +30,28 @@ def test_batches_create_wait_get_list_cancel(server, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(line(f"x{i}", body, "/v1/completions") for i in range(3)))
     created = run("batches", "create", "--input", path, "--endpoint", "/v1/completions",
-                  "--metadata", "team=nlp", env=env)
+                  "--metadata", "team=nlp", "--json", env=env)
     assert created.exit_code == 0, created.output
     batch = json.loads(created.stdout)
     assert batch["status"] == "validating" and batch["metadata"] == {"team": "nlp"}
-    waited = run("batches", "wait", batch["id"], "--poll", "0.1", "--timeout", "60", env=env)
+    waited = run("batches", "wait", batch["id"], "--poll", "0.1", "--timeout", "60", "--json",
+                 env=env)
     assert waited.exit_code == 0, waited.output
     done = json.loads(waited.stdout)
     assert done["status"] == "completed" and done["request_counts"]["completed"] == 3
-    assert json.loads(run("batches", "get", batch["id"], env=env).stdout) == done
-    listed = json.loads(run("batches", "list", "--limit", "5", env=env).stdout)
-    assert batch["id"] in [b["id"] for b in listed["data"]]
+    assert "3/3" in waited.stderr  # the progress bar
+    assert json.loads(run("batches", "get", batch["id"], "--json", env=env).stdout) == done
+    listed = json.loads(run("batches", "list", "--limit", "5", "--json", env=env).stdout)
+    assert batch["id"] in [b["id"] for b in listed] and len(listed) <= 5
+    table = run("batches", "list", env=env).stdout.splitlines()
+    assert table[0].split()[:3] == ["id", "status", "endpoint"]
+    assert [batch["id"], "completed", "/v1/completions", "3/3"] in [r.split()[:4] for r in table]
     refused = run("batches", "cancel", batch["id"], env=env)
     assert refused.exit_code == 1 and "completed" in refused.output and "HTTP 409" in refused.output
+    missing = run("batches", "get", "batch_nope", env=env)
+    assert missing.exit_code == 1 and "See `lmforge batches list`" in missing.output
+    no_file = run("batches", "create", "--input-file-id", "file-nope", env=env)
+    assert no_file.exit_code == 1 and "See `lmforge files list`" in no_file.output
     both = run("batches", "create", "--input", path, "--input-file-id", "file-x", env=env)
     assert both.exit_code == 2 and "exactly one" in both.output
 

@@ -1,8 +1,8 @@
 """``lmforge fine-tune ...`` against a server of its own (tiny Llama, own store) that trains
-jobs: create with a local file and --follow ends with the succeeded job as JSON on stdout and the
-events and a loss line on stderr; get, list and events print what the server holds; cancelling
-a finished job is the server's 409; a bad training file ends --follow with exit 1 naming the
-line."""
+jobs: create with a local file and --follow ends with the succeeded job (the client's object,
+``status`` in LLM Engine's words) on stdout and the events and a loss bar on stderr; get, list
+and events print what the server holds, as tables, lines or ``--json``; cancelling a finished job
+exits 1; a bad training file ends --follow with exit 1 naming the line."""
 
 from __future__ import annotations
 
@@ -43,37 +43,46 @@ def test_create_follow_get_list_events_cancel(server, tmp_path):
     created = run(server, "create", "--model", server.model_name, "--training",
                   write(tmp_path, "train.jsonl", ROWS), "--validation",
                   write(tmp_path, "val.jsonl", ROWS[2:]), "--suffix", "pirate", "--seed", 3,
-                  *HYPER, "--follow", "--poll", "0.1")
+                  *HYPER, "--follow", "--poll", "0.1", "--json")
     assert created.exit_code == 0, created.output
-    job = json.loads(created.stdout)  # stdout: the final job object only
-    assert job["status"] == "succeeded" and job["seed"] == 3
+    job = json.loads(created.stdout)  # stdout: the final job only
+    assert job["status"] == "SUCCESS" and job["server_status"] == "succeeded"
+    assert job["seed"] == 3
     assert job["fine_tuned_model"] == f"ft:{server.model_name}:pirate:{job['id']}"
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4,
                                       "learning_rate_multiplier": "auto"}
     assert job["validation_file"] and job["training_file"] != job["validation_file"]
     assert f"Created fine-tuning job: {job['id']}" in created.stderr
     assert "Fine-tuning job started" in created.stderr
-    assert "train_loss=" in created.stderr and "eval_loss=" in created.stderr  # the loss line
+    assert "train_loss=" in created.stderr and "eval_loss=" in created.stderr  # the loss bar
     assert "Step 1: training loss" not in created.stderr  # metrics feed the bar, not lines
 
-    assert json.loads(run(server, "get", job["id"]).stdout) == job
-    listed = json.loads(run(server, "list", "--limit", 5).stdout)
-    assert job["id"] in [j["id"] for j in listed["data"]]
+    assert json.loads(run(server, "get", job["id"], "--json").stdout) == job
+    shown = [line.split() for line in run(server, "get", job["id"]).stdout.splitlines()]
+    assert ["status", "SUCCESS"] in shown and ["server_status", "succeeded"] in shown
+    listed = json.loads(run(server, "list", "--limit", 5, "--json").stdout)
+    assert job["id"] in [j["id"] for j in listed]
+    table = [line.split() for line in run(server, "list").stdout.splitlines()]
+    assert [job["id"], "SUCCESS", server.model_name, job["fine_tuned_model"]] in [
+        r[:4] for r in table]
 
     lines = run(server, "events", job["id"], "--limit", 1000).stdout.splitlines()
     assert lines[0].endswith(f" info  Created fine-tuning job: {job['id']}")  # oldest first
     assert "The job has successfully completed" in lines[-1]
     assert any(" info  Step 1: training loss=" in x for x in lines)
     assert len(run(server, "events", job["id"], "--limit", 2).stdout.splitlines()) == 2
-    followed = run(server, "events", job["id"], "--follow", "--poll", "0.1")
+    events = json.loads(run(server, "events", job["id"], "--limit", 2, "--json").stdout)
+    assert [e["message"] for e in events] == [x.split(None, 3)[3] for x in lines[-2:]]
+    followed = run(server, "events", job["id"], "--follow", "--poll", "0.1", "--json")
     assert followed.exit_code == 0 and json.loads(followed.stdout) == job
 
     refused = run(server, "cancel", job["id"])
-    assert refused.exit_code == 1 and "succeeded" in refused.stderr
-    assert "HTTP 409" in refused.stderr
+    assert refused.exit_code == 1
+    assert refused.stderr == f"Error: fine-tuning job {job['id']} already succeeded; nothing " \
+                             "to cancel\n"
     missing = run(server, "get", "ftjob-nope")
     assert missing.exit_code == 1 and "ftjob-nope" in missing.stderr
-    assert "HTTP 404" in missing.stderr
+    assert "HTTP 404" in missing.stderr and "See `lmforge fine-tune list`" in missing.stderr
     both = run(server, "create", "--model", "m", "--training-file", "file-x", "--training",
                tmp_path / "train.jsonl")
     assert both.exit_code == 2 and "exactly one" in both.output
@@ -81,9 +90,10 @@ def test_create_follow_get_list_events_cancel(server, tmp_path):
 
 def test_a_bad_training_file_ends_follow_with_exit_1_naming_the_line(server, tmp_path):
     rows = ROWS[:4] + [{"messages": [{"role": "user", "content": "no answer"}]}] + ROWS[5:]
-    result = run(server, "create", "--model", server.model_name, "--training",
-                 write(tmp_path, "bad.jsonl", rows), *HYPER, "--follow", "--poll", "0.1")
+    result = run(server, "create", "--training", write(tmp_path, "bad.jsonl", rows), *HYPER,
+                 "--follow", "--poll", "0.1", "--json")  # --model: the server's base model
     assert result.exit_code == 1
     job = json.loads(result.stdout)
-    assert job["status"] == "failed" and job["error"]["message"].startswith("line 5: ")
+    assert job["status"] == "FAILURE" and job["model"] == server.model_name
+    assert job["error"]["message"].startswith("line 5: ")
     assert f"Error: fine-tuning job {job['id']} failed: line 5: " in result.stderr

@@ -14,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from lmforge.cli import engine_config, main
+from lmforge.cli import main
+from lmforge.cli.serve import engine_config
 from lmforge.config import ServerConfig
 from lmforge.server import build_app
 

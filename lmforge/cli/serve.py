@@ -1,7 +1,9 @@
-"""The ``lmforge`` command line (click). ``lmforge serve`` runs the OpenAI-compatible server.
+"""``lmforge serve`` (the OpenAI-compatible server on the engine) and ``lmforge batch run`` (a
+batch file offline, in-process, no server)::
 
     lmforge serve --model smollm2-135m-instruct --port 8000
     python -m lmforge.cli serve --model ./my-hf-dir --chat-template template.jinja
+    lmforge batch run requests.jsonl -o results.jsonl
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from typing import Any
 import click
 import uvicorn
 
-from lmforge.cli_api import files
-from lmforge.cli_jobs import batches, fine_tune
 from lmforge.config import (
     DEFAULT_MODEL,
     CacheConfig,
@@ -43,13 +43,7 @@ class StartupError(click.ClickException):
     exit_code = 2
 
 
-@click.group()
-@click.version_option(package_name="lmforge")
-def main() -> None:
-    """lmforge: a self-hosted LLM engine with an OpenAI-compatible API."""
-
-
-@main.command()
+@click.command()
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="A GGUF file, a Hugging Face model directory, or a known alias.")
 @click.option("--served-model-name", default=None,
@@ -118,8 +112,10 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
           batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
           database_url: str | None, fine_tuning: bool, loras: tuple[str, ...],
           **options: Any) -> None:
-    """Serve a model behind the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).
+    """Serve a model behind the OpenAI API.
 
+    Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/files,
+    /v1/batches, /v1/fine_tuning/jobs (see README.md).
     The server listens at once and loads the model in the background (/health answers 503
     until it is ready). SIGTERM or Ctrl-C stops accepting connections, lets in-flight requests
     finish for up to --shutdown-timeout seconds, aborts the rest, and exits with status 0.
@@ -162,9 +158,9 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
         raise StartupError(str(loading.exception()))
 
 
-@main.group()
+@click.group()
 def batch() -> None:
-    """Run batch files offline, without a server (for a server's /v1/batches: `lmforge batches`)."""
+    """Run batch files in this process, without a server."""
 
 
 @batch.command("run")
@@ -359,11 +355,3 @@ class _Server(uvicorn.Server):
             engine.abort_all(ServiceUnavailableError(
                 "the server is shutting down and stopped this request; retry it",
                 code="shutting_down"))
-
-
-main.add_command(files)
-main.add_command(batches)
-main.add_command(fine_tune)
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,31 @@
+"""The ``lmforge`` command line (click): ``main`` and its commands, one module per group.
+
+``serve`` and ``batch run`` run the engine in this process (``serve.py``); every other command
+is a few lines over ``lmforge.client`` against a running server (``common.py`` holds what they
+share: ``--base-url``/``--api-key``, errors that say what to run next, tables and ``--json``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from lmforge.cli.batches import batches
+from lmforge.cli.chat import chat, complete
+from lmforge.cli.files import files
+from lmforge.cli.fine_tune import fine_tune
+from lmforge.cli.models import models
+from lmforge.cli.serve import batch, serve
+
+
+@click.group()
+@click.version_option(package_name="lmforge")
+def main() -> None:
+    """lmforge: a self-hosted LLM engine with an OpenAI-compatible API.
+
+    Start a server with `lmforge serve`; the other commands talk to it (--base-url, env
+    LMFORGE_BASE_URL; default http://127.0.0.1:8000).
+    """
+
+
+for _command in (serve, chat, complete, models, files, batches, fine_tune, batch):
+    main.add_command(_command)
