@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from lmforge.client import transport
-from lmforge.client.errors import TimeoutError
 from lmforge.client.file import File
 from lmforge.client.types import BatchJob, ListBatchesResponse
 
@@ -106,14 +104,12 @@ class Batch:
             TimeoutError: still not final after ``timeout`` (the batch keeps running).
             NotFoundError: no such batch.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+        def fetch() -> BatchJob:
             batch = cls.get(batch_id)
             if on_update is not None:
                 on_update(batch)
-            if batch.status.is_final():
-                return batch
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} is still {batch.status.value} after "
-                                   f"{timeout:g} s; it keeps running on the server")
-            time.sleep(poll_interval)
+            return batch
+
+        return transport.poll_until_final(fetch, lambda b: b.status.is_final(), poll_interval,
+                                          timeout, lambda b: f"batch {batch_id} is still "
+                                                             f"{b.status}")

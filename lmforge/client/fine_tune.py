@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmforge.client import transport
-from lmforge.client.errors import ConflictError, TimeoutError
+from lmforge.client.errors import ConflictError
 from lmforge.client.file import File
 from lmforge.client.types import (
     CancelFineTuneResponse,
@@ -141,19 +140,18 @@ class FineTune:
             TimeoutError: not final after ``timeout`` (the job keeps running).
             NotFoundError: no such job.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
         seen: set[str] = set()
-        while True:
+
+        def fetch() -> GetFineTuneResponse:
             job = cls.get(fine_tune_id)  # first: events written before a final status are read
             for event in _new_events(fine_tune_id, seen):
                 if on_event is not None:
                     on_event(event)
-            if job.status.is_final():
-                return job
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"fine-tuning job {fine_tune_id} is still "
-                                   f"{job.server_status} after {timeout:g} s; it keeps running")
-            time.sleep(poll_interval)
+            return job
+
+        return transport.poll_until_final(fetch, lambda j: j.status.is_final(), poll_interval,
+                                          timeout, lambda j: f"fine-tuning job {fine_tune_id} "
+                                                             f"is still {j.server_status}")
 
 
 def _new_events(fine_tune_id: str, seen: set[str]) -> list[LLMFineTuneEvent]:

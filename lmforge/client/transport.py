@@ -23,10 +23,10 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -64,6 +64,8 @@ class Settings:
         key = self.api_key or os.environ.get("LMFORGE_API_KEY")
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+
+T = TypeVar("T")
 
 _settings = Settings()
 _client_lock = threading.Lock()
@@ -344,3 +346,22 @@ def list_all(path: str, params: dict[str, Any] | None = None, page_size: int = 1
         if not page.get("has_more") or not page["data"]:
             return items
         query["after"] = page["data"][-1]["id"]
+
+
+def poll_until_final(fetch: Callable[[], T], is_final: Callable[[T], bool], poll_interval: float,
+                     timeout: float | None, describe: Callable[[T], str]) -> T:
+    """Call ``fetch()`` every ``poll_interval`` seconds until ``is_final`` of its value; return
+    that value (``Batch.wait``, ``FineTune.wait``).
+
+    Raises:
+        TimeoutError: not final after ``timeout`` seconds, naming ``describe(last value)``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if is_final(value):
+            return value
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{describe(value)} after {timeout:g} s; it keeps running on "
+                               "the server")
+        time.sleep(poll_interval)
