@@ -9,7 +9,6 @@ from pathlib import Path
 from urllib.parse import quote
 
 from lmforge.client import transport
-from lmforge.client.errors import NotFoundError
 from lmforge.client.types import (
     DeleteLLMEndpointResponse,
     GetLLMEndpointResponse,
@@ -87,19 +86,19 @@ class Model:
         path = f"/v1/models/{_quoted(model_name)}/adapter"
         urls = {"adapter.zip": transport.url(path)}
         if output_dir is None:
-            if not cls.get(model_name).fine_tuned:  # the server's 404 for an unknown model
-                raise NotFoundError(f"The model `{model_name}` is a base model, with no adapter "
-                                    "files; only fine-tuned models and LoRA adapters have them",
-                                    status_code=404, param="model")
+            with transport.stream("GET", path):  # the server's 404s (unknown or base model)
+                pass  # the body is left unread: only the URL is asked for
             return ModelDownloadResponse(urls=urls)
         archive = transport.request("GET", path, timeout=DOWNLOAD_TIMEOUT_S).content
         directory = Path(output_dir)
         directory.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(io.BytesIO(archive)) as z:
-            names = [Path(n).name for n in z.namelist() if not n.endswith("/")]
-            for member, name in zip([n for n in z.namelist() if not n.endswith("/")], names):
-                (directory / name).write_bytes(z.read(member))  # flat: no path from the zip
-        return ModelDownloadResponse(urls=urls, files={n: str(directory / n) for n in names})
+            files = {}
+            for member in (n for n in z.namelist() if not n.endswith("/")):
+                target = directory / Path(member).name  # flat: no path from the zip is followed
+                target.write_bytes(z.read(member))
+                files[target.name] = str(target)
+        return ModelDownloadResponse(urls=urls, files=files)
 
 
 def _quoted(model: str) -> str:
