@@ -1,33 +1,43 @@
-"""Beam search above the engine, as vLLM v1 runs it; scoring and stopping as Hugging Face's.
+"""Beam search and beam sampling above the engine, as vLLM v1 runs beam search; scoring,
+sampling and stopping as Hugging Face's.
 
 Data flow of one search (``beam_search``):
 
     live beams --one request each: prompt + beam tokens, max_tokens=1, logprobs=N--> AsyncEngine
     -> each beam's N likeliest next tokens -> ``BeamSearch.step``: candidates ranked by cumulative
-    logprob; finished ones among the best ``width`` enter the hypotheses, the best ``width``
-    unfinished ones are the next live beams; the stopping rule -> next step, or the best
-    hypotheses.
+    logprob (beam sampling: warped, then ``beams_to_keep`` of them drawn); finished ones among
+    the best ``width`` enter the hypotheses, the best ``width`` unfinished ones are the next live
+    beams; the stopping rule -> next step, or the best hypotheses.
 
 The engine needs no change: the requests of one step run in one batch, and the prefix cache
 serves each beam's prompt and history from the full KV blocks that the previous steps computed,
 so only the last, partial block of each beam is recomputed (vLLM ``beam_search`` in
 ``vllm/entrypoints/llm.py`` does the same).
 
-``BeamSearch`` is pure bookkeeping (no model, no engine, no torch) and follows Hugging Face
-transformers 5.x ``GenerationMixin._beam_search`` (the vectorized successor of
-``BeamSearchScorer`` / ``BeamHypotheses``) decision for decision, so that
+``BeamSearch`` (``engine/beams.py``) is pure bookkeeping (no model, no engine, no torch) and
+follows Hugging Face transformers 5.x ``GenerationMixin._beam_search`` (the vectorized
+successor of ``BeamSearchScorer`` / ``BeamHypotheses``) decision for decision, so that
 ``model.generate(num_beams=k, num_return_sequences=n, do_sample=False, length_penalty=...,
 early_stopping=...)`` returns the same sequences (tests/engine/test_beam_search.py checks it).
+With ``do_sample=True`` (``engine/beam_sampling.py``) it runs on candidates drawn as HF draws
+them: the same law, not the same draws (tests/engine/test_beam_sampling.py compares them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Callable, Sequence
+import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from lmforge.engine.beam_sampling import (
+    HF_DEFAULT_TOP_K,
+    BeamSampling,
+    min_tokens_to_keep,
+)
+from lmforge.engine.beams import BeamSearch, EarlyStopping, FinishReason, Hypothesis
 from lmforge.engine.request import (
     MAX_LOGPROBS,
     ONLINE_PRIORITY,
@@ -44,9 +54,10 @@ if TYPE_CHECKING:
 # Widest beam: each beam's step asks for at least 2 x width top logprobs (vLLM's rule), and the
 # engine computes at most MAX_LOGPROBS (20) per token.
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
+# Most logprobs a step's internal request asks for (users get at most MAX_LOGPROBS): beam
+# sampling needs each beam's whole top-k list, and Hugging Face's default top_k is 50.
+MAX_BEAM_LOGPROBS = 64
 
-EarlyStopping = bool | Literal["never"]
-FinishReason = Literal["stop", "length"]
 T = TypeVar("T")
 
 
@@ -64,8 +75,15 @@ class BeamSearchParams:
     ``logprobs`` / ``prompt_logprobs`` and the text options mean what they mean in
     ``SamplingParams``.
 
+    ``do_sample`` False (HF's default) is deterministic beam search on the raw log-probs:
+    ``temperature`` / ``top_k`` / ``top_p`` / ``min_p`` / ``seed`` are ignored, as HF ignores
+    its warpers without ``do_sample``. True is HF's beam-search multinomial sampling
+    (``engine/beam_sampling.py``) with those warpers (``top_k`` 0 or -1 = off; HF's default 50)
+    and ``seed`` (None = a fresh random stream each search).
+
     Raises (from ``__post_init__``):
-        InvalidRequestError: a value out of range, naming it (``num_beams`` for the width).
+        InvalidRequestError: a value out of range, naming it (``num_beams`` for the width,
+            ``temperature`` when it is 0 with ``do_sample``).
     """
 
     beam_width: int
@@ -79,8 +97,16 @@ class BeamSearchParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = HF_DEFAULT_TOP_K
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
+        if self.top_k == -1:
+            self.top_k = 0
         if isinstance(self.beam_width, bool) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
             raise InvalidRequestError(
                 f"num_beams must be between 1 and {MAX_BEAM_WIDTH}, got {self.beam_width}",
@@ -94,148 +120,45 @@ class BeamSearchParams:
             raise InvalidRequestError(
                 f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}",
                 param="early_stopping")
+        if self.do_sample and self.temperature <= 0.0:
+            raise InvalidRequestError(
+                f"beam sampling needs a temperature above 0, got {self.temperature}; set it, "
+                "or use deterministic beam search (do_sample false)", param="temperature")
         SamplingParams(max_tokens=self.max_tokens, stop=self.stop,  # their range checks
                        stop_token_ids=self.stop_token_ids, logprobs=self.logprobs,
-                       prompt_logprobs=self.prompt_logprobs)
+                       prompt_logprobs=self.prompt_logprobs, temperature=self.temperature,
+                       top_k=self.top_k, top_p=self.top_p, min_p=self.min_p, seed=self.seed)
+
+    def sampling(self, num_stop_tokens: int) -> BeamSampling | None:
+        """The warpers and random stream of beam sampling; None for deterministic beams."""
+        if not self.do_sample:
+            return None
+        return BeamSampling(self.temperature, self.top_k, self.top_p, self.min_p,
+                            num_stop_tokens, random.Random(self.seed))
+
+    def num_logprobs(self, num_stop_tokens: int) -> int:
+        """Likeliest tokens each step asks for per beam (at most ``MAX_BEAM_LOGPROBS``, at
+        least ``logprobs``): ``max(2 width, width + stop tokens)`` (vLLM's 2 width; HF's beams
+        need each beam's ``width + stop tokens`` best); with ``do_sample`` also the whole top-k
+        list (HF's law exactly when ``top_k <= 64``; else each beam's 64 likeliest only)."""
+        need = max(2 * self.beam_width, self.beam_width + num_stop_tokens, self.logprobs or 0)
+        if self.do_sample:
+            top_k = max(self.top_k, min_tokens_to_keep(num_stop_tokens))
+            need = max(need, top_k if self.top_k > 0 else MAX_BEAM_LOGPROBS)
+        return min(MAX_BEAM_LOGPROBS, need)
 
     def step_params(self, num_logprobs: int, prompt_logprobs: int | None = None
                     ) -> SamplingParams:
         """The params of one step's one-token request: greedy, since only the ``num_logprobs``
-        likeliest tokens it reports are used, not the token it picks."""
-        return SamplingParams(max_tokens=1, temperature=0.0, logprobs=num_logprobs,
-                              prompt_logprobs=prompt_logprobs)
+        (up to ``MAX_BEAM_LOGPROBS``) likeliest tokens it reports are used, not the token it
+        picks."""
+        return _StepParams(max_tokens=1, temperature=0.0, logprobs=num_logprobs,
+                           prompt_logprobs=prompt_logprobs)
 
 
-@dataclass
-class Beam:
-    """A live beam: its generated tokens and their summed logprob."""
-
-    token_ids: list[int]
-    cumulative_logprob: float
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, if asked for
-
-
-@dataclass
-class Hypothesis:
-    """A finished beam. ``score = cumulative_logprob / len(token_ids) ** length_penalty``."""
-
-    token_ids: list[int]  # generated tokens, the stop token included
-    cumulative_logprob: float
-    score: float
-    finish_reason: FinishReason
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-
-
-class BeamSearch:
-    """The bookkeeping of one beam search: live beams, finished hypotheses, the stopping rule.
-
-    Hugging Face's ``_beam_search`` (transformers 5.x), step by step, for one prompt:
-
-    1. every candidate ``beam + token`` has ``beam.cumulative_logprob + logprob(token)``; they
-       are ranked best first, ties by live-beam order then token id (HF's flat top-k index);
-    2. a finished candidate (stop token, stop string, or ``max_tokens`` reached) enters the
-       hypotheses only if it ranks among the first ``width``; its score is
-       ``cumulative_logprob / generated_len ** length_penalty``, ``generated_len`` counting the
-       stop token but not the prompt (HF ``_update_finished_beams``); the best ``width`` are
-       kept;
-    3. the best ``width`` unfinished candidates are the next live beams;
-    4. the search stops when no live beam is left, when ``early_stopping is True`` and
-       ``width`` hypotheses are finished, or when (``width`` hypotheses kept) the best live beam
-       scored at ``len`` cannot beat the worst of them, ``len`` being its current length, or
-       ``max_tokens`` if ``early_stopping == "never"`` and ``length_penalty > 0``
-       (``_check_early_stop_heuristic``).
-
-    HF keeps the top ``(1 + number of stop tokens) * width`` candidates so that at least
-    ``width`` are unfinished; ranking all candidates and taking the best unfinished ones is the
-    same whenever that holds, which is why each beam must offer its ``width + number of stop
-    tokens`` likeliest tokens (``beam_search`` asks for max(2 width, that)).
-
-    Args:
-        width: beams kept (``num_beams``).
-        max_tokens: generated tokens at most (already resolved against the context).
-        finish_reason_of: generated token ids (last one new) -> "stop", "length" or None.
-        num_logprobs: alternatives kept per token in ``logprobs``; None keeps no logprobs.
-    """
-
-    def __init__(self, width: int, max_tokens: int, length_penalty: float = 1.0,
-                 early_stopping: EarlyStopping = False,
-                 finish_reason_of: Callable[[list[int]], FinishReason | None] | None = None,
-                 num_logprobs: int | None = None):
-        self.width = width
-        self.max_tokens = max_tokens
-        self.length_penalty = length_penalty
-        self.early_stopping = early_stopping
-        self.finish_reason_of = finish_reason_of or (
-            lambda ids: "length" if len(ids) >= max_tokens else None)
-        self.num_logprobs = num_logprobs
-        self.live: list[Beam] = [Beam([], 0.0)]
-        self.hypotheses: list[Hypothesis] = []  # best first, at most ``width``
-        self.done = False
-
-    def step(self, tops: Sequence[Sequence[tuple[int, float]]]) -> None:
-        """Extend the live beams by one token.
-
-        Args:
-            tops: one list per live beam (``self.live`` order): its likeliest next tokens as
-                (token id, logprob), likeliest first.
-        """
-        if len(tops) != len(self.live):
-            raise ValueError(f"step() needs one top list per live beam ({len(self.live)}), "
-                             f"got {len(tops)}")
-        candidates = sorted(
-            ((beam.cumulative_logprob + lp, b, token, lp, top)
-             for b, (beam, top) in enumerate(zip(self.live, tops)) for token, lp in top),
-            key=lambda c: (-c[0], c[1], c[2]))
-        live: list[Beam] = []
-        finished: list[Hypothesis] = []
-        for rank, (total, b, token, lp, top) in enumerate(candidates):
-            if rank >= self.width and len(live) >= self.width:
-                break
-            parent = self.live[b]
-            ids = parent.token_ids + [token]
-            logprobs = parent.logprobs if self.num_logprobs is None else parent.logprobs + [
-                TokenLogprob(token, lp, list(top[:self.num_logprobs]))]
-            reason = self.finish_reason_of(ids)
-            if reason is None:
-                if len(live) < self.width:
-                    live.append(Beam(ids, total, logprobs))
-            elif rank < self.width:
-                finished.append(Hypothesis(ids, total, total / len(ids) ** self.length_penalty,
-                                           reason, logprobs))
-        self._keep(finished)
-        self.live = live
-        self._update_done()
-
-    def best(self, n: int) -> list[Hypothesis]:
-        """The ``n`` best hypotheses, best first; if fewer finished, the best live beams follow
-        as "length" (only when the search ended with fewer, e.g. a vocabulary of a few tokens)."""
-        out = self.hypotheses[:n]
-        for beam in self.live[:n - len(out)]:
-            length = max(len(beam.token_ids), 1)
-            out.append(Hypothesis(beam.token_ids, beam.cumulative_logprob,
-                                  beam.cumulative_logprob / length ** self.length_penalty,
-                                  "length", beam.logprobs))
-        return out
-
-    def _keep(self, finished: list[Hypothesis]) -> None:
-        """Merge new hypotheses into the kept ones; a stable sort keeps older ones first on
-        equal scores (HF concatenates the kept before the new)."""
-        if not finished:
-            return
-        merged = self.hypotheses + finished
-        merged.sort(key=lambda h: -h.score)
-        self.hypotheses = merged[:self.width]
-
-    def _update_done(self) -> None:
-        full = len(self.hypotheses) >= self.width
-        can_improve = True
-        if self.live and full:
-            length = len(self.live[0].token_ids)
-            if self.early_stopping == "never" and self.length_penalty > 0.0:
-                length = self.max_tokens
-            best_possible = self.live[0].cumulative_logprob / length ** self.length_penalty
-            can_improve = best_possible > self.hypotheses[-1].score
-        self.done = not self.live or not can_improve or (full and self.early_stopping is True)
+class _StepParams(SamplingParams):
+    """A beam step's internal request, which may ask for more logprobs than a user may."""
+    logprobs_limit: ClassVar[int] = MAX_BEAM_LOGPROBS
 
 
 @dataclass
@@ -266,17 +189,15 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
     """Beam search for one prompt on a running ``AsyncEngine``; the ``n`` best beams.
 
     Each step sends one request per live beam (ids ``{request_id}-{step}-{beam}``), greedy with
-    ``max_tokens=1`` and ``max(2 width, width + stop tokens, params.logprobs)`` top logprobs
-    (at most 20; the raw log-softmax of the model). That is enough for Hugging Face's result
-    unless more than ``20 - width`` stop token ids rank among one beam's likeliest tokens.
-    Deterministic: the same request gives the same beams (up to the kernels' float rounding,
-    which in bf16 can depend on what else shares the batch). Cancelling the coroutine aborts
-    the requests in flight.
+    ``max_tokens=1`` and ``params.num_logprobs`` top logprobs (the raw log-softmax of the
+    model). Deterministic beam search gives the same beams for the same request, beam sampling
+    for the same ``seed`` (both up to the kernels' float rounding, which in bf16 can depend on
+    what else shares the batch). Cancelling the coroutine aborts the requests in flight.
 
     Args:
         engine: a started AsyncEngine.
         prompt_token_ids: the prompt.
-        params: width, length penalty, early stopping, stops, logprobs.
+        params: width, length penalty, early stopping, stops, logprobs, sampling.
         n: how many beams to return, 1..width.
         priority: the engine priority of every step's requests (``AsyncEngine.generate``).
 
@@ -296,10 +217,10 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
     stop_ids = frozenset(params.stop_token_ids) | (
         frozenset() if params.ignore_eos else engine.tokenizer.eos_token_ids)
     width = params.beam_width
-    num_top = min(MAX_LOGPROBS, max(2 * width, width + len(stop_ids), params.logprobs or 0))
+    num_top = min(params.num_logprobs(len(stop_ids)), engine.engine.vocab_size)
     search = BeamSearch(width, max_tokens, params.length_penalty, params.early_stopping,
                         _finish_rule(engine, prompt, params, stop_ids, max_tokens),
-                        params.logprobs)
+                        params.logprobs, params.sampling(len(stop_ids)))
     step_params = params.step_params(num_top)
     first = await _one_token(engine, f"{request_id}-0-0", prompt,
                              params.step_params(num_top, params.prompt_logprobs), priority)

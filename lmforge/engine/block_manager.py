@@ -77,13 +77,13 @@ class BlockManager:
         """The longest cached prefix of a request that holds no blocks yet.
 
         At least one token is always left to compute, because the last prompt position's logits
-        are needed to sample (vLLM does the same). A request that wants prompt logprobs gets no
-        hits: it needs the logits of every prompt position.
+        are needed to sample (vLLM does the same). A request that wants prompt logprobs, or a
+        seeded one, gets no hits (``Request.reads_prefix_cache``).
 
         Returns:
             (blocks, num_computed_tokens) with num_computed_tokens = len(blocks) * block_size.
         """
-        if not self.enable_prefix_caching or request.needs_prompt_logprobs:
+        if not self.enable_prefix_caching or not request.reads_prefix_cache:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []

@@ -254,15 +254,20 @@ class LLMEngine:
 
     def _advance_grammar(self, request: Request, token: int) -> None:
         """Feed the sampled token to the request's grammar; finish the request ("stop") once
-        the grammar is complete, so that it never waits for an EOS the model may not pick."""
+        the grammar is complete, so that it never waits for an EOS the model may not pick.
+
+        A grammar can also fail here, in the grammar library (a resource limit such as a
+        regex the lexer cannot expand, ``a{1000000}``): the request then finishes with
+        ``FINISHED_ERROR`` and its ``error``, never as a normal-looking stop."""
         if request.grammar is None or request.status.is_finished():
             return
-        if not request.grammar.accept(token):  # cannot happen: the token was sampled under the mask
-            logger.error("request %s: token %d outside its grammar (%s); stopping it",
-                         request.request_id, token, request.grammar.error)
-        elif not request.grammar.is_terminated:
-            return
-        self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
+        if not request.grammar.accept(token) or request.grammar.failed:
+            request.error = request.grammar.failure_message()
+            logger.warning("request %s: its grammar failed after %d tokens: %s",
+                           request.request_id, request.num_output_tokens, request.error)
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR)
+        elif request.grammar.is_terminated:
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED)
 
     def _make_outputs(self, scheduled: SchedulerOutput,
                       logprobs: list[TokenLogprob | None]) -> list[RequestOutput]:
@@ -294,7 +299,8 @@ class LLMEngine:
                 num_cached_tokens=request.num_cached_tokens,
                 num_output_tokens=request.num_output_tokens,
                 logprobs=None if logprob is None else [logprob],
-                prompt_logprobs=prompt_logprobs))
+                prompt_logprobs=prompt_logprobs, error=request.error,
+                error_param=request.params.structured.param if request.error else None))
         return outputs
 
 

@@ -11,13 +11,16 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from lmforge.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's top_logprobs limit)
 MAX_LOGIT_BIAS = 100.0  # |bias| limit, as OpenAI's logit_bias
+# Entries of a choice list: llguidance compiles 10,000 in ~0.7 s and panics past ~65,000 grammar
+# symbols (after tens of seconds), so a longer list is refused before compiling.
+MAX_CHOICES = 10_000
 # Scheduling priorities: smaller runs first (vLLM's convention). Online (HTTP) requests run at
 # ONLINE_PRIORITY; batch jobs (/v1/batches) at BATCH_PRIORITY, behind them (engine/scheduler.py).
 ONLINE_PRIORITY = 0
@@ -33,6 +36,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
     FINISHED_LENGTH = enum.auto()  # max_tokens or the context length reached
     FINISHED_ABORTED = enum.auto()  # client went away or the request was cancelled
+    FINISHED_ERROR = enum.auto()  # the request failed mid-generation (``Request.error`` says why)
 
     def is_finished(self) -> bool:
         return self > RequestStatus.PREEMPTED
@@ -47,6 +51,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -73,6 +78,9 @@ class StructuredOutput:
                 isinstance(c, str) and c for c in self.choice)):
             raise InvalidRequestError("choice must be a non-empty list of non-empty strings",
                                       param=self.param)
+        if self.choice is not None and len(self.choice) > MAX_CHOICES:
+            raise InvalidRequestError(f"a choice list takes at most {MAX_CHOICES} entries, got "
+                                      f"{len(self.choice)}", param=self.param)
         if self.regex is not None and not self.regex:
             raise InvalidRequestError("regex must not be empty", param=self.param)
 
@@ -125,6 +133,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     logit_bias: dict[int, float] = field(default_factory=dict)
     structured: StructuredOutput | None = None  # the output must match this grammar
+    # most alternatives ``logprobs`` / ``prompt_logprobs`` may ask for; internal requests
+    # (beam search steps, engine/beam_search.py) raise it in a subclass
+    logprobs_limit: ClassVar[int] = MAX_LOGPROBS
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -176,9 +187,10 @@ class SamplingParams:
                 "stop_token_ids must be non-negative integers", param="stop_token_ids")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+            if value is not None and not 0 <= value <= self.logprobs_limit:
                 raise InvalidRequestError(
-                    f"{name} must be between 0 and {MAX_LOGPROBS}, got {value}", param=name)
+                    f"{name} must be between 0 and {self.logprobs_limit}, got {value}",
+                    param=name)
         for token, bias in self.logit_bias.items():
             if not isinstance(token, int) or token < 0:
                 raise InvalidRequestError(
@@ -229,6 +241,7 @@ class Request:
         self.block_hashes: list[int] = []  # prefix hashes of full blocks, grown lazily
         self.generator = None  # torch.Generator for a seeded request, created by the sampler
         self.grammar = None  # engine.structured.GrammarMatcher if params.structured is set
+        self.error: str | None = None  # why it ended FINISHED_ERROR
 
     @property
     def num_tokens(self) -> int:
@@ -239,6 +252,19 @@ class Request:
         """Prompt logprobs were asked for and are not delivered yet: every prompt position must
         be computed, so the prefix cache is not read for this request."""
         return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether this request may take KV blocks from the prefix cache.
+
+        Not when it needs prompt logprobs (every prompt position's logits), and not when it is
+        seeded: a seeded request must give the same tokens whether or not its prompt was cached,
+        and cached KV plus a short recomputed tail goes through other kernels than a whole-prompt
+        prefill (the 4-bit kernel for a few rows, dense bf16 for many; SDPA with a mask over the
+        gathered cache instead of a plain causal one), whose float rounding differs enough to
+        change a sampled token. A seeded request still writes its blocks for others to read.
+        """
+        return not self.needs_prompt_logprobs and self.params.seed is None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -278,10 +304,14 @@ class RequestOutput:
     text: str  # new text since the previous output
     token_ids: list[int]  # new token ids since the previous output
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     num_output_tokens: int  # all generated tokens so far
     logprobs: list[TokenLogprob] | None = None  # one per entry of token_ids, if asked for
     # with the first output only, if asked for: one per prompt token, None for the first
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # with finish_reason "error": the request's fault, e.g. its grammar failed mid-generation;
+    # AsyncEngine.generate raises it as an InvalidRequestError naming ``error_param``
+    error: str | None = None
+    error_param: str | None = None

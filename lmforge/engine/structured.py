@@ -12,7 +12,13 @@ SmolLM2's 49k vocabulary (``benchmarks/grammar_libraries.py``).
 
 Grammars are compiled once per distinct spec (``GrammarCompiler``, an LRU cache), and compiling
 validates: an invalid JSON schema or regex is an ``InvalidRequestError`` naming the parameter and
-llguidance's message, raised before the request is queued.
+llguidance's message, raised before the request is queued. Compiling also computes the first
+mask, which catches a grammar that matches nothing (a JSON schema whose root ``$ref`` points to
+itself): without that, the only allowed token would be EOS and the answer an empty "stop". A
+grammar can still fail later, on a resource limit the library meets only while generating (a
+regex like ``a{1000000}``); the engine then ends the request with an error
+(``GrammarMatcher.failed``), never with a normal-looking stop. Messages never carry the
+library's internal state or a Rust panic's text.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from lmforge.errors import InvalidRequestError
 # Distinct compiled grammars kept (each a JSON string of a few KB).
 GRAMMAR_CACHE_SIZE = 256
 _BITS = 32  # token ids per int32 word of a bitmask
+# llguidance's default limits, without its parser-state dumps in error messages
+_LIMITS = llguidance.LLParserLimits(verbose_errors=False)
 
 
 class GrammarMatcher:
@@ -66,8 +74,15 @@ class GrammarMatcher:
         return self._matcher.is_stopped()
 
     @property
-    def error(self) -> str:
-        return self._matcher.get_error()
+    def failed(self) -> bool:
+        """The grammar library gave up (a resource limit, or a token it did not allow)."""
+        return self._matcher.is_error()
+
+    def failure_message(self) -> str:
+        """Why it failed, in words a client can act on (no internal state)."""
+        reason = _summary(self._matcher.get_error())
+        return (f"The output constraint failed during generation ({reason}); simplify the "
+                "JSON schema, regex or choice list")
 
 
 class GrammarCompiler:
@@ -102,10 +117,13 @@ class GrammarCompiler:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        tokenizer = self.ll_tokenizer()
         grammar = _to_grammar(spec)
-        # The matcher's constructor runs the full compilation (and drops the GIL meanwhile).
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        # The matcher's constructor runs the full compilation (and drops the GIL meanwhile);
+        # the first mask finds a grammar that matches nothing.
+        matcher = self._new_matcher(grammar)
+        if not matcher.is_error():
+            first = allocate_token_bitmask(1, self.vocab_size)[0]
+            matcher.unsafe_compute_mask_ptr(first.data_ptr(), first.numel() * 4)
         if matcher.is_error():
             raise InvalidRequestError(f"Invalid {spec.what}: {_summary(matcher.get_error())}",
                                       param=spec.param)
@@ -121,8 +139,10 @@ class GrammarCompiler:
         Raises:
             InvalidRequestError: as ``compile``.
         """
-        grammar = self.compile(spec)
-        return GrammarMatcher(llguidance.LLMatcher(self.ll_tokenizer(), grammar, log_level=0))
+        return GrammarMatcher(self._new_matcher(self.compile(spec)))
+
+    def _new_matcher(self, grammar: str) -> llguidance.LLMatcher:
+        return llguidance.LLMatcher(self.ll_tokenizer(), grammar, log_level=0, limits=_LIMITS)
 
     def ll_tokenizer(self) -> llguidance.LLTokenizer:
         with self._lock:
@@ -153,8 +173,14 @@ def _summary(message: str) -> str:
 
     ``'at 1(8): invalid regex "(abc" ...: regex parse error:\n (abc\n ^\nerror: unclosed
     group\n 1 | start: /(abc/'`` -> ``'at 1(8): invalid regex "(abc" ...: regex parse error:
-    unclosed group'``.
+    unclosed group'``. A Rust panic (an assertion inside the library) says only that the
+    grammar is beyond the library, and ``NoExtensionBias`` (the first mask allows nothing)
+    that nothing can match it.
     """
+    if "panic" in message:
+        return "the grammar engine cannot handle it (too large or too complex)"
+    if message.startswith("NoExtensionBias"):
+        return "no output can match it (e.g. a $ref cycle with no way out)"
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     details = [line.removeprefix("error:").strip() for line in lines[1:]
                if line.startswith("error:")]

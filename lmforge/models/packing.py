@@ -13,6 +13,8 @@ the packed weight has no gradient and no HF layout, so training uses the plain m
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -36,9 +38,22 @@ class PackedLinear(nn.Module):
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    """Packing applies to bf16 on a CPU whose PyTorch build has oneDNN."""
-    return (dtype == torch.bfloat16 and device.type == "cpu"
-            and torch.backends.mkldnn.is_available())
+    """Packing applies to bf16 on a CPU whose PyTorch build has oneDNN and whose instruction set
+    has oneDNN's bf16 reorder (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an AVX2-only CPU has not)."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and _cpu_packs_bf16()
+
+
+@functools.cache
+def _cpu_packs_bf16() -> bool:
+    """Whether oneDNN can reorder a bf16 weight here. PyTorch offers no query for it, and the
+    op raises on CPUs without the instructions, so try it once on a tiny weight."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_llama_(model: nn.Module) -> None:

@@ -2,17 +2,28 @@
 
 Beam search (``engine/beam_search.py``) is on when ``num_beams`` > 1 (the Hugging Face and
 Chinese-LLaMA-Alpaca servers' field) or ``use_beam_search`` is true (vLLM's); its width is
-``num_beams``, else ``max(n, best_of or 1)`` (vLLM's older API). It is deterministic, so the
-request must not ask for anything that would change or randomize it:
+``num_beams``, else ``max(n, best_of or 1)`` (vLLM's older API). ``temperature`` picks the
+mode, as ``do_sample`` does in Hugging Face's ``generate`` (which those servers call):
 
-- 400: ``stream`` (the beams are known only when the search ends); ``temperature`` other than
-  unset, 0 or 1; ``top_p`` != 1, ``top_k`` > 0, ``min_p`` > 0, any penalty, ``logit_bias``
-  (beams are ranked by the model's raw log-probabilities, as Hugging Face's greedy beam search);
-  structured output and tools (no grammar is applied to beams); ``n`` > width; a ``best_of``
-  other than the width; ``use_beam_search: false`` with ``num_beams`` > 1; width > 10.
+- ``temperature`` unset or 0: deterministic beam search (``do_sample=False``), ranked by the
+  model's raw log-probabilities; ``top_k`` / ``top_p`` / ``min_p`` / ``seed`` are accepted and
+  ignored, as HF ignores its warpers without ``do_sample``.
+- ``temperature`` > 0 (1 included): beam sampling, HF's beam-search multinomial sampling
+  (``do_sample=True``, ``engine/beam_sampling.py``): each beam's log-probabilities divided by
+  ``temperature``, filtered by ``top_k`` (unset: HF's default 50; 0 or -1: off), ``top_p``,
+  ``min_p``; the beams' candidates drawn without replacement from them. ``seed`` makes it
+  reproducible; without one, each request differs. Exact while ``top_k`` <= 64; a larger or
+  disabled ``top_k`` draws from each beam's 64 likeliest tokens only, and ``top_p`` /
+  ``min_p`` then see only those.
+- 400: ``stream`` (the beams are known only when the search ends); any penalty or
+  ``logit_bias`` other than neutral (beams are scored with the model's log-probabilities, as
+  HF's, which the engine reports before penalties and bias); structured output and tools (no
+  grammar is applied to beams); ``n`` > width; a ``best_of`` other than the width;
+  ``use_beam_search: false`` with ``num_beams`` > 1; width > 10; a sampling field out of its
+  usual range.
 - honoured: ``max_tokens``, ``stop``, ``stop_token_ids``, ``ignore_eos``, the text options,
-  ``logprobs`` (each returned beam's tokens, with their top alternatives) and ``echo``.
-- ignored, harmless: ``seed`` (nothing is drawn).
+  ``logprobs`` (each returned beam's tokens, with their top alternatives, raw log-probabilities
+  in both modes) and ``echo``.
 - ``length_penalty`` (default 1.0) and ``early_stopping`` (default false; true or "never") are
   Hugging Face's; without beam search a non-default value is a 400.
 
@@ -58,18 +69,15 @@ from lmforge.protocol import (
 )
 from lmforge.server.generation import request_priority, wait_disconnect
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, finite
+from lmforge.server.prompts import encode_chat, encode_completion_prompts
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 
-# sampling fields -> the values that leave beam search unchanged (``sampling_kwargs`` form)
+# fields beams cannot honour -> their neutral values (``sampling_kwargs`` form)
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "temperature": (0.0, 1.0),  # 0 = deterministic; 1 = the raw distribution beams rank by
-    "top_p": (1.0,),
-    "top_k": (0, -1),
-    "min_p": (0.0,),
     "presence_penalty": (0.0,),
     "frequency_penalty": (0.0,),
     "repetition_penalty": (1.0,),
@@ -128,9 +136,18 @@ def beam_params(body: AnyRequest, max_tokens: int | None, max_tokens_param: str 
             stop_token_ids=kwargs["stop_token_ids"], ignore_eos=kwargs["ignore_eos"],
             skip_special_tokens=kwargs["skip_special_tokens"],
             include_stop_str_in_output=kwargs["include_stop_str_in_output"],
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, **_sampling(body))
     except InvalidRequestError as e:
         raise e.renamed("max_tokens", max_tokens_param)
+
+
+def _sampling(body: AnyRequest) -> dict[str, Any]:
+    """``BeamSearchParams`` sampling fields: ``do_sample`` iff ``temperature`` > 0; an unset
+    ``top_k`` stays HF's default (50)."""
+    given = {"temperature": body.temperature, "top_k": body.top_k, "top_p": body.top_p,
+             "min_p": body.min_p, "seed": body.seed}
+    return {"do_sample": bool(body.temperature),
+            **{name: value for name, value in given.items() if value is not None}}
 
 
 def _check_combination(body: AnyRequest, width: int) -> None:
@@ -141,11 +158,10 @@ def _check_combination(body: AnyRequest, width: int) -> None:
     kwargs = body.sampling_kwargs()
     for name, neutral in _NEUTRAL.items():
         if kwargs[name] not in neutral:
-            allowed = "unset, 0 or 1" if name == "temperature" else "unset"
             raise InvalidRequestError(
-                f"beam search is deterministic and ranks beams by the model's raw "
-                f"log-probabilities, so {name} must be {allowed} with it; remove {name} (or "
-                "num_beams / use_beam_search)", param=name)
+                f"beam search scores beams with the model's log-probabilities before any "
+                f"penalty or bias (as Hugging Face's), so {name} must be unset with it; remove "
+                f"{name} (or num_beams / use_beam_search)", param=name)
     if body.structured_output() is not None:
         raise InvalidRequestError(
             "beam search does not apply structured output constraints; remove num_beams / "
@@ -172,9 +188,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     engine: AsyncEngine = request.app.state.engine
     params = beam_params(body, body.requested_max_tokens, body.max_tokens_param,
                          logprobs=body.num_logprobs)
-    prompt = engine.tokenizer.apply_chat_template(
-        [m.to_template_dict() for m in body.messages], add_generation_prompt=True,
-        chat_template=request.app.state.chat_template)
+    prompt = await encode_chat(engine, [m.to_template_dict() for m in body.messages],
+                               chat_template=request.app.state.chat_template)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
     outputs = await _search(request, engine, response_id, [prompt], params, body.num_choices)
     if isinstance(outputs, Response):
@@ -194,18 +209,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
     engine: AsyncEngine = request.app.state.engine
     params = beam_params(body, body.max_tokens, logprobs=body.logprobs,
                          prompt_logprobs=body.logprobs if body.echo else None)
-    tokenizer = engine.tokenizer
-    prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
-               for p in body.prompts()]
+    prompts, echoes = await encode_completion_prompts(engine, body.prompts(), body.echo)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     outputs = await _search(request, engine, response_id, prompts, params, body.num_choices)
     if isinstance(outputs, Response):
         return outputs
-    texts = TokenTexts(tokenizer)
+    texts = TokenTexts(engine.tokenizer)
     choices = []
-    for i, (raw, ids, out) in enumerate(zip(body.prompts(), prompts, outputs)):
-        echo = (raw if isinstance(raw, str) else tokenizer.decode(ids, skip_special_tokens=False)
-                ) if body.echo else ""
+    for i, (echo, ids, out) in enumerate(zip(echoes, prompts, outputs)):
         for j, s in enumerate(out.sequences):
             logprobs = None
             if s.logprobs is not None:

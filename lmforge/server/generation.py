@@ -135,7 +135,9 @@ class Generation:
     Choice ``i * n + j`` is prompt i's j-th sample (OpenAI's order). The first choice of a prompt
     computes it; the other n - 1 wait for that and read its KV blocks from the prefix cache
     (``LLMEngine.add_request(after=)``); a seeded request gives choice j the seed ``seed + j``
-    (vLLM's convention), so the choices differ and each is reproducible.
+    (vLLM's convention), so the choices differ and each is reproducible. Seeded choices do not
+    wait: they never read the prefix cache (``Request.reads_prefix_cache``), so each computes
+    the prompt itself.
 
     ``prompt_only`` (completions' ``echo`` with ``max_tokens: 0``, which lm-eval-harness uses to
     score a prompt): each request runs one step, for the prompt's logprobs, and its output is
@@ -168,8 +170,9 @@ class Generation:
                 rid = response_id if self.num_choices == 1 else f"{response_id}-{i * n + j}"
                 choice_params = params if j == 0 or params.seed is None else replace(
                     params, seed=params.seed + j)
-                self._iters.append(engine.generate(rid, prompt, choice_params, after=first,
-                                                   priority=priority, lora=lora))
+                self._iters.append(engine.generate(
+                    rid, prompt, choice_params, priority=priority, lora=lora,
+                    after=first if params.seed is None else None))
                 first = first or rid
         self._pending: dict[asyncio.Future, int] = {}  # next-output task -> choice index
         self._last: list[RequestOutput | None] = [None] * self.num_choices

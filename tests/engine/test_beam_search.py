@@ -61,16 +61,17 @@ def hf_model(tiny_llama_dir):
 
 
 def hf_beams(model, prompt: list[int], k: int, n: int, length_penalty: float,
-             early_stopping, max_new_tokens: int, eos: list[int], use_cache: bool = True
-             ) -> list[tuple[list[int], float]]:
-    """HF's n best beams: (generated tokens up to and with the stop token, score)."""
+             early_stopping, max_new_tokens: int, eos: list[int], use_cache: bool = True,
+             **warpers) -> list[tuple[list[int], float]]:
+    """HF's n best beams (``do_sample=False``, ``warpers`` then ignored): (generated tokens up
+    to and with the stop token, score)."""
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             num_beams=k, num_return_sequences=n, do_sample=False, max_new_tokens=max_new_tokens,
             length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
             pad_token_id=0, use_cache=use_cache, return_dict_in_generate=True,
-            output_scores=True)
+            output_scores=True, **warpers)
     lengths = (out.beam_indices >= 0).sum(dim=1).tolist()  # -1 pads the unused steps
     return [(seq[len(prompt):len(prompt) + length].tolist(), float(score))
             for seq, length, score in zip(out.sequences, lengths, out.sequences_scores)]
@@ -123,6 +124,56 @@ def test_stop_tokens_make_hypotheses_of_different_lengths_compete(engine, hf_mod
     assert len({len(s.token_ids) for s in out.sequences}) == 4
     ref = hf_beams(hf_model, prompt, 4, 4, 0.5, False, 10, [EOS, extra])
     assert [s.token_ids for s in out.sequences] == [t for t, _ in ref]
+
+
+def test_sampling_fields_are_ignored_without_do_sample_as_by_hugging_face(engine, hf_model):
+    """``do_sample=False``: HF ignores its warpers, and so do we: still HF's beams, token for
+    token (top_k 2 < width 4 would leave two beams after the first step if it were applied)."""
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    warpers = {"temperature": 0.7, "top_k": 2, "top_p": 0.5, "min_p": 0.2}
+    ref = hf_beams(hf_model, prompt, 4, 3, 1.0, False, 8, [EOS], **warpers)
+    out = run_beam_search(engine, prompt, 3, beam_width=4, max_tokens=8, seed=5, **warpers)
+    assert [s.token_ids for s in out.sequences] == [t for t, _ in ref]
+    assert [s.score for s in out.sequences] == pytest.approx([sc for _, sc in ref], abs=1e-4)
+
+
+def sample_beams(engine, prompt, seed, n=2, **kwargs) -> list[list[int]]:
+    params = {"beam_width": 4, "max_tokens": 6, "do_sample": True, "temperature": 0.7,
+              "top_k": 40}
+    out = run_beam_search(engine, prompt, n, seed=seed, **{**params, **kwargs})
+    return [s.token_ids for s in out.sequences]
+
+
+def test_beam_sampling_is_reproducible_with_a_seed_and_varies_without(engine):
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    first = sample_beams(engine, prompt, seed=1)
+    assert sample_beams(engine, prompt, seed=1) == first
+    other_seeds = [sample_beams(engine, prompt, seed=s) for s in (2, 3, 4)]
+    assert any(beams != first for beams in other_seeds)
+    unseeded = [sample_beams(engine, prompt, seed=None) for _ in range(3)]
+    assert any(beams != unseeded[0] for beams in unseeded[1:])
+    deterministic = run_beam_search(engine, prompt, 2, beam_width=4, max_tokens=6)
+    assert first != [s.token_ids for s in deterministic.sequences]
+
+
+def test_beam_sampling_draws_within_top_k_and_scores_with_warped_logprobs(engine, monkeypatch):
+    prompt = engine.tokenizer.encode(PROMPTS[1])
+    asked: list[int] = []
+    generate = engine.generate
+
+    def spy(request_id, prompt, params, **kwargs):
+        asked.append(params.logprobs)
+        return generate(request_id, prompt, params, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    out = run_beam_search(engine, prompt, 3, beam_width=3, max_tokens=5, do_sample=True,
+                          temperature=0.5, top_k=4, logprobs=20, seed=0)
+    for s in out.sequences:
+        assert all(e.token_id in [t for t, _ in e.top[:4]] for e in s.logprobs)  # top_k 4
+        # the reported logprobs are raw; the beam's score sums them divided by the temperature
+        assert s.cumulative_logprob == pytest.approx(sum(e.logprob for e in s.logprobs) / 0.5)
+    run_beam_search(engine, prompt, beam_width=2, max_tokens=2, do_sample=True, seed=0)
+    assert asked[0] == 20 and asked[-1] == 50  # HF's default top_k 50: more than users get
 
 
 class MarkovConfig(PretrainedConfig):

@@ -96,6 +96,21 @@ def test_seeded_sampling_is_independent_of_the_batch(llm):
     assert llm.generate([PROMPTS[0]], other_seed, use_tqdm=False)[0].token_ids != alone
 
 
+def test_a_seeded_request_never_reads_the_prefix_cache(llm):
+    """Cached KV plus a recomputed tail runs other kernels than a whole-prompt prefill (on a
+    bf16 CPU: the 4-bit kernel for a few rows), so a seeded request repeated on an idle engine
+    computes its whole prompt again, and gives the same tokens; an unseeded one reads the
+    cache. (On this float32 model both paths would round alike: the count is what is checked.)
+    """
+    prompt = "You are a helpful assistant who answers in one short sentence. " * 3
+    seeded = SamplingParams(temperature=0.3, seed=42, max_tokens=12, ignore_eos=True)
+    first, again = (llm.generate([prompt], seeded, use_tqdm=False)[0] for _ in range(2))
+    assert first.num_cached_tokens == again.num_cached_tokens == 0
+    assert first.token_ids == again.token_ids
+    unseeded = SamplingParams(temperature=0.3, max_tokens=12, ignore_eos=True)
+    assert llm.generate([prompt], unseeded, use_tqdm=False)[0].num_cached_tokens >= 32
+
+
 def test_stop_string_cuts_the_text(llm):
     free = llm.generate([PROMPTS[1]], greedy(20), use_tqdm=False)[0]
     stop = free.text[5:9]

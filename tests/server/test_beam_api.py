@@ -90,10 +90,13 @@ def test_chat_beams_with_logprobs_and_stop(client, model):
     assert "".join(t.token for t in choice.logprobs.content).startswith(choice.message.content)
 
 
-def test_harmless_knobs_are_accepted(client, model):
-    kwargs = dict(model=model, messages=USER, max_tokens=4)
+def test_sampling_knobs_without_temperature_are_ignored(client, model):
+    """``temperature`` unset or 0 is deterministic beam search (HF ``do_sample=False``), which
+    ignores top_k / top_p / min_p / seed as HF ignores its warpers without ``do_sample``."""
+    kwargs = {"model": model, "messages": USER, "max_tokens": 4}
     ref = client.chat.completions.create(extra_body={"num_beams": 2}, **kwargs)
-    for extra in ({"temperature": 0}, {"temperature": 1}, {"seed": 7}, {"top_p": 1},
+    for extra in ({"temperature": 0}, {"seed": 7}, {"top_p": 0.5}, {"top_k": 1},
+                  {"min_p": 0.5}, {"temperature": 0, "top_k": 1, "top_p": 0.1, "seed": 3},
                   {"top_k": -1}, {"presence_penalty": 0}):
         resp = client.chat.completions.create(extra_body={"num_beams": 2, **extra}, **kwargs)
         assert resp.choices[0].message.content == ref.choices[0].message.content, extra
@@ -104,10 +107,10 @@ def test_harmless_knobs_are_accepted(client, model):
 
 REFUSED = [
     ({"num_beams": 2, "stream": True}, "stream"),
-    ({"num_beams": 2, "temperature": 0.7}, "temperature"),
-    ({"num_beams": 2, "top_p": 0.9}, "top_p"),
-    ({"num_beams": 2, "top_k": 5}, "top_k"),
-    ({"num_beams": 2, "min_p": 0.1}, "min_p"),
+    ({"num_beams": 2, "temperature": 2.5}, "temperature"),  # ranges as without beams
+    ({"num_beams": 2, "temperature": 0.7, "top_p": 1.5}, "top_p"),
+    ({"num_beams": 2, "top_k": -3}, "top_k"),
+    ({"num_beams": 2, "temperature": 0.7, "presence_penalty": 0.5}, "presence_penalty"),
     ({"num_beams": 2, "presence_penalty": 0.5}, "presence_penalty"),
     ({"num_beams": 2, "frequency_penalty": 0.5}, "frequency_penalty"),
     ({"num_beams": 2, "repetition_penalty": 1.2}, "repetition_penalty"),
@@ -149,12 +152,48 @@ def test_refused_with_tools_and_best_of_and_reasons_through_the_sdk(client, mode
     assert e.value.body["param"] == "best_of"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="Hi", temperature=0.5,
-                                  extra_body={"num_beams": 2})
-    assert "deterministic" in e.value.body["message"]
+                                  frequency_penalty=1.0, extra_body={"num_beams": 2})
+    assert e.value.body["param"] == "frequency_penalty"
+    assert "before any penalty or bias" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=model, prompt="Hi", max_tokens=600,
                                   extra_body={"num_beams": 2})
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+# Chinese-LLaMA-Alpaca's openai_server_demo README (Hugging Face generate behind it), as
+# written: beam sampling (num_beams 4, temperature 0.7, top_k 40), and no model.
+ALPACA_DEMO = {"prompt": "Tell me the strengths and weaknesses of China and the United States "
+                         "respectively", "max_tokens": 90, "temperature": 0.7, "num_beams": 4,
+               "top_k": 40}
+
+
+def test_chinese_llama_alpaca_beam_sampling_body_works(http):
+    resp = http.post("/v1/completions", json=ALPACA_DEMO)
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    assert len(choices) == 1 and isinstance(choices[0]["text"], str) and choices[0]["text"]
+    assert choices[0]["finish_reason"] in ("stop", "length")
+
+
+def test_beam_sampling_is_reproducible_with_a_seed(client, model, wait_idle):
+    def sample(seed, **kwargs):
+        return [c.text for c in client.completions.create(
+            model=model, prompt="The sky is", max_tokens=6, n=2, temperature=1.0, seed=seed,
+            extra_body={"num_beams": 3, **kwargs}).choices]
+
+    first = sample(1)
+    assert sample(1) == first
+    assert any(sample(seed) != first for seed in (2, 3, 4))
+    assert first != [c.text for c in client.completions.create(  # explicit 1.0 samples
+        model=model, prompt="The sky is", max_tokens=6, n=2, extra_body={"num_beams": 3}
+    ).choices]
+    chat = [client.chat.completions.create(
+        model=model, messages=USER, max_tokens=6, temperature=0.7, seed=9,
+        extra_body={"num_beams": 2, "top_k": 40, "top_p": 0.9}) for _ in range(2)]
+    assert chat[0].choices[0].message.content == chat[1].choices[0].message.content
+    assert chat[0].choices[0].finish_reason in ("stop", "length")
+    wait_idle()
 
 
 def test_disconnect_cancels_the_search(long_base_url, long_engine, long_wait_idle):

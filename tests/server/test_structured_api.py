@@ -134,3 +134,41 @@ def test_sdk_reports_a_bad_schema_as_bad_request(client, model):
     with pytest.raises(openai.BadRequestError, match="Invalid JSON schema"):
         client.chat.completions.create(model=model, messages=USER, max_tokens=5,
                                        response_format=schema_format({"type": "nonsense"}))
+
+
+def test_a_schema_that_matches_nothing_is_a_400_not_an_empty_stop(client, model):
+    # the root $ref points to itself: no JSON value can ever complete it
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=USER, max_tokens=8,
+                                       response_format=schema_format({"$ref": "#"}, "loop"))
+    assert info.value.param == "response_format"
+    assert "no output can match it" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_fails_mid_generation_is_an_error_not_a_stop(client, model, stream,
+                                                                    wait_idle):
+    """llguidance accepts ``a{1000000}`` but its lexer gives up once it has to expand it; the
+    answer is a 400 (or, streaming, an error event), never ``"aaaa"`` with "stop"."""
+    kwargs = dict(model=model, prompt="x", max_tokens=16, extra_body={"regex": "a{1000000}"})
+    if not stream:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(**kwargs)
+        assert info.value.param == "regex"
+        assert "failed during generation" in info.value.message
+    else:
+        with pytest.raises(openai.APIError) as info:
+            for chunk in client.completions.create(stream=True, **kwargs):
+                assert all(c.finish_reason != "stop" for c in chunk.choices)
+        assert "failed during generation" in info.value.message
+    wait_idle()
+
+
+def test_a_huge_choice_list_is_a_400_without_internals(http, model):
+    choices = [f"option {i}" for i in range(100_000)]
+    resp = http.post("/v1/completions", json={"model": model, "prompt": "x", "max_tokens": 4,
+                                              "guided_choice": choices})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "guided_choice" and "at most 10000 entries" in error["message"]
+    assert "panic" not in resp.text
