@@ -40,11 +40,13 @@ from dataclasses import dataclass, field
 
 from lmforge.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
+from lmforge.engine.memory import RELEASE_INTERVAL_S, release_free_memory
 from lmforge.engine.pooling import EmbeddingTask
 from lmforge.engine.request import ONLINE_PRIORITY, RequestOutput, SamplingParams
 from lmforge.errors import (
     EngineDeadError,
     InternalServerError,
+    InvalidRequestError,
     LMForgeError,
     RateLimitError,
     ServiceUnavailableError,
@@ -131,6 +133,10 @@ class AsyncEngine:
         self.error: BaseException | None = None  # set when the loop died
         self.last_step_time = time.monotonic()
         self.counters = RequestCounters()
+        # loop thread only: malloc_trim calls so far, and when the last one ran
+        self.memory_releases = 0
+        self._last_release = time.monotonic()
+        self._stepped_since_release = False
         # admitted requests that have no first token yet, and their prompt tokens (the
         # backlog that --max-waiting-requests/--max-waiting-tokens bound); these and
         # ``counters`` change in generate, under this lock (several event loops may call it)
@@ -156,7 +162,9 @@ class AsyncEngine:
 
         def load() -> AsyncEngine:
             try:
-                return cls(LLMEngine(config), executor)
+                engine = cls(LLMEngine(config), executor)
+                release_free_memory()  # loading left ~1 GB freed in this thread's arena
+                return engine
             except BaseException:
                 executor.shutdown(wait=False)
                 raise
@@ -199,7 +207,8 @@ class AsyncEngine:
 
         Raises:
             InvalidRequestError, ContextLengthExceededError: bad prompt or parameters, an
-                unknown ``lora``.
+                unknown ``lora``; or, after the request's last output, its grammar failed
+                mid-generation (``RequestOutput.error``).
             ModelLoadError: the adapter's files cannot be read or do not fit the model.
             EngineDeadError: the engine loop has stopped.
             RateLimitError: too many requests or prompt tokens wait already (``_admit``).
@@ -222,6 +231,8 @@ class AsyncEngine:
                 out = await stream.get()
                 if isinstance(out, BaseException):
                     raise out
+                if out.error is not None:  # finished by its own fault, e.g. a failed grammar
+                    raise InvalidRequestError(out.error, param=out.error_param)
                 if not admitted:
                     last = self._observe(out, last, first=waiting)
                 if waiting:
@@ -362,6 +373,7 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests() and not self._embeddings:
+                    self._release_memory(idle=True)
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()  # idle is healthy
@@ -369,12 +381,24 @@ class AsyncEngine:
                 self._embed_piece()
                 self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.last_step_time = time.monotonic()
+                self._release_memory(idle=False)
         except BaseException as e:  # the engine is broken: fail everyone, loudly
             logger.exception("engine loop died")
             self.error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError("the engine loop failed; see the "
                                                           "server log and restart the server"))
+
+    def _release_memory(self, idle: bool) -> None:
+        """Give the pages freed by the steps back to the OS (``engine/memory.py``): on going
+        idle after work, and every ``RELEASE_INTERVAL_S`` while the steps go on."""
+        now = time.monotonic()
+        if self._stepped_since_release and (idle or now - self._last_release
+                                            >= RELEASE_INTERVAL_S):
+            release_free_memory()
+            self.memory_releases += 1
+            self._last_release = now
+        self._stepped_since_release = not idle
 
     def _drain_commands(self) -> None:
         while True:
