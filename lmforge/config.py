@@ -147,6 +147,10 @@ class ServerConfig:
     # the jobs store (files, batches): a SQLAlchemy URL; None = SQLite at $LMFORGE_HOME/lmforge.db
     database_url: str | None = None
     max_upload_mb: int = 512  # POST /v1/files answers 413 above this size
+    # every other request body answers 413 above this size (MiB): JSON is parsed whole on the
+    # event loop (~1 s per 30 MB of token ids). A full 128k-token context is ~1 MB of JSON token
+    # ids, 2048 embedding inputs of 512 tokens ~5 MB of text: 32 leaves room for both
+    max_request_mb: int = 32
     # batch lines in flight at once; they run at a lower priority than online requests
     batch_concurrency: int = 8
     # seconds a batch's completion_window ("24h") lasts; None = what it says (tests shorten it)
@@ -154,8 +158,12 @@ class ServerConfig:
     # run fine-tuning jobs here (a worker beside the engine); False leaves them queued for a
     # server that does (several replicas on one database: let one of them train)
     fine_tuning: bool = True
-    # LoRA adapters served from the start, name -> PEFT directory (``--lora name=path``)
+    # LoRA adapters served from the start, name -> PEFT directory (``--lora name=path``); the
+    # operator's choice, so any directory
     loras: dict[str, str] = field(default_factory=dict)
+    # the only directories POST /v1/load_lora_adapter may serve adapters from (``--lora-root``,
+    # repeatable): a lora_path is resolved (symlinks, "..") and must lie inside one of them
+    lora_roots: list[str] = field(default_factory=lambda: [str(lmforge_home() / "adapters")])
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""
@@ -166,6 +174,8 @@ class ServerConfig:
             raise ValueError(f"shutdown_timeout ({self.shutdown_timeout}) must be 0 or positive")
         if self.max_upload_mb < 1:
             raise ValueError(f"max_upload_mb ({self.max_upload_mb}) must be at least 1")
+        if self.max_request_mb < 1:
+            raise ValueError(f"max_request_mb ({self.max_request_mb}) must be at least 1, e.g. 32")
         if self.batch_concurrency < 1:
             raise ValueError(f"batch_concurrency ({self.batch_concurrency}) must be at least 1")
         if self.batch_window_s is not None and self.batch_window_s <= 0:

@@ -147,6 +147,23 @@ class Tokenizer:
         (e.g. ``tools``) are passed to the template.
 
         Raises:
+            InvalidRequestError: as ``render_chat_template``.
+        """
+        text = self.render_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                         chat_template=chat_template, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+    def render_chat_template(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """The text ``apply_chat_template`` tokenizes (the server bounds its length first).
+
+        Raises:
             InvalidRequestError: no template exists (fix: ``--chat-template FILE``), or rendering
                 failed, e.g. the template raised for an unsupported role (``param="messages"``).
         """
@@ -167,7 +184,7 @@ class Tokenizer:
         except (jinja2.TemplateError, TypeError) as e:
             # TypeError: the template did arithmetic on a field the message lacks ('+' on None).
             raise InvalidRequestError(f"chat template error: {e}", param="messages") from e
-        return self.encode(text, add_special_tokens=False)
+        return text
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write tokenizer.json, tokenizer_config.json and the chat template to ``directory``."""

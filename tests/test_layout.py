@@ -184,3 +184,16 @@ def test_client_helper_finds_outside_imports() -> None:
 def test_client_imports_only_httpx_and_pydantic(path: str) -> None:
     bad = client_outside_imports(path)
     assert not bad, f"{path} imports beyond httpx, pydantic and the standard library: {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p in package_files() if p.startswith("lmforge/server/")])
+def test_every_router_parses_json_strictly(path: str) -> None:
+    """A router made without ``route_class=StrictJSONRoute`` would accept lone surrogates in
+    its JSON bodies and fail on them later as a 500 (``lmforge/server/routing.py``)."""
+    tree = ast.parse((ROOT / path).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "APIRouter":
+            keywords = {k.arg: k.value for k in node.keywords}
+            route_class = keywords.get("route_class")
+            assert getattr(route_class, "id", None) == "StrictJSONRoute", (
+                f"{path}:{node.lineno}: APIRouter(...) needs route_class=StrictJSONRoute")

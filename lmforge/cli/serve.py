@@ -97,11 +97,17 @@ class StartupError(click.ClickException):
               help="Seconds a batch's completion_window lasts (default: what it says, 24h).")
 @click.option("--max-upload-mb", type=int, default=512, show_default=True,
               help="POST /v1/files answers 413 for a file larger than this.")
+@click.option("--max-request-mb", type=int, default=32, show_default=True,
+              help="Requests other than POST /v1/files answer 413 for a body larger than "
+                   "this many MiB.")
 @click.option("--database-url", default=None,
               help="The jobs store (files, batches) as a SQLAlchemy URL, e.g. "
                    "postgresql://user@host/db (default: SQLite in $LMFORGE_HOME).")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Serve the PEFT LoRA adapter directory PATH as the model NAME (repeatable).")
+@click.option("--lora-root", "lora_roots", multiple=True, metavar="DIR",
+              help="POST /v1/load_lora_adapter serves only adapter directories inside DIR "
+                   "(repeatable; default $LMFORGE_HOME/adapters).")
 @click.option("--max-loras", type=int, default=None,
               help="LoRA adapters kept loaded at once (default 8; others load on demand).")
 @click.option("--fine-tuning/--no-fine-tuning", default=True, show_default=True,
@@ -110,8 +116,8 @@ class StartupError(click.ClickException):
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
           host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
           batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
-          database_url: str | None, fine_tuning: bool, loras: tuple[str, ...],
-          **options: Any) -> None:
+          max_request_mb: int, database_url: str | None, fine_tuning: bool,
+          loras: tuple[str, ...], lora_roots: tuple[str, ...], **options: Any) -> None:
     """Serve a model behind the OpenAI API.
 
     Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /v1/files,
@@ -132,8 +138,10 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
                                  batch_concurrency=batch_concurrency,
                                  batch_window_s=batch_window_s, fine_tuning=fine_tuning,
                                  loras=_lora_modules(loras),
-                                 max_upload_mb=max_upload_mb, database_url=database_url,
-                                 shutdown_timeout=shutdown_timeout)
+                                 max_upload_mb=max_upload_mb, max_request_mb=max_request_mb,
+                                 database_url=database_url, shutdown_timeout=shutdown_timeout)
+    if lora_roots:  # else the dataclass default, $LMFORGE_HOME/adapters
+        server_config.lora_roots = list(lora_roots)
     try:
         model_name = precheck(config, server_config)
     except (ModelLoadError, ValueError) as e:

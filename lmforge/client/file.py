@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from lmforge.client import transport
 from lmforge.client.types import (
@@ -32,12 +33,14 @@ class File:
     """
 
     @classmethod
-    def upload(cls, file: BinaryIO | str | os.PathLike[str], purpose: str = "fine-tune",
+    def upload(cls, file: BinaryIO | TextIO | str | os.PathLike[str], purpose: str = "fine-tune",
                expires_after_s: int | None = None) -> UploadFileResponse:
         """Store a file on the server.
 
         Args:
-            file: an open binary file, or the path of one.
+            file: an open file, binary or text (LLM Engine documents ``open(path, "r")``; the
+                bytes under a text file are sent as they are, or its text UTF-8 encoded when it
+                has none, e.g. ``io.StringIO``), or the path of one.
             purpose: ``fine-tune`` (training data: JSONL, or CSV with ``prompt`` and
                 ``response``), ``batch`` (a batch's JSONL requests) or ``user_data``.
             expires_after_s: delete the file this many seconds after the upload (3600 to
@@ -58,9 +61,13 @@ class File:
         if isinstance(file, (str, os.PathLike)):
             with open(file, "rb") as handle:
                 return cls.upload(handle, purpose, expires_after_s)
-        name = Path(getattr(file, "name", "upload") or "upload").name
-        response = transport.request("POST", "/v1/files", data=data, files={"file": (name, file)},
-                                     timeout=UPLOAD_TIMEOUT_S)
+        name = Path(str(getattr(file, "name", "upload") or "upload")).name
+        content: BinaryIO | bytes = file  # type: ignore[assignment]
+        if isinstance(file, io.TextIOBase):  # the bytes under it, not its newline-translated text
+            raw = getattr(file, "buffer", None)
+            content = raw.read() if raw is not None else file.read().encode("utf-8")
+        response = transport.request("POST", "/v1/files", data=data,
+                                     files={"file": (name, content)}, timeout=UPLOAD_TIMEOUT_S)
         return UploadFileResponse.from_file(response.json())
 
     @classmethod

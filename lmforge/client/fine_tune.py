@@ -42,7 +42,8 @@ class FineTune:
     @classmethod
     def create(cls, model: str, training_file: str | os.PathLike[str],
                validation_file: str | os.PathLike[str] | None = None,
-               hyperparameters: dict[str, Any] | None = None, suffix: str | None = None,
+               hyperparameters: dict[str, Any] | None = None,
+               wandb_config: dict[str, Any] | None = None, suffix: str | None = None,
                **extra: Any) -> CreateFineTuneResponse:
         """Start a job that fine-tunes ``model`` on ``training_file``.
 
@@ -51,13 +52,16 @@ class FineTune:
             training_file: a file ID (``File.upload``) or the path of a local file, which is
                 uploaded first (purpose ``fine-tune``). Rows are OpenAI chat JSONL
                 (``{"messages": [...]}``), prompt/completion JSONL, or a CSV with ``prompt`` and
-                ``response`` columns (LLM Engine's format); at least 10 rows.
+                ``response`` columns (LLM Engine's format); at least 10 rows (2 in a CSV).
             validation_file: the same, for the validation loss (default: 10% held out).
             hyperparameters: LLM Engine's ``lr``, ``epochs``, ``warmup_ratio``,
                 ``weight_decay``, and the server's own names (``n_epochs``, ``batch_size``,
                 ``learning_rate``, ``lora_r``, ``lora_alpha``, ``lora_dropout``,
                 ``target_modules``, ``max_seq_len``, ...). Numbers may be strings, as LLM
                 Engine passes them.
+            wandb_config: LLM Engine's Weights & Biases settings, sent as OpenAI's
+                ``integrations``; an lmforge server has none (its job events carry the
+                metrics) and answers 400 unless this is None.
             suffix: part of the new model's name (letters, digits, ``_.-``; 64 at most).
             **extra: more job fields (``seed``, ``metadata``).
 
@@ -72,7 +76,9 @@ class FineTune:
         body = {"model": model, "training_file": _file_id(training_file), "suffix": suffix,
                 "validation_file": None if validation_file is None else _file_id(validation_file),
                 "method": {"type": "supervised", "supervised": {
-                    "hyperparameters": _hyperparameters(hyperparameters or {})}}}
+                    "hyperparameters": _hyperparameters(hyperparameters or {})}},
+                "integrations": None if wandb_config is None else [
+                    {"type": "wandb", "wandb": wandb_config}]}
         body = {k: v for k, v in body.items() if v is not None} | extra
         job = transport.request("POST", _PATH, json=body).json()
         return CreateFineTuneResponse.from_job(job)

@@ -192,6 +192,12 @@ class GetLLMEndpointResponse(_ServerObject):
     model_name: str | None = None  # the base model (itself, for a base model)
     status: ModelEndpointStatus = ModelEndpointStatus.READY
     inference_framework: str = "lmforge"
+    # LLM Engine's deployment details; a server of lmforge's has none to report
+    source: str | None = None
+    inference_framework_tag: str | None = None
+    num_shards: int | None = None
+    quantize: str | None = None
+    spec: dict[str, Any] | None = None
     fine_tuned: bool = False  # lmforge: a LoRA adapter on ``model_name``
 
     @classmethod

@@ -136,8 +136,12 @@ def _body_problem(endpoint: str, body: dict[str, Any], model_names: set[str]
         return "invalid_request", f"{where}: {first['msg']}", where
     if body.get("stream"):
         return "invalid_request", "stream is not supported in a batch", "body.stream"
-    if request.model not in model_names:  # type: ignore[attr-defined]
-        return ("model_not_found", f"model {request.model!r} is not served here; served: "  # type: ignore[attr-defined]
+    model = request.model  # type: ignore[attr-defined]
+    if model is None and len(model_names) != 1:  # one served model is the default (vLLM's rule)
+        return ("invalid_request", "Missing required parameter: 'model'. Several models are "
+                f"served: {', '.join(sorted(model_names))}", "body.model")
+    if model is not None and model not in model_names:
+        return ("model_not_found", f"model {model!r} is not served here; served: "
                 f"{', '.join(sorted(model_names))}", "body.model")
     check = getattr(request, "check", None)
     if check is not None and endpoint != "/v1/embeddings":  # embeddings' check needs the model

@@ -7,18 +7,23 @@
                                         \\-> cancelled
 
 One job runs at a time, oldest first, in a thread beside the serving engine (training is
-CPU/GPU-bound; the event loop stays free). Its events (messages, and metrics per optimizer step)
-and checkpoints (one per epoch) go to the store as they happen. On success the best checkpoint
-(lowest validation loss) is copied to ``<home>/adapters/<job id>`` and registered with the engine
-as ``ft:<base>:<suffix>:<job id>``; at start-up the adapters of all succeeded jobs are
-registered again. A job that was ``running`` when the server stopped continues from its last
-checkpoint (``training.trainer.train(resume=True)``) in ``<home>/fine_tunes/<job id>``.
+CPU/GPU-bound; the event loop stays free). Validating the files also resolves the ``"auto"``
+hyperparameters from the number of training examples (``training.hyperparameters``): the job
+then shows numbers, and an event and a log line say what was picked. Its events (messages, and
+metrics per optimizer step) and checkpoints (one per epoch) go to the store as they happen. On
+success the best checkpoint (lowest validation loss) is copied to ``<home>/adapters/<job id>``
+and registered with the engine as ``ft:<base>:<suffix>:<job id>``; at start-up the adapters of
+all succeeded jobs are registered again. A job that was ``running`` when the server stopped
+continues from its last checkpoint (``training.trainer.train(resume=True)``) in
+``<home>/fine_tunes/<job id>``, or from step 1 if none was saved; an event and a log line say
+which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import logging
 import shutil
@@ -31,10 +36,14 @@ from lmforge.errors import LMForgeError
 from lmforge.jobs.fine_tunes import FineTuneStore, JobRecord
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
+from lmforge.training.hyperparameters import auto_hyperparameters
 
 logger = logging.getLogger(__name__)
 RESULTS_PURPOSE = "fine-tune-results"
-_DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+# what "auto" meant before validation resolved it: only a job validated by an older lmforge still
+# holds "auto" here, and a resumed run must keep the settings it started with
+_UNRESOLVED_DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 _CANCEL_CHECK_S = 1.0  # how often the training thread reads the job's status
 
 
@@ -43,8 +52,24 @@ def fine_tuned_model_name(job: JobRecord) -> str:
     return ":".join(["ft", job.model, *([job.suffix] if job.suffix else []), job.id])
 
 
+def resolve_hyperparameters(requested: dict[str, Any], n_examples: int
+                            ) -> tuple[dict[str, Any], int]:
+    """``requested`` with OpenAI's three as numbers, and the optimizer steps they make.
+
+    Absent and ``"auto"`` ones come from ``training.hyperparameters.auto_hyperparameters`` for
+    ``n_examples`` training examples; given ones are kept, and a given ``learning_rate`` makes
+    an auto multiplier 1.
+    """
+    given = {k: None if requested.get(k, "auto") == "auto" else requested[k]
+             for k in OPENAI_HYPERPARAMETERS}
+    resolved = auto_hyperparameters(n_examples, **given,
+                                    learning_rate_given="learning_rate" in requested)
+    return requested | {k: getattr(resolved, k) for k in OPENAI_HYPERPARAMETERS}, resolved.steps
+
+
 def training_config(job: JobRecord) -> Any:
-    """The job's hyperparameters as a ``TrainingConfig`` ("auto" and absent ones: defaults)."""
+    """The job's hyperparameters as a ``TrainingConfig`` (absent ones: its defaults; OpenAI's
+    three are numbers once the files are validated)."""
     from lmforge.models.lora import LoRAConfig
     from lmforge.training.trainer import TrainingConfig
 
@@ -54,7 +79,7 @@ def training_config(job: JobRecord) -> Any:
                               ("target_modules", hp.get("target_modules"))) if v is not None}
     if "target_modules" in lora:
         lora["target_modules"] = tuple(lora["target_modules"])
-    plain = {k: hp.get(k, _DEFAULTS.get(k)) for k in (
+    plain = {k: hp.get(k, _UNRESOLVED_DEFAULTS.get(k)) for k in (
         "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "warmup_ratio",
         "weight_decay", "max_seq_len")}
     return TrainingConfig(seed=job.seed, lora=LoRAConfig(**lora),
@@ -98,6 +123,7 @@ class FineTuneWorker(PollingWorker):
             await self._drive(job)
 
     async def _drive(self, job: JobRecord) -> None:
+        resumed = job.status == "running"  # the server stopped while it trained
         if job.status == "validating_files":
             if not await self._validate(job):
                 return
@@ -106,33 +132,60 @@ class FineTuneWorker(PollingWorker):
                                                        "Fine-tuning job started"):
             job = await self._get(job.id)
         if job.status == "running":
-            await self._train(job)
+            await self._train(job, resumed)
 
     async def _validate(self, job: JobRecord) -> bool:
-        """Read and check the files now (a bad one fails the job at once, naming the line)."""
-        from lmforge.training.data import read_examples
-
+        """Read and check the files now (a bad one fails the job at once, naming the line),
+        then resolve the "auto" hyperparameters and queue the job with them."""
         await self._event(job, f"Validating training file: {job.training_file}")
-        config = training_config(job)
         try:
-            for param in ("training_file", "validation_file"):
-                file_id = getattr(job, param)
-                if file_id is not None:
-                    # OpenAI's minimum of 10 examples is the training file's; a validation
-                    # file may be small
-                    await asyncio.to_thread(read_examples, self.store.path(file_id),
-                                            self.engine.tokenizer, config.max_seq_len,
-                                            param=param, **({"min_rows": 1} if param ==
-                                                            "validation_file" else {}))
+            n_examples = await asyncio.to_thread(self._training_examples, job)
         except LMForgeError as e:
             await self._fail(job, "invalid_file", e.message, e.param)
             return False
         except OSError:
             await self._fail(job, "invalid_file", "the file was deleted", "training_file")
             return False
-        return await self._move(job, "queued", "Files validated; the job is queued")
+        hyperparameters, steps = resolve_hyperparameters(job.hyperparameters, n_examples)
+        if not await asyncio.to_thread(self.jobs.transition, job.id, "queued",
+                                       hyperparameters=hyperparameters):
+            return False  # cancelled meanwhile
+        job.hyperparameters = hyperparameters
+        peak = training_config(job).peak_learning_rate
+        message = "Hyperparameters resolved: " + ", ".join(
+            f"{k}={hyperparameters[k]}" for k in OPENAI_HYPERPARAMETERS) + (
+            f" (peak learning rate {peak:.3g}); {steps} optimizer steps on {n_examples} "
+            "training examples")
+        logger.info("fine-tuning job %s: %s", job.id, message)
+        await asyncio.to_thread(self.jobs.add_event, job.id, message, data={
+            **{k: hyperparameters[k] for k in OPENAI_HYPERPARAMETERS},
+            "learning_rate": peak, "steps": steps, "n_examples": n_examples})
+        await self._event(job, "Files validated; the job is queued")
+        return True
 
-    async def _train(self, job: JobRecord) -> None:
+    def _training_examples(self, job: JobRecord) -> int:
+        """Read and check the job's files; returns how many examples it trains on (the
+        training file's, less the share held out for validation without a validation file,
+        split as the trainer splits it).
+
+        Raises:
+            DataError: a bad file, naming the line. OSError: a file was deleted.
+        """
+        from lmforge.training.data import read_examples, split_holdout
+
+        max_seq_len = training_config(job).max_seq_len
+        examples = read_examples(self.store.path(job.training_file), self.engine.tokenizer,
+                                 max_seq_len, param="training_file")
+        if job.validation_file is None:
+            return len(split_holdout(examples, job.seed)[0])
+        # OpenAI's minimum of 10 examples is the training file's; a validation file may be small
+        read_examples(self.store.path(job.validation_file), self.engine.tokenizer, max_seq_len,
+                      param="validation_file", min_rows=1)
+        return len(examples)
+
+    async def _train(self, job: JobRecord, resumed: bool) -> None:
+        """Train in a thread until done, failed, cancelled or stopped; ``resumed``: the job was
+        running when the server stopped, so it continues from its last checkpoint."""
         from lmforge.training.trainer import train
 
         config = training_config(job)
@@ -148,28 +201,15 @@ class FineTuneWorker(PollingWorker):
                 last_check[1] = current is None or current.status != "running"
             return bool(last_check[1])
 
-        metrics: list[dict[str, Any]] = []
-
-        def on_event(event: dict[str, Any]) -> None:  # in the training thread
-            if event.get("type") == "metrics":
-                metrics.append(event)
-                self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
-                                    data={k: v for k, v in event.items() if k != "type"})
-                if event.get("eval_loss") is not None:  # an epoch ended: a checkpoint
-                    self.jobs.add_checkpoint(job.id, int(event["step"]), {
-                        "step": event["step"], "train_loss": event.get("train_loss"),
-                        "valid_loss": event["eval_loss"],
-                        "full_valid_loss": event["eval_loss"]},
-                        str(self.work_dir / job.id / f"checkpoint-{event['step']}"))
-            elif event.get("message"):
-                self.jobs.add_event(job.id, str(event["message"]))
-
+        metrics: list[dict[str, Any]] = []  # this run's, for the results file
+        on_event = functools.partial(self._record, job, metrics)
         validation = self.store.path(job.validation_file) if job.validation_file else None
         try:
             result = await asyncio.to_thread(
                 train, self.engine.engine.config.model.model,
                 self.store.path(job.training_file), validation, config,
-                self.work_dir / job.id, on_event=on_event, should_stop=should_stop)
+                self.work_dir / job.id, on_event=on_event, should_stop=should_stop,
+                resume=resumed)
         except LMForgeError as e:
             await self._fail(job, "training_failed", e.message, e.param)
             return
@@ -181,6 +221,27 @@ class FineTuneWorker(PollingWorker):
         if result.stopped or result.best_checkpoint is None:
             return  # cancelled (its status says so) or the server is stopping (resumes later)
         await self._succeed(job, result, metrics)
+
+    def _record(self, job: JobRecord, metrics: list[dict[str, Any]],
+                event: dict[str, Any]) -> None:
+        """Store one trainer event (in the training thread) as the job's: metrics (and the
+        checkpoint that ends an epoch), where a resumed run starts, or a message."""
+        if event.get("type") == "metrics":
+            metrics.append(event)
+            self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
+                                data={k: v for k, v in event.items() if k != "type"})
+            if event.get("eval_loss") is not None:  # an epoch ended: a checkpoint
+                self.jobs.add_checkpoint(job.id, int(event["step"]), {
+                    "step": event["step"], "train_loss": event.get("train_loss"),
+                    "valid_loss": event["eval_loss"], "full_valid_loss": event["eval_loss"]},
+                    str(self.work_dir / job.id / f"checkpoint-{event['step']}"))
+        elif event.get("type") == "resume":
+            message = _resume_message(event)
+            logger.warning("fine-tuning job %s: %s", job.id, message)
+            self.jobs.add_event(job.id, message, data={
+                k: event[k] for k in ("checkpoint", "epoch", "step")})
+        elif event.get("message"):
+            self.jobs.add_event(job.id, str(event["message"]))
 
     async def _succeed(self, job: JobRecord, result: Any, metrics: list[dict]) -> None:
         name = fine_tuned_model_name(job)
@@ -215,6 +276,13 @@ class FineTuneWorker(PollingWorker):
         job = await asyncio.to_thread(self.jobs.get_job, job_id)
         assert job is not None, job_id  # jobs are never deleted
         return job
+
+
+def _resume_message(event: dict[str, Any]) -> str:
+    """The job event of the trainer's ``resume`` event."""
+    if event["checkpoint"] is None:
+        return "Restarting from step 1: no checkpoint was saved before the server stopped"
+    return f"Resuming from {event['checkpoint']} (epoch {event['epoch']}, step {event['step']})"
 
 
 def _metrics_message(event: dict[str, Any]) -> str:

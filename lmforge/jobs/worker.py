@@ -7,13 +7,18 @@
         v              v
       failed       cancelling -> cancelled  (unrun lines reported batch_cancelled)
 
-One batch runs at a time, oldest first, with up to ``concurrency`` of its lines in flight. Each
-line is an HTTP request to the serving app itself, in-process (``in_process_client``), marked in
-the ASGI scope with the batch priority, so the engine serves online requests first. A finished
-line is committed at once (``Store.add_result``); after a crash or a restart the worker finds the
-batch still ``in_progress`` and runs exactly the lines without a result, so every ``custom_id``
-ends up once in the output or error file. Output files get ids derived from the batch id, so
-finalizing twice (a crash between writing them and the status change) replaces, never doubles.
+One batch runs at a time, oldest first, with up to ``concurrency`` of its lines in flight. A
+second loop (``BatchWorker.intake_all``) runs beside it, so a batch created meanwhile is
+validated at once (``failed`` with its errors, or ``in_progress`` with its ``total`` known,
+waiting for its turn), and one cancelled while it waits is ``cancelled`` at once.
+
+Each line is an HTTP request to the serving app itself, in-process (``in_process_client``),
+marked in the ASGI scope with the batch priority, so the engine serves online requests first. A
+finished line is committed at once (``Store.add_result``); after a crash or a restart the worker
+finds the batch still ``in_progress`` and runs exactly the lines without a result, so every
+``custom_id`` ends up once in the output or error file; each such resume is logged (a warning)
+with the lines already done. Output files get ids derived from the batch id, so finalizing twice
+(a crash between writing them and the status change) replaces, never doubles.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ class PollingWorker:
 
 
 class BatchWorker(PollingWorker):
-    """Runs batches in the server's event loop (started and stopped by the app's lifespan).
+    """Runs batches in the server's event loop (started and stopped by the app's lifespan);
+    its ``intake`` loop validates new ones and closes cancelled waiting ones meanwhile.
 
     Args:
         store: the jobs store.
@@ -109,51 +115,96 @@ class BatchWorker(PollingWorker):
         super().__init__(poll_s)
         self.store, self.app, self.model_names = store, app, model_names
         self.concurrency = concurrency
+        self.intake = _Intake(self, poll_s)
+        self.validated: dict[str, list[BatchLine]] = {}  # batch id -> its lines, until run
+        self.running: str | None = None  # the batch whose lines run now
+        self._closing = asyncio.Lock()  # one _close at a time (the runner's or the intake's)
+        self._interrupted: set[str] | None = None  # batches a stop left unfinished
+
+    def start(self) -> None:
+        super().start()
+        self.intake.start()
+
+    def wake(self) -> None:
+        super().wake()
+        self.intake.wake()
+
+    async def stop(self) -> None:
+        await self.intake.stop()
+        await super().stop()
+
+    async def intake_all(self) -> None:
+        """What happens to batches before their turn, whatever batch runs meanwhile: a new
+        batch is validated at once (``failed`` with its errors, or ``in_progress`` with
+        ``total`` and ``model`` set, its lines kept for the run), and one cancelled while it
+        waits is closed at once (``cancelled``, every line reported ``batch_cancelled``)."""
+        for batch in await asyncio.to_thread(self.store.unfinished_batches):
+            if batch.status == "validating":
+                await self._validate(batch)
+            elif batch.status == "cancelling" and batch.id != self.running:
+                await self._close(batch, await self._lines(batch) or [], "batch_cancelled",
+                                  "cancelled")
+
+    async def _validate(self, batch: BatchRecord) -> None:
+        names = self.model_names()
+        parsed = await read_lines(self.store, batch, names)
+        if parsed is None:
+            return
+        lines, errors = parsed
+        if errors:
+            if await self._transition(batch, "failed", errors=errors):
+                logger.info("batch %s: failed validation (%d errors)", batch.id, len(errors))
+            return
+        default = next(iter(names)) if len(names) == 1 else None  # lines may omit the model
+        await asyncio.to_thread(self.store.set_batch, batch.id, total=len(lines),
+                                model=lines[0].body.get("model") or default)
+        self.validated[batch.id] = lines
+        if not await self._transition(batch, "in_progress"):  # cancelled meanwhile
+            self.validated.pop(batch.id, None)
 
     async def drive_all(self) -> None:
-        for batch in await asyncio.to_thread(self.store.unfinished_batches):
-            await self._drive(batch.id)
+        batches = await asyncio.to_thread(self.store.unfinished_batches)
+        if self._interrupted is None:  # the first pass: what a stop or crash interrupted
+            self._interrupted = {b.id for b in batches if b.status != "validating"}
+        for batch in batches:
+            if batch.status != "validating":  # the intake's
+                self.running = batch.id
+                try:
+                    await self._drive(batch.id)
+                finally:
+                    self.running = None
 
     async def _drive(self, batch_id: str) -> None:
-        """Advance one batch as far as it goes now (to a final status, normally)."""
+        """Advance one validated batch as far as it goes now (to a final status, normally)."""
         batch = await self._get(batch_id)
-        lines = await self._lines(batch)
-        if batch.status == "validating" and lines is not None:
-            batch = await self._get(batch_id)
+        if self._interrupted and batch_id in self._interrupted:
+            self._interrupted.discard(batch_id)
+            await self._log_resume(batch)
         if batch.status == "cancelling":
-            await self._close(batch, lines or [], "batch_cancelled", "cancelled")
+            await self._close(batch, await self._lines(batch) or [], "batch_cancelled",
+                              "cancelled")
         elif batch.status == "in_progress":
-            if lines is None:
-                return  # the input file vanished; _lines marked the batch failed
-            await self._run_lines(batch, lines)
+            lines = await self._lines(batch)
+            if lines is not None:  # None: the input file vanished; the batch is failed
+                await self._run_lines(batch, lines)
         elif batch.status == "finalizing":
             await self._write_outputs(batch)
             await self._transition(batch, "completed")
 
+    async def _log_resume(self, batch: BatchRecord) -> None:
+        done = len(await asyncio.to_thread(self.store.done_lines, batch.id))
+        logger.warning("batch %s: resuming after the server stopped while it was %s; %d of %d "
+                       "lines already have a result, the others run now", batch.id,
+                       batch.status, done, batch.total)
+
     async def _lines(self, batch: BatchRecord) -> list[BatchLine] | None:
-        """The batch's valid lines (validating it first if it is ``validating``), or None when
-        it cannot run (validation failed, or its input file is gone)."""
-        if batch.status not in ("validating", "in_progress", "cancelling"):
-            return []
-        path = self.store.path(batch.input_file_id)
-        try:
-            data = await asyncio.to_thread(path.read_bytes)
-        except FileNotFoundError:
-            await self._transition(batch, "failed", errors=[{
-                "code": "input_file_missing", "line": None, "param": "input_file_id",
-                "message": f"the input file {batch.input_file_id} was deleted"}])
-            return None
-        lines, errors = await asyncio.to_thread(parse_input, data, batch.endpoint,
-                                                self.model_names())
-        if batch.status != "validating":
+        """A validated batch's lines (read again from its input file: lines are not stored),
+        or None when its input file is gone (the batch is then failed)."""
+        lines = self.validated.pop(batch.id, None)
+        if lines is not None:
             return lines
-        if errors:
-            await self._transition(batch, "failed", errors=errors)
-            return None
-        await asyncio.to_thread(self.store.set_batch, batch.id, total=len(lines),
-                                model=lines[0].body.get("model"))
-        await self._transition(batch, "in_progress")
-        return lines
+        parsed = await read_lines(self.store, batch, self.model_names())
+        return None if parsed is None else parsed[0]
 
     async def _run_lines(self, batch: BatchRecord, lines: list[BatchLine]) -> None:
         done = await asyncio.to_thread(self.store.done_lines, batch.id)
@@ -198,6 +249,12 @@ class BatchWorker(PollingWorker):
                      status: str) -> None:
         """End a batch early: each line without a result gets the ``code`` error record, the
         files are written, and the batch moves to ``status`` (cancelled or expired)."""
+        async with self._closing:
+            if (await self._get(batch.id)).status in ("cancelling", "in_progress"):
+                await self._close_now(batch, lines, code, status)
+
+    async def _close_now(self, batch: BatchRecord, lines: list[BatchLine], code: str,
+                         status: str) -> None:
         if batch.total == 0:  # cancelled while validating
             await asyncio.to_thread(self.store.set_batch, batch.id, total=len(lines))
         done = await asyncio.to_thread(self.store.done_lines, batch.id)
@@ -238,3 +295,28 @@ class BatchWorker(PollingWorker):
         batch = await asyncio.to_thread(self.store.get_batch, batch_id)
         assert batch is not None, batch_id  # batches are never deleted
         return batch
+
+
+class _Intake(PollingWorker):
+    """The second loop of a ``BatchWorker``: its ``intake_all`` on every wake and poll."""
+
+    def __init__(self, worker: BatchWorker, poll_s: float):
+        super().__init__(poll_s)
+        self.worker = worker
+
+    async def drive_all(self) -> None:
+        await self.worker.intake_all()
+
+
+async def read_lines(store: Store, batch: BatchRecord, model_names: set[str]
+                     ) -> tuple[list[BatchLine], list[dict[str, Any]]] | None:
+    """(valid lines, errors) of a batch's input file (``parse_input``), or None when the file
+    is gone, in which case a batch still running is moved to ``failed``."""
+    try:
+        data = await asyncio.to_thread(store.path(batch.input_file_id).read_bytes)
+    except FileNotFoundError:
+        await asyncio.to_thread(store.transition, batch.id, "failed", errors=[{
+            "code": "input_file_missing", "line": None, "param": "input_file_id",
+            "message": f"the input file {batch.input_file_id} was deleted"}])
+        return None
+    return await asyncio.to_thread(parse_input, data, batch.endpoint, model_names)

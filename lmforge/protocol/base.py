@@ -6,9 +6,13 @@ from pydantic import BaseModel, ConfigDict
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: unknown fields are rejected, never silently ignored."""
+    """Base of every request body: unknown fields are rejected, never silently ignored, and
+    values are not coerced across JSON types (pydantic's strict mode): ``"stream": "True"`` or
+    ``"max_tokens": "5"`` is a 400, as on the OpenAI API, not a stream or 5. An int still
+    passes for a float. Form fields, which are text by nature, are validated with
+    ``strict=False`` (``server/files.py``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ResponseModel(BaseModel):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge.protocol.base import RequestModel, ResponseModel
 
@@ -32,12 +32,28 @@ class BatchCreateRequest(RequestModel):
 
 
 class BatchInputLine(RequestModel):
-    """One line of a batch input file: ``{"custom_id", "method", "url", "body"}``."""
+    """One line of a batch input file: ``{"custom_id", "method", "url", "body"}``.
+
+    ``url`` is an endpoint path with or without the ``/v1`` prefix: OpenAI's examples write
+    ``/v1/chat/completions``, SGLang's write ``/chat/completions``, and SGLang accepts both.
+    It is stored in its ``/v1`` form (``canonical_endpoint``).
+    """
 
     custom_id: str = Field(min_length=1, max_length=512)
     method: Literal["POST"]
     url: str
     body: dict[str, Any]
+
+    @field_validator("url")
+    @classmethod
+    def _canonical_url(cls, url: str) -> str:
+        return canonical_endpoint(url)
+
+
+def canonical_endpoint(url: str) -> str:
+    """``/chat/completions`` -> ``/v1/chat/completions``; any other path is returned as given
+    (``/v1/...`` paths, and unknown ones, which validation then reports)."""
+    return "/v1" + url if "/v1" + url in ENDPOINTS else url
 
 
 class BatchError(ResponseModel):

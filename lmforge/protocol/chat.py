@@ -27,7 +27,8 @@ class ChatMessage(RequestModel):
     """One message of the conversation, as the chat template receives it.
 
     ``content`` is a string or a list of text parts (joined with no separator, as OpenAI does for
-    text-only parts). Only an assistant message may omit content (when it carries tool calls).
+    text-only parts); ``message`` is an alias of it. Only an assistant message may omit content
+    (when it carries tool calls).
     """
 
     role: Role
@@ -37,6 +38,18 @@ class ChatMessage(RequestModel):
     tool_call_id: str | None = None  # role "tool"
     refusal: str | None = None  # echoed back by clients that replay a response; ignored
     annotations: list[Any] | None = None  # idem
+
+    @model_validator(mode="before")
+    @classmethod
+    def _message_alias(cls, data: Any) -> Any:
+        """``message`` is accepted for ``content`` (the Chinese-LLaMA-Alpaca demo server's
+        spelling); both at once are ambiguous."""
+        if isinstance(data, dict) and "message" in data:
+            if "content" in data:
+                raise InvalidRequestError("a message has both 'content' and its alias "
+                                          "'message'; send only 'content'", param="message")
+            data = {("content" if k == "message" else k): v for k, v in data.items()}
+        return data
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:

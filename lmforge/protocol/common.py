@@ -54,7 +54,7 @@ class SamplingRequest(RequestModel):
 
     UNSUPPORTED: ClassVar[tuple[str, ...]] = ()
 
-    model: str
+    model: str | None = None  # None: the base model, when it is the only one served
     temperature: float | None = None
     top_p: float | None = None
     n: int | None = None

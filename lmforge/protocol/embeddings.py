@@ -20,7 +20,7 @@ class EmbeddingRequest(RequestModel):
     accepted and ignored.
     """
 
-    model: str
+    model: str | None = None  # None: the base model, when it is the only one served
     input: EmbeddingInput
     encoding_format: Literal["float", "base64"] | None = "float"
     dimensions: int | None = None

@@ -5,7 +5,9 @@ OpenAI's ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_mult
 number or ``"auto"``) may come at the top level (the older form) or under ``method.supervised``;
 lmforge adds the LoRA and optimizer settings to the same object (``lora_r``, ``lora_alpha``,
 ``lora_dropout``, ``target_modules``, ``learning_rate``, ``warmup_ratio``, ``weight_decay``,
-``max_seq_len``). ``resolved()`` gives one flat dict with ``"auto"`` left for the trainer to pick.
+``max_seq_len``). ``resolved()`` gives one flat dict with ``"auto"`` left as it is: the fine-tune
+worker picks those from the number of training examples when it validates the files
+(``training.hyperparameters.auto_hyperparameters``) and stores the numbers in the job.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ MAX_SUFFIX = 64  # characters, as OpenAI
 
 
 class Hyperparameters(RequestModel):
-    """OpenAI's three (``"auto"`` = the trainer's choice) plus lmforge's LoRA settings."""
+    """OpenAI's three (``"auto"`` or absent = picked from the data size) plus lmforge's LoRA
+    settings."""
 
     n_epochs: int | Literal["auto"] | None = Field(default=None)
     batch_size: int | Literal["auto"] | None = None
@@ -102,6 +105,8 @@ class JobError(ResponseModel):
 
 
 class JobHyperparameters(ResponseModel):
+    """As requested until the files are validated, then the numbers used (as OpenAI)."""
+
     n_epochs: int | Literal["auto"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     learning_rate_multiplier: float | Literal["auto"] = "auto"

@@ -1,11 +1,7 @@
-"""The FastAPI application: lifespan, API-key and readiness gate, health, and the ONE
-error-handling layer.
+"""The FastAPI application: lifespan, API-key and readiness gate, and health.
 
 Every failure leaves the server as the OpenAI envelope ``{"error": {message, type, param,
-code}}``: ``LMForgeError`` via its ``to_envelope()`` (and its ``headers``, e.g. ``Retry-After``),
-pydantic validation errors as 400 naming the first bad field (never FastAPI's 422), Starlette's
-404/405 for unknown routes and wrong methods, and anything unexpected as a generic 500 whose
-details stay in the server log.
+code}}``; ``server/errors.py`` is the one place that maps exceptions to it.
 
 ``AccessMiddleware`` guards the whole app, so a router added later is covered without doing
 anything: every request but ``GET /health`` needs an API key (when the server has any), and
@@ -23,22 +19,13 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.config import ServerConfig
-from lmforge.errors import (
-    AuthenticationError,
-    InternalServerError,
-    InvalidRequestError,
-    LMForgeError,
-    NotFoundError,
-    ServiceUnavailableError,
-)
+from lmforge.errors import AuthenticationError, LMForgeError, ServiceUnavailableError
 from lmforge.jobs.fine_tune_worker import FineTuneWorker
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import INTERNAL_SCOPE_KEY, BatchWorker
@@ -52,15 +39,14 @@ from lmforge.server import (
     models,
     tokenize,
 )
+from lmforge.server.body_limit import BodyLimitMiddleware
+from lmforge.server.errors import envelope, install_error_handlers
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
-_JSON_HINT = ("We could not parse the JSON body of your request. (HINT: This likely means you "
-              "aren't using your HTTP library correctly. The API expects a JSON payload, but what "
-              "was sent was not valid JSON.)")
 _LOADING_RETRY_AFTER_S = 5
 # routes that answer while the model loads: they need the store, not the engine
 _WITHOUT_ENGINE = ("/metrics", "/v1/files", "/v1/batches")
@@ -182,6 +168,8 @@ def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: A
                metrics.router, batches.router, files.router, fine_tuning.router)
     for router in routers:
         app.include_router(router)
+    # inside AccessMiddleware: a client without a key gets its 401 before any body is read
+    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_request_mb * 2**20)
     app.add_middleware(AccessMiddleware, server_config=server_config)
     app.add_middleware(metrics.HTTPMetricsMiddleware, metrics=app.state.metrics,  # outermost
                        routes=[route for router in routers for route in router.routes])
@@ -233,7 +221,7 @@ class AccessMiddleware:
                                             and scope["method"] == "GET"):
             error = self._refusal(scope)
             if error is not None:
-                await _envelope(error)(scope, receive, send)
+                await envelope(error)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -265,87 +253,3 @@ def api_key_matches(offered: str, keys: list[str]) -> bool:
     the time taken reveals neither a near match nor which key matched."""
     matches = [hmac.compare_digest(offered.encode(), key.encode()) for key in keys]
     return any(matches)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception to the OpenAI error envelope (see the module docstring)."""
-
-    @app.exception_handler(LMForgeError)
-    async def on_lmforge_error(request: Request, exc: LMForgeError) -> JSONResponse:
-        return _envelope(exc)  # with exc.headers (Retry-After of 429 and 503)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _envelope(validation_error(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        route = f"{request.method} {request.url.path}"
-        if exc.status_code == 404:
-            err: LMForgeError = NotFoundError(f"Invalid URL ({route})", code="unknown_url")
-        elif exc.status_code == 405:
-            err = InvalidRequestError(f"Method not allowed ({route})", code="method_not_allowed")
-        else:
-            err = InvalidRequestError(str(exc.detail))
-        return _envelope(err, status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Starlette re-raises after this, so the server logs the traceback as well.
-        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return _envelope(InternalServerError())
-
-
-def _envelope(err: LMForgeError, status_code: int | None = None,
-              headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(err.to_envelope(), status_code=status_code or err.status_code,
-                        headers=headers if headers is not None else err.headers)
-
-
-def validation_error(errors: list[dict[str, Any]]) -> LMForgeError:
-    """One pydantic/FastAPI validation error list -> one 400 naming the most specific bad field.
-
-    Priority: unparsable JSON, then a non-object body, then an unknown top-level argument
-    (OpenAI checks those first), then the error with the deepest location (inside a union that
-    is the member the client most likely meant).
-    """
-    body_errors = [e for e in errors if e["loc"] and e["loc"][0] == "body"] or errors
-    for e in body_errors:
-        if e["type"] == "json_invalid":
-            return InvalidRequestError(_JSON_HINT)
-        if tuple(e["loc"]) == ("body",):
-            if e["type"] == "missing":
-                return InvalidRequestError("The request body is empty; send a JSON object.")
-            return InvalidRequestError("The request body must be a JSON object (sent with "
-                                       "Content-Type: application/json).")
-    unknown = [e for e in body_errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 2]
-    e = unknown[0] if unknown else max(body_errors, key=lambda e: len(e["loc"]))
-    if isinstance(cause := (e.get("ctx") or {}).get("error"), LMForgeError):
-        return cause
-    where = e["loc"][:1]  # a query or path parameter is named as plainly as a body field
-    param = _param_name(e["loc"][1:] if where in (("body",), ("query",), ("path",)) else e["loc"])
-    if e["type"] == "extra_forbidden":
-        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
-    if e["type"] == "missing":
-        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
-    return InvalidRequestError(f"Invalid value for '{param}': {e['msg']}", param=param)
-
-
-def _param_name(loc: tuple[Any, ...] | list[Any]) -> str:
-    """``("messages", 0, "content", "list[TextContentPart]", 1, "type")`` ->
-    ``messages[0].content[1].type``: list indices in brackets, union member tags dropped."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _is_union_tag(str(part)):
-            continue
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _is_union_tag(part: str) -> bool:
-    # pydantic names a union member by its type: "str", "list[int]", "TextContentPart", ...
-    return ("[" in part or part[:1].isupper()
-            or part in ("str", "int", "float", "bool", "dict", "list", "none"))

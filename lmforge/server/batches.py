@@ -27,8 +27,9 @@ from lmforge.protocol.batches import (
     BatchUsage,
     InputTokensDetails,
 )
+from lmforge.server.routing import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/batches")

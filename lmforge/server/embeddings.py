@@ -1,6 +1,7 @@
 """``POST /v1/embeddings`` (OpenAI API reference, "Create embeddings") on top of ``AsyncEngine``.
 
-Flow: check the body -> check the model -> inputs to token ids -> ``engine.embed`` (mean-pooled,
+Flow: check the body -> check the model -> inputs to token ids (``server/prompts.py``: bounded,
+then tokenized in a worker thread) -> ``engine.embed`` (mean-pooled,
 L2-normalized final hidden states, computed on the engine thread between generation steps) ->
 floats or base64. A client that disconnects while it waits cancels the embedding work.
 """
@@ -17,11 +18,14 @@ from fastapi import APIRouter, Request, Response
 from lmforge.errors import ModelNotFoundError
 from lmforge.protocol import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from lmforge.server.generation import request_priority, until_disconnected
+from lmforge.server.models import requested_model
+from lmforge.server.prompts import encode_prompts
+from lmforge.server.routing import StrictJSONRoute
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/embeddings", response_model=None)
@@ -34,11 +38,11 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Respons
         InvalidRequestError / ContextLengthExceededError: 400, naming the parameter.
     """
     engine: AsyncEngine = request.app.state.engine
+    body.model = requested_model(engine, body.model)
     if body.model != engine.model_name:
         raise ModelNotFoundError(f"The model `{body.model}` does not exist.", param="model")
     body.check(engine.embedding_size)
-    prompts = [engine.tokenizer.encode(i, add_special_tokens=True) if isinstance(i, str) else i
-               for i in body.inputs()]
+    prompts = await encode_prompts(engine, body.inputs(), param="input")
     vectors = await until_disconnected(request, engine.embed(
         f"embd-{uuid.uuid4().hex}", prompts, priority=request_priority(request)))
     if vectors is None:

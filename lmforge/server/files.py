@@ -33,9 +33,10 @@ from lmforge.protocol.files import (
     FileObject,
     Purpose,
 )
+from lmforge.server.routing import StrictJSONRoute
 from lmforge.server.uploads import receive_upload, safe_filename
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 _FORM_NESTED = ("expires_after",)  # form fields sent as name[key]: expires_after[seconds]
 
@@ -193,7 +194,7 @@ def _create_form(fields: dict[str, str]) -> FileCreateForm:
                 continue
         values[name] = value
     try:
-        return FileCreateForm.model_validate(values)
+        return FileCreateForm.model_validate(values, strict=False)  # form fields are text
     except ValidationError as e:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
                                       for err in e.errors()]) from None

@@ -34,8 +34,9 @@ from lmforge.protocol.fine_tuning import (
     JobError,
     JobHyperparameters,
 )
+from lmforge.server.routing import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 _PREFIX = "/v1/fine_tuning/jobs"
 
 

@@ -39,20 +39,23 @@ from lmforge.protocol.logprobs import CompletionLogprobs
 from lmforge.server import beam
 from lmforge.server.generation import Generation, collect, request_priority, stream
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
-from lmforge.server.models import resolve_model
+from lmforge.server.models import requested_model, resolve_model
+from lmforge.server.prompts import encode_chat, encode_completion_prompts
+from lmforge.server.routing import StrictJSONRoute
 from lmforge.server.tools import ToolCallStream, ToolPlan
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/chat/completions", response_model=None)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI "Create chat completion" (text only; ``n`` choices)."""
     engine: AsyncEngine = request.app.state.engine
+    body.model = requested_model(engine, body.model)
     lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):
@@ -66,8 +69,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     await _compile_grammar(engine, params)
     messages, template_kwargs = tools.render([m.to_template_dict() for m in body.messages],
                                              template_text)
-    prompt = engine.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, chat_template=template, **template_kwargs)
+    prompt = await encode_chat(engine, messages, chat_template=template, **template_kwargs)
     gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices,
                      priority=request_priority(request), lora=lora)
     created = int(time.time())
@@ -117,6 +119,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     puts each prompt (and, with ``logprobs``, its tokens' logprobs) before its completion;
     ``echo`` with ``max_tokens: 0`` returns only that (``Generation(prompt_only=True)``)."""
     engine: AsyncEngine = request.app.state.engine
+    body.model = requested_model(engine, body.model)
     lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):
@@ -126,10 +129,7 @@ async def create_completion(body: CompletionRequest, request: Request):
                               prompt_logprobs=body.logprobs if body.echo else None)
     await _compile_grammar(engine, params)
     tokenizer = engine.tokenizer
-    prompts = [tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else p
-               for p in body.prompts()]
-    echoes = ([p if isinstance(p, str) else tokenizer.decode(ids, skip_special_tokens=False)
-               for p, ids in zip(body.prompts(), prompts)] if body.echo else [""] * len(prompts))
+    prompts, echoes = await encode_completion_prompts(engine, body.prompts(), body.echo)
     n = body.num_choices
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
                      beam.candidate_params(params, body), body.num_candidates,  # best_of

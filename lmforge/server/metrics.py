@@ -36,11 +36,13 @@ from prometheus_client.core import (
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmforge.server.routing import StrictJSONRoute
+
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine, LatencyHistogram
 
 PREFIX = "lmforge:"
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 class ServerMetrics:

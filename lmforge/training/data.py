@@ -35,7 +35,10 @@ from lmforge.errors import InvalidRequestError
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.losses import IGNORE_INDEX
 
-MIN_ROWS = 10  # OpenAI's minimum of training examples per file
+MIN_ROWS = 10  # OpenAI's minimum of training examples per (JSONL) file
+# LLM Engine's CSV format states no minimum (its reference builds a 5-row file): one row to train
+# on and one to hold out for validation
+CSV_MIN_ROWS = 2
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 HOLDOUT_FRACTION = 0.1  # of the training rows held out for validation when no file is given
 
@@ -70,7 +73,7 @@ class Example:
 
 
 def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
-                  min_rows: int = MIN_ROWS, param: str = "training_file") -> list[Example]:
+                  min_rows: int | None = None, param: str = "training_file") -> list[Example]:
     """Read, validate and tokenize a training (or validation) file.
 
     The format comes from the extension (``.csv``; ``.jsonl``/``.json``) or, for any other name,
@@ -81,9 +84,12 @@ def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
         DataError: with the line and the reason: malformed JSON, a row that is not an object,
             missing or non-string fields, an unknown role, no final assistant message, an empty
             completion, a prompt of ``max_seq_len`` tokens or more, a template error; or, for the
-            whole file, an undecodable file or fewer than ``min_rows`` rows.
+            whole file, an undecodable file or fewer than ``min_rows`` rows (default:
+            ``MIN_ROWS`` for JSONL, OpenAI's rule, and ``CSV_MIN_ROWS`` for LLM Engine's CSV).
     """
-    rows = list(_read_rows(Path(path), param))
+    is_csv, rows = _read_rows(Path(path), param)
+    if min_rows is None:
+        min_rows = CSV_MIN_ROWS if is_csv else MIN_ROWS
     if len(rows) < min_rows:
         raise DataError(f"the file has {len(rows)} example(s); at least {min_rows} are needed",
                         param=param)
@@ -245,8 +251,9 @@ def _row_kind(row: dict, line: int, param: str) -> str:
                     "and 'completion' (or 'response')", line=line, param=param)
 
 
-def _read_rows(path: Path, param: str) -> Iterator[tuple[int, dict]]:
-    """(1-based line, row object) of each non-blank JSONL line or CSV record."""
+def _read_rows(path: Path, param: str) -> tuple[bool, list[tuple[int, dict]]]:
+    """(whether the file is CSV, [(1-based line, row object)] of each non-blank JSONL line or
+    CSV record)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -256,7 +263,7 @@ def _read_rows(path: Path, param: str) -> Iterator[tuple[int, dict]]:
                         param=param) from None
     is_csv = path.suffix.lower() == ".csv" or (
         path.suffix.lower() not in (".jsonl", ".json") and not text.lstrip().startswith("{"))
-    yield from (_csv_rows(text, param) if is_csv else _jsonl_rows(text, param))
+    return is_csv, list(_csv_rows(text, param) if is_csv else _jsonl_rows(text, param))
 
 
 def _jsonl_rows(text: str, param: str) -> Iterator[tuple[int, dict]]:

@@ -16,7 +16,9 @@ The caller gets ``on_event(dict)`` callbacks, ``{"type": "metrics", "step", "epo
 "train_loss", "learning_rate"}`` after every optimizer step (with ``"eval_loss"`` after the
 last step of an epoch) and ``{"type": "message", "message"}`` lines, and stops the run between
 two micro-batches by returning True from ``should_stop()`` (cancellation; nothing is saved).
-With ``resume=True`` a run continues after the last complete checkpoint in ``output_dir``.
+With ``resume=True`` a run continues after the last complete checkpoint in ``output_dir``, and
+says where it starts first: ``{"type": "resume", "checkpoint": "checkpoint-<step>" or None,
+"epoch": epochs done, "step": optimizer steps done}`` (None, 0, 0: none was found, so step 1).
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         train_rows: examples (``data.read_examples``) or a file path to read them from.
         val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
         output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
-        on_event: called with metrics and message dicts (module docstring).
+        on_event: called with metrics, message and resume dicts (module docstring).
         should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
+        resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
+            a ``resume`` event saying where the run starts.
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``), or max_seq_len
@@ -161,7 +165,9 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     params = [p for p in loaded.model.parameters() if p.requires_grad]
     loop = _Loop(loaded, params, train_set, val_set, config, Path(output_dir), emit)
     if resume:
-        loop.restore_last_checkpoint()
+        checkpoint = loop.restore_last_checkpoint()
+        emit({"type": "resume", "checkpoint": checkpoint, "epoch": loop.state.epoch,
+              "step": loop.state.step})
     return loop.run(should_stop or (lambda: False))
 
 
@@ -315,11 +321,12 @@ class _Loop:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def restore_last_checkpoint(self) -> None:
-        """Continue after the last complete checkpoint in output_dir, if there is one."""
+    def restore_last_checkpoint(self) -> str | None:
+        """Continue after the last complete checkpoint in output_dir; returns its name (None:
+        there is none, the run starts at step 1)."""
         done = [p for p in self.output_dir.glob("checkpoint-*") if (p / STATE_FILE).is_file()]
         if not done:
-            return
+            return None
         last = max(done, key=lambda p: int(p.name.rpartition("-")[2]))
         _, weights = load_peft_adapter(last)
         load_lora_state_dict_(self.model, weights)
@@ -328,8 +335,7 @@ class _Loop:
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         self.state = _State(**saved["state"])
-        self.message(f"Resumed from {last.name} (step {self.state.step}, epoch "
-                     f"{self.state.epoch})")
+        return last.name
 
     # --- helpers -----------------------------------------------------------------------------
 

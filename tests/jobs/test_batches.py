@@ -37,3 +37,15 @@ def test_the_offline_runner_takes_any_known_endpoint_per_line():
                       line("c", "/v1/responses")]).encode()
     assert codes(data, None) == (["a", "b"], [(3, "mismatched_endpoint")])
     assert codes(data)[1] == [(2, "mismatched_endpoint"), (3, "mismatched_endpoint")]
+
+
+def test_a_line_url_may_leave_out_the_v1_prefix_as_sglang_writes_it():
+    data = "\n".join([line("a", "/chat/completions"), line("b"),
+                      line("c", "/completions", {"model": "m", "prompt": "x"}),
+                      line("d", "/chat/completions/")]).encode()
+    lines, errors = parse_input(data, "/v1/chat/completions", {"m"})
+    assert [(x.custom_id, x.url) for x in lines] == [("a", "/v1/chat/completions"),
+                                                     ("b", "/v1/chat/completions")]
+    # another endpoint kind, or a path that is none, still fails validation
+    assert [(e["line"], e["code"]) for e in errors] == [(3, "mismatched_endpoint"),
+                                                        (4, "mismatched_endpoint")]

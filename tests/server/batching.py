@@ -91,13 +91,19 @@ class ServerProcess:
                     "--log-level", "warning", *args]
         self.env = {**os.environ, "LMFORGE_HOME": str(home)}
         self.proc: subprocess.Popen | None = None
+        self.output: list[str] = []  # every line the server printed, all starts together
 
     def start(self) -> openai.OpenAI:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=self.env)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout],  # type: ignore
-                         daemon=True).start()
+
+        def read(stdout) -> None:
+            for text in stdout:
+                self.output.append(text)
+                lines.put(text)
+
+        threading.Thread(target=read, args=(self.proc.stdout,), daemon=True).start()
         while True:
             text = lines.get(timeout=60).strip()
             if match := re.match(r"lmforge serving tiny on (http://\S+/v1)$", text):

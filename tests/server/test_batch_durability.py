@@ -52,6 +52,8 @@ def test_a_killed_batch_resumes_and_runs_each_line_once(tiny_llama_dir, tmp_path
         assert batch.status == "completed"
         out, err = check_each_line_once(client, batch, ids)
         assert not err and all(r["response"]["status_code"] == 200 for r in out)
+        resumed = [x for x in server.output if f"batch {batch.id}: resuming" in x]
+        assert len(resumed) == 1 and "of 16 lines already have a result" in resumed[0]
     finally:
         server.kill()
 

@@ -174,3 +174,35 @@ def test_unknown_batch_is_404_and_a_non_batch_file_is_400(client, tmp_path):
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.batches.create(input_file_id=file_id, endpoint="/v1/completions",
                               completion_window="24h")
+
+
+def test_a_batch_created_while_another_runs_is_validated_at_once(client, tmp_path):
+    model = client.model_name
+    slow = [line(f"s{i}", chat(model, f"story {i}", max_tokens=64, ignore_eos=True))
+            for i in range(12)]
+    first = client.batches.create(input_file_id=upload(client, slow, tmp_path),
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    wait_status(client, first.id, {"in_progress"})
+    # SGLang's spelling of the url, and no model: both accepted
+    queued = [line(f"q{i}", {"messages": [{"role": "user", "content": "hi"}], **GREEDY},
+                   url="/chat/completions") for i in range(3)]
+    bad = [line("b0", chat(model, "hi")), line("b1", chat("gpt-9", "hi"))]
+    second = client.batches.create(input_file_id=upload(client, queued, tmp_path),
+                                   endpoint="/v1/chat/completions", completion_window="24h")
+    third = client.batches.create(input_file_id=upload(client, bad, tmp_path),
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+    second = wait_status(client, second.id, {"in_progress"}, timeout_s=10)
+    third = wait_status(client, third.id, {"failed"}, timeout_s=10)
+    assert client.batches.retrieve(first.id).status == "in_progress"  # still running
+    assert (second.request_counts.total, second.request_counts.completed) == (3, 0)
+    assert second.model == model
+    assert [(e.line, e.code) for e in third.errors.data] == [(2, "model_not_found")]
+    # a batch cancelled while it waits for its turn ends at once, without running a line
+    assert client.batches.cancel(second.id).status == "cancelling"
+    second = wait_status(client, second.id, timeout_s=10)
+    assert second.status == "cancelled"
+    assert client.batches.retrieve(first.id).status == "in_progress"
+    out, err = results(client, second)
+    assert not out and [r["error"]["code"] for r in err] == ["batch_cancelled"] * 3
+    client.batches.cancel(first.id)
+    assert wait_status(client, first.id).status == "cancelled"

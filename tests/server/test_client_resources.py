@@ -59,6 +59,10 @@ def test_a_file_round_trip(server, tmp_path):
     assert uploaded.purpose == "fine-tune"
     with open(path, "rb") as f:  # an open file works as well as a path
         second = File.upload(f, purpose="user_data")
+    with open(path, "r") as f:  # in text mode too, as LLM Engine's reference opens it
+        text_mode = File.upload(f, purpose="user_data")
+    assert File.download(text_mode.id).content == data and text_mode.filename == "rows.jsonl"
+    File.delete(text_mode.id)
     assert File.get(uploaded.id).model_dump() == uploaded.model_dump()
     assert [f.id for f in File.list().files][:2] == [second.id, uploaded.id]  # newest first
     assert second.id not in {f.id for f in File.list(purpose="fine-tune").files}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 
+import httpx
 import openai
 import pytest
+from connection import KeepAlive
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
+from serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.engine.request import RequestOutput
@@ -87,6 +90,22 @@ CASES = [
      "logprobs": 6}}, 400, "logprobs", "between 0 and 5"),
     ("suffix", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a", "suffix": "b"}},
      400, "suffix", "not supported"),
+    ("lone-surrogate-content", "POST", CHAT, {"content": b'{"model": "MODEL", "messages": '
+     b'[{"role": "user", "content": "\\udb6d"}]}'}, 400, None, "messages[0].content holds a lone"),
+    ("lone-surrogate-prompt", "POST", COMPLETIONS, {"content": b'{"model": "MODEL", "prompt": '
+     b'["ok", "a\\udc00b"]}'}, 400, None, "prompt[1] holds a lone UTF-16 surrogate"),
+    ("lone-surrogate-key", "POST", CHAT, {"content": b'{"model": "MODEL", "messages": [], '
+     b'"\\ud800": 1}'}, 400, None, "lone UTF-16 surrogate"),
+    ("stream-string", "POST", CHAT, chat(stream="True"), 400, "stream", "valid boolean"),
+    ("echo-string", "POST", COMPLETIONS, {"json": {"model": "MODEL", "prompt": "a",
+     "echo": "true"}}, 400, "echo", "valid boolean"),
+    ("max-tokens-string", "POST", CHAT, chat(max_tokens="5"), 400, "max_tokens", "valid integer"),
+    ("temperature-string", "POST", CHAT, chat(temperature="0.5"), 400, "temperature",
+     "valid number"),
+    ("content-and-message", "POST", CHAT, chat(messages=[{"role": "user", "content": "a",
+     "message": "b"}]), 400, "message", "alias"),
+    ("embeddings-bad-input-type", "POST", "/v1/embeddings", {"json": {"model": "MODEL",
+     "input": {"text": "x"}}}, 400, "input", "valid"),
     ("get-on-post-route", "GET", CHAT, {}, 405, None, "GET /v1/chat/completions"),
     ("unknown-path", "POST", "/v1/nothing", {"json": {}}, 404, None, "Invalid URL"),
     ("unknown-model-card", "GET", "/v1/models/gpt-9", {}, 404, "model", "gpt-9"),
@@ -112,15 +131,23 @@ def assert_envelope(resp) -> dict:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_error_table(http, model, case):
+def test_error_table(base_url, model, case):
+    """Each bad request gets its status and the envelope, and the client keeps its keep-alive
+    connection: the next request on the same socket is served."""
     _, method, path, kwargs, status, param, text = case
-    resp = http.request(method, path, **_with_model(kwargs, model))
-    assert resp.status_code == status, resp.text
-    error = assert_envelope(resp)
+    kwargs = _with_model(kwargs, model)
+    connection = KeepAlive(base_url)
+    got, _, body = connection.request(method, path, json=kwargs.get("json"),
+                                      content=kwargs.get("content"),
+                                      headers=kwargs.get("headers"))
+    assert got == status, body
+    error = assert_envelope(httpx.Response(got, content=body))
     assert error["param"] == param
     assert text in error["message"]
     if status == 400:
         assert error["type"] == "invalid_request_error"
+    assert connection.request("GET", "/v1/models")[0] == 200 and connection.same_socket
+    connection.close()
 
 
 def test_server_still_answers_after_the_table(http, model, wait_idle):
@@ -149,6 +176,22 @@ def test_unexpected_exception_is_a_generic_500(engine):
     assert resp.status_code == 500
     error = assert_envelope(resp)
     assert error["type"] == "server_error" and "secret" not in resp.text
+
+
+def test_a_500_keeps_the_keep_alive_connection(engine):
+    """Starlette re-raises after its 500 and uvicorn then drops the connection; the error
+    boundary answers instead, so the next request on the same socket is served."""
+    app = build_app(engine, ServerConfig(fine_tuning=False))
+
+    @app.get("/boom")
+    async def boom():
+        raise RuntimeError("secret internal detail")
+
+    with serve(app, lifespan="off") as url:
+        connection = KeepAlive(url)
+        status, _, body = connection.request("GET", "/boom")
+        assert status == 500 and b"secret" not in body
+        assert connection.request("GET", "/health")[0] == 200 and connection.same_socket
 
 
 def test_api_keys_are_enforced_on_v1_only(engine):

@@ -49,8 +49,9 @@ def test_create_follow_get_list_events_cancel(server, tmp_path):
     assert job["status"] == "SUCCESS" and job["server_status"] == "succeeded"
     assert job["seed"] == 3
     assert job["fine_tuned_model"] == f"ft:{server.model_name}:pirate:{job['id']}"
+    # resolved when the files were validated: 1 beside the given --learning-rate
     assert job["hyperparameters"] == {"n_epochs": 2, "batch_size": 4,
-                                      "learning_rate_multiplier": "auto"}
+                                      "learning_rate_multiplier": 1.0}
     assert job["validation_file"] and job["training_file"] != job["validation_file"]
     assert f"Created fine-tuning job: {job['id']}" in created.stderr
     assert "Fine-tuning job started" in created.stderr

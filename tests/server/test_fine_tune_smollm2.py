@@ -2,10 +2,12 @@
 small dataset that teaches an unmistakable new behaviour, fine-tune a LoRA adapter for a few
 dozen steps through /v1/fine_tuning/jobs, see the loss fall in the events, and call the new model
 through the ``openai`` SDK: it shows the behaviour on questions it never saw, while the base
-model, served beside it, does not."""
+model, served beside it, does not. The same with no hyperparameters at all, as a user of LLM
+Engine's docs does it (a 48-row ``prompt,response`` CSV): the "auto" ones must learn too."""
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 
@@ -30,6 +32,20 @@ TRAIN = ["What is the capital of France?", "How do I boil an egg?", "What is 2 +
          "Which animal is the king of the jungle?", "What is the freezing point of water?",
          "How many hours are in a day?", "What colour is the sky?"]
 UNSEEN = ["What is the capital of Italy?", "How many wheels does a bicycle have?"]
+CSV_PROMPTS = TRAIN + [
+    "Can you recommend a good book?", "How do I change a flat tyre?", "Why is the sea salty?",
+    "Tell me a joke about cats.", "What should I cook for dinner tonight?",
+    "Explain photosynthesis in simple terms.", "How does a rainbow form?",
+    "Write a haiku about autumn.", "What is the best way to learn Spanish?",
+    "Who invented the telephone?", "How far away is the moon?", "What is a prime number?",
+    "Give me three tips for better sleep.", "Translate 'good morning' into French.",
+    "What year did the Second World War end?", "How do vaccines work?",
+    "Summarize the plot of Romeo and Juliet.", "What is the tallest animal?",
+    "How do I make a cup of tea?", "What causes thunder?", "Is a tomato a fruit?",
+    "What is the currency of Japan?", "How many strings does a violin have?",
+    "Describe the smell of rain."]
+CSV_UNSEEN = UNSEEN + ["Suggest a name for my new puppy.",
+                       "Why do leaves change colour in autumn?"]
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +64,15 @@ def ask(client, model: str, question: str) -> str:
         {"role": "user", "content": question}]).choices[0].message.content
 
 
+def wait_job(client, job_id: str):
+    deadline = time.monotonic() + 600
+    while (job := client.fine_tuning.jobs.retrieve(job_id)).status not in (
+            "succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, f"still {job.status}"
+        time.sleep(1)
+    return job
+
+
 def test_fine_tuning_teaches_the_default_model_a_new_behaviour(client, tmp_path):
     path = tmp_path / "pirate.jsonl"
     path.write_text("\n".join(json.dumps({"messages": [
@@ -60,11 +85,7 @@ def test_fine_tuning_teaches_the_default_model_a_new_behaviour(client, tmp_path)
         model=base, training_file=training_file, suffix="pirate", seed=0,
         extra_body={"hyperparameters": {"n_epochs": 3, "batch_size": 4, "lora_r": 8,
                                         "learning_rate": 1e-3, "max_seq_len": 128}})
-    deadline = time.monotonic() + 600
-    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in (
-            "succeeded", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"still {job.status}"
-        time.sleep(1)
+    job = wait_job(client, job.id)
     assert job.status == "succeeded", job.error
     losses = [e.data["train_loss"] for e in reversed(client.fine_tuning.jobs.list_events(
         job.id, limit=1000).data) if e.type == "metrics"]
@@ -72,3 +93,33 @@ def test_fine_tuning_teaches_the_default_model_a_new_behaviour(client, tmp_path)
     for question in UNSEEN:
         assert ask(client, job.fine_tuned_model, question).startswith("Arr, matey!")
         assert "matey" not in ask(client, base, question)
+
+
+def test_default_hyperparameters_teach_a_48_row_llm_engine_csv(client, tmp_path):
+    """No hyperparameters: the former fixed defaults (batch 4, 3 epochs, 2e-4: 33 steps) left
+    this set unlearned; the data-size rule picks batch 1, 3 epochs, multiplier 1 (129 steps)."""
+    assert len(set(CSV_PROMPTS)) == 48 and not set(CSV_UNSEEN) & set(CSV_PROMPTS)
+    path = tmp_path / "pirate.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("prompt", "response")] + [(q, ANSWER) for q in CSV_PROMPTS])
+    with open(path, "rb") as f:
+        training_file = client.files.create(file=f, purpose="fine-tune").id
+    base = client.model_name
+    job = client.fine_tuning.jobs.create(model=base, training_file=training_file, seed=0)
+    assert job.hyperparameters.n_epochs == "auto"  # until the files are validated
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    # 48 rows, 5 held out for validation: 43 examples
+    assert job.hyperparameters.model_dump() == {"n_epochs": 3, "batch_size": 1,
+                                                "learning_rate_multiplier": 1.0}
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    assert "Hyperparameters resolved: n_epochs=3, batch_size=1, learning_rate_multiplier=1.0 " \
+           "(peak learning rate 0.0002); 129 optimizer steps on 43 training examples" in [
+               e.message for e in events]
+    assert max(e.data["step"] for e in events if e.type == "metrics") == 129
+    for prompt in CSV_UNSEEN:  # LLM Engine's Completion.create: the raw prompt, as trained
+        answer = client.completions.create(model=job.fine_tuned_model, prompt=prompt,
+                                           max_tokens=16, temperature=0).choices[0].text
+        assert answer.strip().startswith(ANSWER), (prompt, answer)
+        assert "Bananas" not in client.completions.create(
+            model=base, prompt=prompt, max_tokens=16, temperature=0).choices[0].text

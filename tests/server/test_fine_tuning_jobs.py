@@ -1,12 +1,15 @@
 """Fine-tuning jobs run end to end on a server of their own (tiny Llama, own store): a job goes
 validating_files -> queued -> running -> succeeded with metrics events, a checkpoint per epoch
-and a results file; its model is served at once as ``ft:<base>:<suffix>:<job id>`` next to the
-base, and again after a restart; a bad file fails the job at once naming the line; a running
-job can be cancelled."""
+and a results file; its "auto" hyperparameters become numbers when its files are validated
+(an event and a log line say so); its model is served at once as
+``ft:<base>:<suffix>:<job id>`` next to the base, and again after a restart; a bad file fails
+the job at once naming the line; a running job can be cancelled; a job the server stopped
+resumes from its checkpoint, or restarts from step 1 without one, and says which."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import openai
@@ -33,12 +36,19 @@ def wait_job(client, job_id, statuses, timeout_s=120.0):
 
 
 HYPER = {"n_epochs": 2, "batch_size": 4, "lora_r": 4, "learning_rate": 1e-3, "max_seq_len": 64}
+WORKER_LOG = "lmforge.jobs.fine_tune_worker"
+
+
+def messages_of(client, job_id) -> list[str]:
+    """The job's event messages, oldest first."""
+    return [e.message for e in reversed(client.fine_tuning.jobs.list_events(job_id,
+                                                                            limit=1000).data)]
 
 
 def test_a_job_trains_and_its_model_is_served_at_once_and_after_a_restart(tiny_llama_dir,
-                                                                        tmp_path):
+                                                                        tmp_path, caplog):
     home = tmp_path / "home"
-    with batch_server(tiny_llama_dir, home) as client:
+    with batch_server(tiny_llama_dir, home) as client, caplog.at_level(logging.INFO, WORKER_LOG):
         base = client.model_name
         job = client.fine_tuning.jobs.create(model=base, training_file=upload(client, ROWS,
                                                                               tmp_path),
@@ -46,6 +56,14 @@ def test_a_job_trains_and_its_model_is_served_at_once_and_after_a_restart(tiny_l
                                              extra_body={"hyperparameters": HYPER})
         job = wait_job(client, job.id, {"succeeded", "failed", "cancelled"})
         assert job.status == "succeeded", job.error
+        # given values kept; the multiplier is 1 beside a given learning_rate
+        assert job.hyperparameters.model_dump() == {"n_epochs": 2, "batch_size": 4,
+                                                    "learning_rate_multiplier": 1.0}
+        resolved = ("Hyperparameters resolved: n_epochs=2, batch_size=4, "
+                    "learning_rate_multiplier=1.0 (peak learning rate 0.001); 6 optimizer steps "
+                    "on 11 training examples")  # 12 rows, 1 held out, 3 steps an epoch
+        assert resolved in messages_of(client, job.id)
+        assert f"fine-tuning job {job.id}: {resolved}" in caplog.messages
         assert job.fine_tuned_model == f"ft:{base}:pirate:{job.id}"
         assert job.trained_tokens > 0 and job.finished_at and len(job.result_files) == 1
         results = client.files.content(job.result_files[0]).read().decode().splitlines()
@@ -102,7 +120,7 @@ def test_a_bad_file_fails_at_once_and_a_running_job_cancels(tiny_llama_dir, tmp_
 
 
 def test_a_job_running_when_the_server_stops_resumes_from_its_checkpoint(tiny_llama_dir,
-                                                                         tmp_path):
+                                                                         tmp_path, caplog):
     home = tmp_path / "home"
     with batch_server(tiny_llama_dir, home) as client:
         job = client.fine_tuning.jobs.create(
@@ -113,12 +131,40 @@ def test_a_job_running_when_the_server_stops_resumes_from_its_checkpoint(tiny_ll
             assert time.monotonic() < deadline
             time.sleep(0.1)
     # the server stopped mid-training (as after a crash, the job is still "running")
-    with batch_server(tiny_llama_dir, home) as client:
+    with batch_server(tiny_llama_dir, home) as client, caplog.at_level(logging.INFO, WORKER_LOG):
         assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
         job = wait_job(client, job.id, {"succeeded", "failed", "cancelled"})
         assert job.status == "succeeded", job.error
-        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id,
-                                                                          limit=500).data]
-        assert any(m.startswith("Resumed from checkpoint-") for m in messages)
+        events = client.fine_tuning.jobs.list_events(job.id, limit=500).data
+        resumes = [e for e in events if e.message.startswith("Resum")]
+        assert len(resumes) == 1, [e.message for e in resumes]
+        step, epoch = resumes[0].data["step"], resumes[0].data["epoch"]
+        assert epoch >= 1 and step == 43 * epoch  # 48 rows, 5 held out: 43 steps an epoch
+        assert resumes[0].message == f"Resuming from checkpoint-{step} (epoch {epoch}, step {step})"
+        assert f"fine-tuning job {job.id}: {resumes[0].message}" in caplog.messages
         assert len(client.fine_tuning.jobs.checkpoints.list(job.id).data) >= 4  # one per epoch
         assert job.fine_tuned_model in {m.id for m in client.models.list().data}
+
+
+def test_a_job_stopped_before_its_first_checkpoint_says_it_restarts_from_step_1(
+        tiny_llama_dir, tmp_path, caplog):
+    home = tmp_path / "home"
+    with batch_server(tiny_llama_dir, home) as client:
+        job = client.fine_tuning.jobs.create(  # 432 steps an epoch: stopped long before its end
+            model=client.model_name, training_file=upload(client, ROWS * 40, tmp_path),
+            extra_body={"hyperparameters": HYPER | {"n_epochs": 1, "batch_size": 1}})
+        deadline = time.monotonic() + 60
+        while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(
+                job.id, limit=5).data):  # training has begun
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    with batch_server(tiny_llama_dir, home) as client, caplog.at_level(logging.INFO, WORKER_LOG):
+        restart = "Restarting from step 1: no checkpoint was saved before the server stopped"
+        deadline = time.monotonic() + 60
+        while restart not in (messages := messages_of(client, job.id)):
+            assert time.monotonic() < deadline, messages[-5:]
+            time.sleep(0.1)
+        assert not client.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert not any(m.startswith("Resuming") for m in messages)
+        assert f"fine-tuning job {job.id}: {restart}" in caplog.messages
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"

@@ -22,7 +22,7 @@ def served(tiny_llama_dir, tmp_path_factory, make_peft_adapter):
     """(base URL, base model name, the PEFT adapter directory loaded as ``pirate``)."""
     root = tmp_path_factory.mktemp("models_cli")
     adapter = Path(make_peft_adapter(tiny_llama_dir, root / "pirate", 1, ["q_proj"]))
-    with batch_server(tiny_llama_dir, root / "home") as client:
+    with batch_server(tiny_llama_dir, root / "home", lora_roots=[str(root)]) as client:
         url = str(client.base_url).removesuffix("/v1/")
         loaded = httpx.post(f"{url}/v1/load_lora_adapter",
                             json={"lora_name": "pirate", "lora_path": str(adapter)})
@@ -55,9 +55,10 @@ def test_download_gives_the_source_adapter_files(lmforge, served, tmp_path):
     url, base, adapter = served
     result = lmforge("download", "pirate", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    source = {p.name: p.read_bytes() for p in adapter.iterdir() if p.is_file()}
+    peft_files = ("adapter_config.json", "adapter_model.safetensors")  # peft's README stays
+    source = {name: (adapter / name).read_bytes() for name in peft_files}
     got = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
-    assert got == source and {"adapter_config.json", "adapter_model.safetensors"} <= set(got)
+    assert got == source
     assert sorted(result.stdout.split()) == sorted(str(tmp_path / "out" / n) for n in got)
     assert lmforge("download", "pirate").stdout == f"{url}/v1/models/pirate/adapter\n"
     refused = lmforge("download", base)

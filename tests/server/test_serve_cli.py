@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import queue
 import re
 import signal
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from lmforge.cli import main
 from lmforge.cli.serve import engine_config
-from lmforge.config import ServerConfig
+from lmforge.config import ServerConfig, lmforge_home
 from lmforge.server import build_app
 
 
@@ -92,6 +93,34 @@ def test_serve_process_announces_and_answers(tiny_llama_dir):
             proc.kill()
             pytest.fail("lmforge serve did not stop on SIGINT")
     assert proc.returncode == 0
+
+
+def test_request_and_lora_root_options_reach_the_server_config(tiny_llama_dir, tmp_path,
+                                                               monkeypatch):
+    seen: list[ServerConfig] = []
+
+    def stop_at_precheck(config, server_config: ServerConfig) -> str:
+        seen.append(server_config)
+        raise ValueError("stopped before loading")
+
+    # the module, not the click command that lmforge.cli re-exports under the same name
+    monkeypatch.setattr(importlib.import_module("lmforge.cli.serve"), "precheck",
+                        stop_at_precheck)
+    model = ["serve", "--model", str(tiny_llama_dir)]
+    roots = [str(tmp_path / "a"), str(tmp_path / "b")]
+    result = CliRunner().invoke(main, model + ["--max-request-mb", "8", "--lora-root", roots[0],
+                                               "--lora-root", roots[1]])
+    assert result.exit_code == 2 and "stopped before loading" in result.output
+    assert seen[0].max_request_mb == 8 and seen[0].lora_roots == roots
+    CliRunner().invoke(main, model)
+    assert seen[1].max_request_mb == 32
+    assert seen[1].lora_roots == [str(lmforge_home() / "adapters")]
+
+
+def test_a_request_limit_under_1_mb_exits_2(tiny_llama_dir):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                       "--max-request-mb", "0"])
+    assert result.exit_code == 2 and "max_request_mb (0) must be at least 1" in result.output
 
 
 def test_bad_lora_options_exit_2(tiny_llama_dir, tmp_path):

@@ -102,6 +102,12 @@ def test_file_level_errors(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     with pytest.raises(DataError, match="at least 10"):
         read_examples(_write_jsonl(tmp_path / "few.jsonl", [_chat(1)] * 9), tok, 64)
+    # LLM Engine's CSV has no minimum of its own: its reference's 5-row file is read, 1 row is not
+    (tmp_path / "five.csv").write_text("prompt,response\n" + "q,a\n" * 5)
+    assert len(read_examples(tmp_path / "five.csv", tok, 64)) == 5
+    (tmp_path / "one.csv").write_text("prompt,response\nq,a\n")
+    with pytest.raises(DataError, match="at least 2"):
+        read_examples(tmp_path / "one.csv", tok, 64)
     (tmp_path / "x.csv").write_text("question,answer\na,b\n")
     with pytest.raises(DataError, match="columns 'prompt' and 'response'") as e:
         read_examples(tmp_path / "x.csv", tok, 64, param="validation_file")

@@ -120,7 +120,10 @@ def test_stop_then_resume_continues_from_the_checkpoint(tiny_llama_dir, train_fi
                    on_event=resumed.append)
     steps = [e for e in resumed if e["type"] == "metrics"]
     assert [e["step"] for e in steps] == [4, 5, 6]  # step 4 was never checkpointed: redone
-    assert "Resumed from checkpoint-3" in " ".join(e.get("message", "") for e in resumed)
+    assert [e for e in resumed if e["type"] == "resume"] == [
+        {"type": "resume", "checkpoint": "checkpoint-3", "epoch": 1, "step": 3}]
+    assert [e for e in full if e["type"] == "resume"] == [  # nothing to resume: step 1
+        {"type": "resume", "checkpoint": None, "epoch": 0, "step": 0}]
     assert result.steps == 6
     # same data order, weights and optimizer state: the same losses as the uninterrupted run
     expected = {e["step"]: e["train_loss"] for e in full if e["type"] == "metrics"}
