@@ -15,7 +15,7 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 
 def __getattr__(name: str):
     if name == "LLM":
-        from lmforge.engine.llm_engine import LLM
+        from lmforge.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":

@@ -197,3 +197,15 @@ def test_every_router_parses_json_strictly(path: str) -> None:
             route_class = keywords.get("route_class")
             assert getattr(route_class, "id", None) == "StrictJSONRoute", (
                 f"{path}:{node.lineno}: APIRouter(...) needs route_class=StrictJSONRoute")
+
+
+ENGINE_REACH = re.compile(r"\bengine\.engine\b")
+
+
+@pytest.mark.parametrize("path", [p for p in package_files()
+                                  if not p.startswith("lmforge/engine/")])
+def test_only_engine_reaches_inside_the_async_engine(path):
+    """``AsyncEngine`` is the one door into the engine: outside ``lmforge/engine/`` nothing
+    touches the ``LLMEngine`` the loop thread owns (``async_engine.engine``)."""
+    source = (ROOT / path).read_text(encoding="utf-8")
+    assert not ENGINE_REACH.search(source), f"{path} reaches through AsyncEngine.engine"

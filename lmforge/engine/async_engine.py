@@ -7,8 +7,12 @@ and two teams then share the cores. So ``from_config`` (and ``load_in_background
 lets a server listen while the model loads) builds the engine on the same single-thread
 executor that later runs the loop.
 
-asyncio callers talk to it through a command queue (add / abort), drained at the start of every
-step, so an abort frees the request's KV blocks within one step. A step's outputs travel back with
+It is the only door into the engine: asyncio callers (the server, the jobs workers, beam
+search) use its methods, never the ``LLMEngine`` inside. Those that change the engine send a
+command (``AddRequest``, ``AbortRequest``, ``StartEmbedding``, ``CallOnLoop``) through a queue
+drained at the start of every step, so an abort frees the request's KV blocks within one step;
+those that read it (``lora_names``, ``validate_prompt``) read what the loop thread never changes
+in place, or take a copy. A step's outputs travel back with
 one ``loop.call_soon_threadsafe`` per event loop. Torch kernels release
 the GIL, so the HTTP event loop stays responsive while the model runs.
 
@@ -33,16 +37,22 @@ import logging
 import queue
 import threading
 import time
-from bisect import bisect_left
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from lmforge.config import EngineConfig
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.memory import RELEASE_INTERVAL_S, release_free_memory
+from lmforge.engine.metrics import EngineStats, RequestCounters
 from lmforge.engine.pooling import EmbeddingTask
-from lmforge.engine.request import ONLINE_PRIORITY, RequestOutput, SamplingParams
+from lmforge.engine.request import (
+    ONLINE_PRIORITY,
+    RequestOutput,
+    SamplingParams,
+    StructuredOutput,
+)
 from lmforge.errors import (
     EngineDeadError,
     InternalServerError,
@@ -55,56 +65,45 @@ from lmforge.errors import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class EngineStats:
-    """A snapshot of the engine's load."""
+@dataclass(frozen=True)
+class AddRequest:
+    """Queue a generation request (``LLMEngine.add_request``)."""
 
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_total_blocks: int
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
-    prefix_cache_hits: int = 0  # of which found cached, cumulative
-
-
-# Bucket upper bounds in seconds, vLLM's for vllm:time_to_first_token_seconds and
-# vllm:inter_token_latency_seconds (vllm/v1/metrics/loggers.py)
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                  5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-ITL_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
-                 7.5, 10.0, 20.0, 40.0, 80.0)
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    after: str | None
+    priority: int
+    lora: str | None
 
 
-@dataclass
-class LatencyHistogram:
-    """Cumulative observations in fixed buckets: plain numbers that server/metrics.py exports as
-    a Prometheus histogram. ``counts[i]`` counts values <= ``bounds[i]`` and > ``bounds[i-1]``;
-    the last entry counts values above every bound (+Inf)."""
+@dataclass(frozen=True)
+class AbortRequest:
+    """Abort a generation or embedding request; unknown ids are ignored."""
 
-    bounds: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0  # sum of observed values
-
-    def __post_init__(self) -> None:
-        self.counts = self.counts or [0] * (len(self.bounds) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    request_id: str
 
 
-@dataclass
-class RequestCounters:
-    """Cumulative per-request numbers, taken where ``generate`` hands outputs to the caller
-    (as vLLM's frontend measures them): prompt tokens of each request at its first token,
-    generated tokens, time to first token and the time between consecutive outputs."""
+@dataclass(frozen=True)
+class StartEmbedding:
+    """Compute an embedding request a piece per loop iteration (``LLMEngine.start_embedding``)."""
 
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    time_to_first_token: LatencyHistogram = field(
-        default_factory=lambda: LatencyHistogram(TTFT_BUCKETS_S))
-    inter_token_latency: LatencyHistogram = field(
-        default_factory=lambda: LatencyHistogram(ITL_BUCKETS_S))
+    request_id: str
+    priority: int
+    task: EmbeddingTask
+
+
+@dataclass(frozen=True)
+class CallOnLoop:
+    """Run ``fn(*args)`` on the loop thread between steps; its result or error goes to
+    ``future``."""
+
+    future: Future
+    fn: Callable[..., Any]
+    args: tuple
+
+
+Command = AddRequest | AbortRequest | StartEmbedding | CallOnLoop
 
 
 class AsyncEngine:
@@ -116,10 +115,12 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: LLMEngine, executor: ThreadPoolExecutor | None = None):
-        self.engine = engine
+        self.engine = engine  # the loop thread's: outside engine/, use the methods below
+        self.config = engine.config
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.vocab_size
         self.embedding_size = engine.model_runner.model.config.hidden_size
         self.created = int(time.time())
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -213,7 +214,7 @@ class AsyncEngine:
             EngineDeadError: the engine loop has stopped.
             RateLimitError: too many requests or prompt tokens wait already (``_admit``).
         """
-        self.engine.validate_prompt(prompt_token_ids, params)
+        self.validate_prompt(prompt_token_ids, params)
         if lora is not None:
             self.engine.loras.get(lora)  # a dict read: raises for an unknown name, before queuing
         if self.error is not None or self._stopping.is_set():
@@ -223,7 +224,7 @@ class AsyncEngine:
             self._admit(num_tokens)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_token_ids), params, after, priority, lora))
+        self._send(AddRequest(request_id, list(prompt_token_ids), params, after, priority, lora))
         finished, waiting = False, True
         last = time.monotonic()
         try:
@@ -322,7 +323,7 @@ class AsyncEngine:
             raise EngineDeadError("the engine loop has stopped; restart the server")
         result: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), result)
-        self._send(("embed", request_id, (priority, task)))
+        self._send(StartEmbedding(request_id, priority, task))
         try:
             out = await result.get()
         except BaseException:
@@ -350,21 +351,50 @@ class AsyncEngine:
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
         future: Future = Future()
-        self._send(("call", future, fn, args))
+        self._send(CallOnLoop(future, fn, args))
         return await asyncio.wrap_future(future)
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its KV blocks are freed at the start of the next step."""
-        self._send(("abort", request_id))
+        self._send(AbortRequest(request_id))
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """``LLMEngine.validate_prompt`` in the caller's thread (it reads only what the loop
+        never changes: the vocabulary, the context length, the compiled-grammar cache).
+
+        Raises:
+            InvalidRequestError, ContextLengthExceededError: as ``LLMEngine.validate_prompt``.
+        """
+        self.engine.validate_prompt(prompt_token_ids, params)
+
+    async def compile_grammar(self, structured: StructuredOutput) -> None:
+        """Compile (and so validate) a grammar in a worker thread, into the engine's cache: the
+        first one also builds the grammar library's view of the vocabulary (~0.5 s).
+
+        Raises:
+            InvalidRequestError: an invalid schema, regex or choice list, naming the parameter.
+        """
+        await asyncio.to_thread(self.engine.structured.compile, structured)
+
+    def lora_names(self) -> list[str]:
+        """The registered LoRA adapters' names, sorted (a copy: the loop thread owns them)."""
+        return sorted(list(self.engine.loras.registered))
+
+    def lora_directory(self, name: str) -> str:
+        """The directory a registered adapter was loaded from.
+
+        Raises:
+            InvalidRequestError: no adapter of that name.
+        """
+        return self.engine.loras.get(name).directory
 
     def stats(self) -> EngineStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        return EngineStats(len(scheduler.running),
-                           len(scheduler.waiting) + len(self.engine.held_ids),
+        return EngineStats(len(scheduler.running), scheduler.num_waiting,
                            blocks.num_free_blocks, blocks.num_blocks,
                            blocks.num_queries, blocks.num_hits)
 
-    def _send(self, command: tuple) -> None:
+    def _send(self, command: Command) -> None:
         self._commands.put(command)
         self._wakeup.set()
 
@@ -406,26 +436,28 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "abort":
-                self.engine.abort_request(command[1])
-                self._embeddings.pop(command[1], None)
-                continue
-            if command[0] == "embed":
-                self._embeddings[command[1]] = command[2]
-                continue
-            if command[0] == "call":  # add_lora / remove_lora: run here, answer the future
-                _, future, fn, args = command
+            self._apply(command)
+
+    def _apply(self, command: Command) -> None:
+        """Carry out one command on the loop thread."""
+        match command:
+            case AddRequest():
                 try:
-                    future.set_result(fn(*args))
+                    self.engine.add_request(command.request_id, command.prompt_token_ids,
+                                            command.params, command.after, command.priority,
+                                            command.lora)
+                except LMForgeError as e:
+                    self._deliver(command.request_id, e)
+            case AbortRequest():
+                self.engine.abort_request(command.request_id)
+                self._embeddings.pop(command.request_id, None)
+            case StartEmbedding():
+                self._embeddings[command.request_id] = (command.priority, command.task)
+            case CallOnLoop():  # add_lora / remove_lora: run here, answer the future
+                try:
+                    command.future.set_result(command.fn(*command.args))
                 except Exception as e:
-                    future.set_exception(e)
-                continue
-            _, request_id, prompt_token_ids, params, after, priority, lora = command
-            try:
-                self.engine.add_request(request_id, prompt_token_ids, params, after, priority,
-                                        lora)
-            except LMForgeError as e:
-                self._deliver(request_id, e)
+                    command.future.set_exception(e)
 
     def _embed_piece(self) -> None:
         """One piece of the oldest embedding request of the best priority (none while a

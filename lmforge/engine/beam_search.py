@@ -212,12 +212,12 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
         raise InvalidRequestError(
             f"n ({n}) must be between 1 and the beam width ({params.beam_width})", param="n")
     prompt = list(prompt_token_ids)
-    engine.engine.validate_prompt(prompt, SamplingParams(max_tokens=params.max_tokens))
+    engine.validate_prompt(prompt, SamplingParams(max_tokens=params.max_tokens))
     max_tokens = params.max_tokens or engine.max_model_len - len(prompt)
     stop_ids = frozenset(params.stop_token_ids) | (
         frozenset() if params.ignore_eos else engine.tokenizer.eos_token_ids)
     width = params.beam_width
-    num_top = min(params.num_logprobs(len(stop_ids)), engine.engine.vocab_size)
+    num_top = min(params.num_logprobs(len(stop_ids)), engine.vocab_size)
     search = BeamSearch(width, max_tokens, params.length_penalty, params.early_stopping,
                         _finish_rule(engine, prompt, params, stop_ids, max_tokens),
                         params.logprobs, params.sampling(len(stop_ids)))

@@ -31,6 +31,9 @@ class RequestStatus(enum.IntEnum):
     """Where a request is in its life. Everything above ``PREEMPTED`` is finished."""
 
     WAITING = enum.auto()  # queued; holds no KV blocks (or lost them to preemption)
+    # held back until another request with the same prompt has computed it, then WAITING and
+    # reads that prompt's KV blocks from the prefix cache (``Scheduler.add_request(after=)``)
+    WAITING_FOR_PREFIX = enum.auto()
     RUNNING = enum.auto()  # scheduled this step or holding blocks between steps
     PREEMPTED = enum.auto()  # blocks freed under memory pressure; recomputed when rescheduled
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
@@ -315,3 +318,27 @@ class RequestOutput:
     # AsyncEngine.generate raises it as an InvalidRequestError naming ``error_param``
     error: str | None = None
     error_param: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One request's output so far, accumulated from its ``RequestOutput`` deltas with ``add``
+    (vLLM's ``CompletionOutput``): what the offline ``LLM`` returns per prompt and what a
+    non-streamed HTTP choice is built from."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # empty unless asked for
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # None unless asked for
+    finish_reason: str | None = None  # None until finished
+    num_cached_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        """Append one delta of this request."""
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finish_reason = out.finish_reason
+        self.num_cached_tokens = out.num_cached_tokens

@@ -93,22 +93,52 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: list[Request] = []  # in (priority, arrival) order
         self.running: list[Request] = []  # in (priority, arrival) order
-        self.requests: dict[str, Request] = {}
-        # arrival order as a counter, not a clock: ties are impossible and a request held back by
-        # ``LLMEngine.add_request(after=)`` counts from when it reaches the scheduler
+        self.requests: dict[str, Request] = {}  # every unfinished request, held ones too
+        # WAITING_FOR_PREFIX requests, by the id of the request whose prompt they wait for
+        self.held: dict[str, list[Request]] = {}
+        # arrival order as a counter, not a clock: ties are impossible and a held request
+        # counts from when it is released to the waiting list
         self._arrival: dict[str, int] = {}
         self._arrivals = itertools.count()
 
-    def add_request(self, request: Request) -> None:
-        self._arrival[request.request_id] = next(self._arrivals)
+    def add_request(self, request: Request, after: str | None = None) -> None:
+        """Queue a request, or hold it back (``WAITING_FOR_PREFIX``) while the request ``after``
+        names has not computed its prompt yet: that is the first choice of an ``n`` > 1 request
+        with the same prompt, and this one then reads the prompt's full KV blocks from the
+        prefix cache instead of computing them again (vLLM's parallel sampling). Unknown ids,
+        and requests already past their prefill, queue it at once."""
         self.requests[request.request_id] = request
+        first = self.requests.get(after) if after is not None else None
+        if (first is not None and first.status != RequestStatus.WAITING_FOR_PREFIX
+                and not first.output_token_ids):
+            request.status = RequestStatus.WAITING_FOR_PREFIX
+            self.held.setdefault(after, []).append(request)
+        else:
+            self._enqueue(request)
+
+    def _enqueue(self, request: Request) -> None:
+        self._arrival[request.request_id] = next(self._arrivals)
         insort(self.waiting, request, key=self._order)
+
+    def _release_held(self) -> None:
+        """Queue the held requests whose first request has computed its prompt (or is gone)."""
+        for after in list(self.held):
+            first = self.requests.get(after)
+            if first is None or first.output_token_ids:
+                for request in self.held.pop(after):
+                    request.status = RequestStatus.WAITING
+                    self._enqueue(request)
 
     def _order(self, request: Request) -> tuple[int, int]:
         return request.priority, self._arrival[request.request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.held)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not running: waiting, preempted, or held for another's prefix."""
+        return len(self.waiting) + sum(len(group) for group in self.held.values())
 
     def pending_prefill_priority(self) -> int | None:
         """The best priority among requests that wait or still have prompt tokens to compute
@@ -132,6 +162,8 @@ class Scheduler:
         self._schedule_waiting(out, budget)
         if urgent is not None and not any(n > 1 for n in out.num_new_tokens):
             self._schedule_running(out, budget, [r for r in self.running if r.priority > urgent])
+        if not out.requests:
+            self._release_held()  # they run from the next step on
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: _StepBudget,
@@ -236,6 +268,7 @@ class Scheduler:
             if status is not None:
                 self.finish_request(request, status)
                 finished.append(request)
+        self._release_held()
         return finished
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
@@ -247,18 +280,37 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
-    def finish_request(self, request: Request, status: RequestStatus) -> None:
-        """Finish a request (stop string, abort, ...) and free its blocks. Idempotent."""
+    def finish_request(self, request: Request, status: RequestStatus,
+                       force: bool = False) -> None:
+        """Finish a request and free its blocks: the one place a request becomes finished.
+
+        Called for token-level stops (``update``), aborts, and by the output processor for what
+        it finds in the text or the grammar (a stop string, a complete or failed grammar).
+        Idempotent; ``force`` replaces the status of a request that finished already, for a
+        stop string found in the text of the token that also reached ``max_tokens`` ("stop"
+        wins over "length", as in vLLM).
+        """
         if request.status.is_finished():
+            if force:
+                request.status = status
             return
-        request.status = status
-        if request in self.running:
+        if request.status == RequestStatus.WAITING_FOR_PREFIX:
+            self._unhold(request)
+        elif request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        request.status = status
         self.block_manager.free(request)
         self.requests.pop(request.request_id, None)
         self._arrival.pop(request.request_id, None)
+
+    def _unhold(self, request: Request) -> None:
+        for after, group in list(self.held.items()):
+            if request in group:
+                group.remove(request)
+                if not group:
+                    del self.held[after]
 
     def abort_request(self, request_id: str) -> Request | None:
         request = self.requests.get(request_id)

@@ -206,7 +206,7 @@ class FineTuneWorker(PollingWorker):
         validation = self.store.path(job.validation_file) if job.validation_file else None
         try:
             result = await asyncio.to_thread(
-                train, self.engine.engine.config.model.model,
+                train, self.engine.config.model.model,
                 self.store.path(job.training_file), validation, config,
                 self.work_dir / job.id, on_event=on_event, should_stop=should_stop,
                 resume=resumed)

@@ -13,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from lmforge.engine.request import ONLINE_PRIORITY, RequestOutput, SamplingParams, TokenLogprob
+from lmforge.engine.request import (
+    ONLINE_PRIORITY,
+    CompletionOutput,
+    RequestOutput,
+    SamplingParams,
+)
 from lmforge.errors import InternalServerError, LMForgeError
 from lmforge.jobs.worker import PRIORITY_SCOPE_KEY
 from lmforge.protocol import Usage
@@ -45,31 +50,14 @@ def request_priority(request: Request) -> int:
 ChunkFactory = Callable[[int, "RequestOutput | None", "str | None"], "BaseModel | None"]
 
 
-@dataclass
-class ChoiceResult:
-    """One choice, run to the end."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
-
-
-async def collect(request: Request, gen: Generation) -> list[ChoiceResult] | Response:
+async def collect(request: Request, gen: Generation) -> list[CompletionOutput] | Response:
     """Run ``gen`` to the end: one result per choice, or an empty response when the client went
     away (nobody will read it)."""
     try:
         await gen.start(request)
-        results = [ChoiceResult() for _ in range(gen.num_choices)]
+        results = [CompletionOutput() for _ in range(gen.num_choices)]
         async for index, out in gen.outputs():
-            r = results[index]
-            r.text += out.text
-            r.token_ids += out.token_ids
-            r.logprobs += out.logprobs or []
-            if out.prompt_logprobs is not None:
-                r.prompt_logprobs = out.prompt_logprobs
-            r.finish_reason = out.finish_reason
+            results[index].add(out)
         return results
     except ClientDisconnected:
         return Response(status_code=499)

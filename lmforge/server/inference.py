@@ -218,4 +218,4 @@ async def _compile_grammar(engine: AsyncEngine, params: SamplingParams) -> None:
         InvalidRequestError: an invalid schema, regex or choice list, naming the parameter.
     """
     if params.structured is not None:
-        await asyncio.to_thread(engine.engine.structured.compile, params.structured)
+        await engine.compile_grammar(params.structured)

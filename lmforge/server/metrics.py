@@ -39,7 +39,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from lmforge.server.routing import StrictJSONRoute
 
 if TYPE_CHECKING:
-    from lmforge.engine.async_engine import AsyncEngine, LatencyHistogram
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.engine.metrics import LatencyHistogram
 
 PREFIX = "lmforge:"
 router = APIRouter(route_class=StrictJSONRoute)

@@ -59,7 +59,7 @@ def model_card(engine: AsyncEngine, adapter: str | None = None) -> ModelCard:
 
 def adapter_names(engine: AsyncEngine) -> list[str]:
     """The LoRA adapters registered with the engine (fine-tuned models among them)."""
-    return sorted(list(engine.engine.loras.registered))  # a copy: the engine thread owns it
+    return engine.lora_names()
 
 
 def requested_model(engine: AsyncEngine, model: str | None) -> str:
@@ -89,7 +89,7 @@ def resolve_model(engine: AsyncEngine, model: str) -> str | None:
     """
     if model == engine.model_name:
         return None
-    if model in engine.engine.loras.registered:
+    if model in engine.lora_names():
         return model
     raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
@@ -117,7 +117,7 @@ async def download_adapter(model_id: str, request: Request) -> Response:
         raise ModelNotFoundError(f"The model `{model_id}` is a base model, with no adapter "
                                  "files; only fine-tuned models and LoRA adapters have them",
                                  param="model")
-    directory = engine.engine.loras.registered[name].directory
+    directory = engine.lora_directory(name)
     data = await asyncio.to_thread(zip_adapter, Path(directory), name)
     filename = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".zip"  # quoted in a header: no '"'
     return Response(data, media_type="application/zip",

@@ -6,7 +6,8 @@ import pytest
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmforge.engine.async_engine import AsyncEngine
-from lmforge.engine.llm_engine import LLM, LLMEngine
+from lmforge.engine.llm import LLM
+from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.request import SamplingParams
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 

@@ -10,7 +10,8 @@ from transformers import AutoModel
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmforge.engine.async_engine import AsyncEngine
-from lmforge.engine.llm_engine import LLM, LLMEngine
+from lmforge.engine.llm import LLM
+from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.pooling import MAX_EMBEDDING_INPUTS, mean_pool
 from lmforge.engine.request import SamplingParams
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError

@@ -8,7 +8,7 @@ import torch
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from lmforge.engine.async_engine import AsyncEngine
-from lmforge.engine.llm_engine import LLM
+from lmforge.engine.llm import LLM
 from lmforge.engine.request import BATCH_PRIORITY, SamplingParams
 
 BATCH = ["The quick brown fox jumps over the lazy dog. " * 3, "Once upon a time, " * 6,

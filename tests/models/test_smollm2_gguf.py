@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmforge.engine.llm_engine import LLM
+from lmforge.engine.llm import LLM
 from lmforge.engine.request import SamplingParams
 
 PROMPTS = [

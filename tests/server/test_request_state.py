@@ -22,9 +22,10 @@ CHAT = {"messages": [{"role": "user", "content": "Tell me about bees."}], "max_t
 
 def request_tables(engine) -> dict[str, int]:
     """Sizes of every table keyed by request id, in the engine and the server's AsyncEngine."""
-    core, scheduler, blocks = engine.engine, engine.engine.scheduler, engine.engine.block_manager
-    return {"detokenizers": len(core.detokenizers), "prompt_logprobs": len(core.prompt_logprobs),
-            "held": len(core.held), "held_ids": len(core.held_ids),
+    core = engine.engine
+    scheduler, blocks, outputs = core.scheduler, core.block_manager, core.output_processor
+    return {"detokenizers": len(outputs.detokenizers),
+            "prompt_logprobs": len(outputs.prompt_logprobs), "held": len(scheduler.held),
             "scheduler.requests": len(scheduler.requests), "arrival": len(scheduler._arrival),
             "waiting": len(scheduler.waiting), "running": len(scheduler.running),
             "req_blocks": len(blocks.req_blocks), "num_hashed": len(blocks.num_hashed),
