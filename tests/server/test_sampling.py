@@ -16,7 +16,8 @@ from lmforge.engine.beam_search import BeamSearchParams
 from lmforge.engine.request import SamplingParams, StructuredOutput
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol import ChatCompletionRequest, CompletionRequest
-from lmforge.server import beam, inference
+from lmforge.server import beam
+from lmforge.server.sampling import for_best_of, for_tools, sampling_params
 from lmforge.server.tools import ToolPlan
 
 HERMES = "{% for tool in tools %}{{ tool | tojson }}{% endfor %}<tool_call>"
@@ -39,28 +40,21 @@ class FakeTokenizer:
         return text in self.special
 
 
+NO_SPECIAL = FakeTokenizer()
+
+
 def built(body: dict[str, Any], template: str | None = None,
-          tokenizer: FakeTokenizer = FakeTokenizer()) -> SamplingParams | BeamSearchParams:
+          tokenizer: FakeTokenizer = NO_SPECIAL) -> SamplingParams | BeamSearchParams:
     """The params the route hands the engine for ``body`` (chat when it has ``messages``)."""
     chat = "messages" in body
     request = (ChatCompletionRequest if chat else CompletionRequest).model_validate(
         {"model": "m", **body})
     request.check()
     if beam.is_beam_search(request):
-        if chat:
-            return beam.beam_params(request, request.requested_max_tokens,
-                                    request.max_tokens_param, logprobs=request.num_logprobs)
-        return beam.beam_params(request, request.max_tokens, logprobs=request.logprobs,
-                                prompt_logprobs=request.logprobs if request.echo else None)
+        return beam.beam_params(request)
     if chat:
-        plan = ToolPlan.of(request, template)
-        return plan.sampling_params(inference._sampling_params(
-            request, request.requested_max_tokens, request.max_tokens_param,
-            logprobs=request.num_logprobs), tokenizer)
-    params = inference._sampling_params(
-        request, 1 if request.prompt_only else request.max_tokens, "max_tokens",
-        logprobs=request.logprobs, prompt_logprobs=request.logprobs if request.echo else None)
-    return beam.candidate_params(params, request)
+        return for_tools(sampling_params(request), ToolPlan.of(request, template), tokenizer)
+    return for_best_of(sampling_params(request), request)
 
 
 def required_schema(parallel: bool = True) -> dict[str, Any]:
