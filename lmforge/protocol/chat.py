@@ -153,7 +153,13 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
+    def num_prompt_logprobs(self) -> None:
+        """``SamplingParams.prompt_logprobs``: a chat response never shows its prompt."""
+        return None
+
+    @property
     def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens``, else the older ``max_tokens``."""
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens
         return self.max_tokens

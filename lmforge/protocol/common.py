@@ -47,7 +47,8 @@ class SamplingRequest(RequestModel):
     """Fields common to ``/v1/chat/completions`` and ``/v1/completions``.
 
     ``None`` means "the OpenAI default" for every optional number (temperature 1, top_p 1,
-    penalties 0). ``top_k`` ... ``include_stop_str_in_output`` are vLLM extensions.
+    penalties 0; ``server/sampling.py`` fills them in when it builds the engine's
+    ``SamplingParams``). ``top_k`` ... ``include_stop_str_in_output`` are vLLM extensions.
     ``UNSUPPORTED`` names fields that are accepted by the schema only so that a non-default value
     yields a clear 400 instead of "unrecognized"; ``check()`` enforces that.
     """
@@ -123,29 +124,6 @@ class SamplingRequest(RequestModel):
     def continuous_usage(self) -> bool:
         return self.include_usage and bool(self.stream_options.continuous_usage_stats)
 
-    def sampling_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``SamplingParams`` (all but ``max_tokens``), OpenAI defaults
-        filled in for nulls. Range checks happen in ``SamplingParams.validate``."""
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
-        return {
-            "temperature": pick(self.temperature, 1.0),
-            "top_p": pick(self.top_p, 1.0),
-            "top_k": pick(self.top_k, 0),
-            "min_p": pick(self.min_p, 0.0),
-            "presence_penalty": pick(self.presence_penalty, 0.0),
-            "frequency_penalty": pick(self.frequency_penalty, 0.0),
-            "repetition_penalty": pick(self.repetition_penalty, 1.0),
-            "seed": self.seed,
-            "stop": [self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            "stop_token_ids": list(self.stop_token_ids or []),
-            "ignore_eos": self.ignore_eos,
-            "skip_special_tokens": self.skip_special_tokens,
-            "include_stop_str_in_output": self.include_stop_str_in_output,
-            "logit_bias": self.token_logit_bias(),
-        }
-
     def structured_output(self) -> dict[str, Any] | None:
         """``StructuredOutput`` keyword arguments for the constraint this request sets, if any
         (``protocol.structured.structured_output_spec``).
@@ -156,19 +134,3 @@ class SamplingRequest(RequestModel):
         return structured_output_spec({name: getattr(self, name) for name in (
             "response_format", "guided_json", "regex", "guided_regex", "choice",
             "guided_choice")})
-
-    def token_logit_bias(self) -> dict[int, float]:
-        """``logit_bias`` with its JSON string keys as token ids.
-
-        Raises:
-            InvalidRequestError: a key that is not an integer (param ``logit_bias``).
-        """
-        out = {}
-        for key, value in (self.logit_bias or {}).items():
-            try:
-                out[int(key)] = value
-            except ValueError:
-                raise InvalidRequestError(
-                    f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
-                ) from None
-        return out

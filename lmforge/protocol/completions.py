@@ -70,6 +70,26 @@ class CompletionRequest(SamplingRequest):
         return bool(self.echo) and self.max_tokens == 0
 
     @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_tokens`` (the chat request's property of the same name picks between two)."""
+        return self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        """The name of the length limit, for error messages."""
+        return "max_tokens"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs``: ``logprobs`` as sent."""
+        return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """``SamplingParams.prompt_logprobs``: ``logprobs`` when ``echo`` shows the prompt."""
+        return self.logprobs if self.echo else None
+
+    @property
     def num_candidates(self) -> int:
         """Sequences generated per prompt: ``best_of``, default ``n``."""
         return self.best_of or self.num_choices

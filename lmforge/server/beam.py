@@ -33,9 +33,13 @@ prompt once and the returned beams' tokens (not the discarded beams': they are b
 one search, as in vLLM); ``cached_tokens`` are the prompt tokens the first step read from the
 prefix cache.
 
+The prompts are rendered and encoded by ``prompts.encode_request``, as on the normal path (with
+tools a 400, only ``tool_choice: "none"`` gets there, which shows the model no tools).
+
 ``best_of`` (completions only, OpenAI's): ``best_of`` candidates per prompt are sampled as ``n``
-choices are, and the ``n`` with the highest mean token logprob (the model's raw log-softmax)
-come back, best first; ``usage`` counts every candidate's tokens, as OpenAI bills them.
+choices are (with logprobs: ``sampling.for_best_of``), and the ``n`` with the highest mean token
+logprob (the model's raw log-softmax) come back, best first; ``usage`` counts every candidate's
+tokens, as OpenAI bills them.
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import Request, Response
@@ -55,7 +58,7 @@ from lmforge.engine.beam_search import (
     BeamSearchParams,
     beam_search,
 )
-from lmforge.engine.request import SamplingParams, TokenLogprob
+from lmforge.engine.request import TokenLogprob
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol import (
     ChatCompletion,
@@ -69,7 +72,8 @@ from lmforge.protocol import (
 )
 from lmforge.server.generation import request_priority, wait_disconnect
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs, finite
-from lmforge.server.prompts import encode_chat, encode_completion_prompts
+from lmforge.server.prompts import encode_request
+from lmforge.server.sampling import sampling_kwargs
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -110,13 +114,15 @@ def is_beam_search(body: AnyRequest) -> bool:
     return on
 
 
-def beam_params(body: AnyRequest, max_tokens: int | None, max_tokens_param: str = "max_tokens",
-                logprobs: int | None = None, prompt_logprobs: int | None = None
-                ) -> BeamSearchParams:
-    """``BeamSearchParams`` for a request that ``is_beam_search``, after the combination rules.
+def beam_params(body: AnyRequest) -> BeamSearchParams:
+    """``BeamSearchParams`` for a request that ``is_beam_search``, after the combination rules:
+    the fields beams honour as ``server/sampling.py`` reads them for ``SamplingParams``
+    (``sampling_kwargs``; the request's length limit and logprobs), HF's sampling fields
+    (``_sampling``) and the beam fields.
 
     Raises:
-        InvalidRequestError: a rule of the module docstring broken, naming the parameter.
+        InvalidRequestError: a rule of the module docstring broken, naming the parameter (a
+            length error the one the client sent: ``max_completion_tokens`` or ``max_tokens``).
     """
     best_of = getattr(body, "best_of", None)
     width = body.num_beams or max(body.num_choices, best_of or 1)
@@ -127,18 +133,19 @@ def beam_params(body: AnyRequest, max_tokens: int | None, max_tokens_param: str 
             f"width, above the maximum {MAX_BEAM_WIDTH}; lower {param} or set num_beams",
             param=param)
     _check_combination(body, width)
-    kwargs = body.sampling_kwargs()
+    kwargs = sampling_kwargs(body)
     try:
         return BeamSearchParams(
-            beam_width=width, max_tokens=max_tokens,
+            beam_width=width, max_tokens=body.requested_max_tokens,
             length_penalty=1.0 if body.length_penalty is None else body.length_penalty,
             early_stopping=body.early_stopping or False, stop=kwargs["stop"],
             stop_token_ids=kwargs["stop_token_ids"], ignore_eos=kwargs["ignore_eos"],
             skip_special_tokens=kwargs["skip_special_tokens"],
             include_stop_str_in_output=kwargs["include_stop_str_in_output"],
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, **_sampling(body))
+            logprobs=body.num_logprobs, prompt_logprobs=body.num_prompt_logprobs,
+            **_sampling(body))
     except InvalidRequestError as e:
-        raise e.renamed("max_tokens", max_tokens_param)
+        raise e.renamed("max_tokens", body.max_tokens_param)
 
 
 def _sampling(body: AnyRequest) -> dict[str, Any]:
@@ -155,7 +162,7 @@ def _check_combination(body: AnyRequest, width: int) -> None:
         raise InvalidRequestError(
             "beam search cannot be streamed: the best beams are known only when the search "
             "ends; remove stream (or num_beams / use_beam_search)", param="stream")
-    kwargs = body.sampling_kwargs()
+    kwargs = sampling_kwargs(body)
     for name, neutral in _NEUTRAL.items():
         if kwargs[name] not in neutral:
             raise InvalidRequestError(
@@ -186,12 +193,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request
     """A chat completion whose ``n`` choices are the best beams (model and body already
     checked)."""
     engine: AsyncEngine = request.app.state.engine
-    params = beam_params(body, body.requested_max_tokens, body.max_tokens_param,
-                         logprobs=body.num_logprobs)
-    prompt = await encode_chat(engine, [m.to_template_dict() for m in body.messages],
-                               chat_template=request.app.state.chat_template)
+    params = beam_params(body)
+    prompts, _ = await encode_request(engine, body, chat_template=request.app.state.chat_template)
     response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = await _search(request, engine, response_id, [prompt], params, body.num_choices)
+    outputs = await _search(request, engine, response_id, prompts, params, body.num_choices)
     if isinstance(outputs, Response):
         return outputs
     texts = TokenTexts(engine.tokenizer)
@@ -207,9 +212,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Comple
     """A completion whose choices ``i * n + j`` are prompt i's j-th best beams, with ``echo``
     and ``logprobs`` as usual (model and body already checked)."""
     engine: AsyncEngine = request.app.state.engine
-    params = beam_params(body, body.max_tokens, logprobs=body.logprobs,
-                         prompt_logprobs=body.logprobs if body.echo else None)
-    prompts, echoes = await encode_completion_prompts(engine, body.prompts(), body.echo)
+    params = beam_params(body)
+    prompts, echoes = await encode_request(engine, body)
     response_id = f"cmpl-{uuid.uuid4().hex}"
     outputs = await _search(request, engine, response_id, prompts, params, body.num_choices)
     if isinstance(outputs, Response):
@@ -272,14 +276,6 @@ class Candidate(Protocol):
 
 
 C = TypeVar("C", bound=Candidate)
-
-
-def candidate_params(params: SamplingParams, body: CompletionRequest) -> SamplingParams:
-    """The params of ``best_of`` candidates: with logprobs (at least the sampled token's, which
-    ``select_best_of`` ranks by) when there is a choice to make; ``params`` otherwise."""
-    if body.num_candidates > body.num_choices and params.logprobs is None:
-        return replace(params, logprobs=0)
-    return params
 
 
 def select_best_of(candidates: Sequence[C], best_of: int, n: int) -> list[C]:

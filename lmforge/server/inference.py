@@ -1,9 +1,10 @@
 """``POST /v1/chat/completions`` and ``POST /v1/completions`` on top of ``AsyncEngine``.
 
-Flow per request: check the body -> check the model -> build ``SamplingParams`` -> prompts to
-token ids -> start one engine request per prompt and wait for each one's first output (the engine
-validates before its first yield, so a bad prompt still gets a plain HTTP 400 even when
-streaming) -> either collect everything into one response, or stream SSE chunks.
+Flow per request: check the body -> check the model -> build ``SamplingParams``
+(``server/sampling.py``) -> prompts to token ids (``prompts.encode_request``) -> start one engine
+request per prompt and wait for each one's first output (the engine validates before its first
+yield, so a bad prompt still gets a plain HTTP 400 even when streaming) -> either collect
+everything into one response, or stream SSE chunks.
 
 The engine requests behind one HTTP request, and how a disconnect aborts them, live in
 ``server/generation.py``.
@@ -15,11 +16,11 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request, Response
 
-from lmforge.engine.request import RequestOutput, SamplingParams, StructuredOutput, TokenLogprob
+from lmforge.engine.request import RequestOutput, SamplingParams, TokenLogprob
 from lmforge.errors import (
     InvalidRequestError,
 )
@@ -40,8 +41,9 @@ from lmforge.server import beam
 from lmforge.server.generation import Generation, collect, request_priority, stream
 from lmforge.server.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from lmforge.server.models import requested_model, resolve_model
-from lmforge.server.prompts import encode_chat, encode_completion_prompts
+from lmforge.server.prompts import chat_template_text, encode_request
 from lmforge.server.routing import StrictJSONRoute
+from lmforge.server.sampling import for_best_of, for_tools, sampling_params
 from lmforge.server.tools import ToolCallStream, ToolPlan
 
 if TYPE_CHECKING:
@@ -61,16 +63,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if beam.is_beam_search(body):
         return await beam.create_chat_completion(body, request)
     template = request.app.state.chat_template
-    template_text = template if template is not None else engine.tokenizer.chat_template
-    tools = ToolPlan.of(body, template_text)
-    params = tools.sampling_params(
-        _sampling_params(body, body.requested_max_tokens, body.max_tokens_param,
-                         logprobs=body.num_logprobs), engine.tokenizer)
+    tools = ToolPlan.of(body, chat_template_text(engine, template))
+    params = for_tools(sampling_params(body), tools, engine.tokenizer)
     await _compile_grammar(engine, params)
-    messages, template_kwargs = tools.render([m.to_template_dict() for m in body.messages],
-                                             template_text)
-    prompt = await encode_chat(engine, messages, chat_template=template, **template_kwargs)
-    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params, body.num_choices,
+    prompts, _ = await encode_request(engine, body, chat_template=template, plan=tools)
+    gen = Generation(engine, f"chatcmpl-{uuid.uuid4().hex}", prompts, params, body.num_choices,
                      priority=request_priority(request), lora=lora)
     created = int(time.time())
     texts = TokenTexts(engine.tokenizer)
@@ -124,15 +121,13 @@ async def create_completion(body: CompletionRequest, request: Request):
     body.check()
     if beam.is_beam_search(body):
         return await beam.create_completion(body, request)
-    params = _sampling_params(body, 1 if body.prompt_only else body.max_tokens, "max_tokens",
-                              logprobs=body.logprobs,
-                              prompt_logprobs=body.logprobs if body.echo else None)
+    params = sampling_params(body)
     await _compile_grammar(engine, params)
     tokenizer = engine.tokenizer
-    prompts, echoes = await encode_completion_prompts(engine, body.prompts(), body.echo)
+    prompts, echoes = await encode_request(engine, body)
     n = body.num_choices
     gen = Generation(engine, f"cmpl-{uuid.uuid4().hex}", prompts,
-                     beam.candidate_params(params, body), body.num_candidates,  # best_of
+                     for_best_of(params, body), body.num_candidates,
                      prompt_only=body.prompt_only, priority=request_priority(request),
                      lora=lora)
     created = int(time.time())
@@ -196,17 +191,6 @@ def _check_model(engine: AsyncEngine, model: str, beam_search: bool) -> str | No
         raise InvalidRequestError("beam search runs on the base model only; drop num_beams / "
                                   "use_beam_search or use the base model", param="model")
     return lora
-
-
-def _sampling_params(body: ChatCompletionRequest | CompletionRequest, max_tokens: int | None,
-                     max_tokens_param: str, **extra: Any) -> SamplingParams:
-    """``SamplingParams`` from the body; its range errors name the parameter the client sent."""
-    try:
-        spec = body.structured_output()
-        return SamplingParams(max_tokens=max_tokens, **body.sampling_kwargs(), **extra,
-                              structured=StructuredOutput(**spec) if spec else None)
-    except InvalidRequestError as e:
-        raise e.renamed("max_tokens", max_tokens_param)
 
 
 async def _compile_grammar(engine: AsyncEngine, params: SamplingParams) -> None:

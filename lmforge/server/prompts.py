@@ -1,7 +1,8 @@
 """Prompts to token ids for the routes: bounded before tokenizing, tokenized off the event loop.
 
 Every route that tokenizes a client's text (chat and completions, embeddings, ``/tokenize``) goes
-through here, so that one oversized prompt cannot stall ``/health`` and every other stream:
+through here, so that one oversized prompt cannot stall ``/health`` and every other stream
+(``encode_request``: a chat or completions request, beam search included, as token ids):
 
 - a text that cannot fit the context is refused at once (400 ``context_length_exceeded``),
   without running the tokenizer: no token stands for more than ``L`` characters (the longest
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import ContextLengthExceededError
+from lmforge.protocol import ChatCompletionRequest, CompletionRequest
+from lmforge.server.tools import ToolPlan
 
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
@@ -202,3 +205,40 @@ async def encode_chat(engine: AsyncEngine, messages: list[dict], *,
         return tokenizer.encode(text, add_special_tokens=False)
 
     return await asyncio.to_thread(render_and_encode)
+
+
+def chat_template_text(engine: AsyncEngine, chat_template: str | None) -> str | None:
+    """The Jinja text chat requests render with: ``--chat-template``'s, else the tokenizer's
+    (None: there is none)."""
+    return chat_template if chat_template is not None else engine.tokenizer.chat_template
+
+
+async def encode_request(engine: AsyncEngine, body: ChatCompletionRequest | CompletionRequest,
+                         *, chat_template: str | None = None, plan: ToolPlan | None = None
+                         ) -> tuple[list[list[int]], list[str]]:
+    """A chat or completions request's prompts -> (token ids of each prompt, the text ``echo``
+    puts before each completion: "" for chat and without ``echo``).
+
+    Chat: one prompt, the conversation with its tools rendered as ``plan`` says
+    (``ToolPlan.render``: the template's ``tools`` variable, or a system-prompt section)
+    through ``chat_template`` (``--chat-template``'s; None: the tokenizer's), encoded by
+    ``encode_chat``. Completions: ``encode_completion_prompts``.
+
+    Args:
+        plan: the request's ``ToolPlan`` when the caller has made it (for its sampling
+            params); made here from ``body`` otherwise.
+
+    Raises:
+        ContextLengthExceededError: a text over ``prompt_char_limit``, or (``echo``) token ids
+            longer than the context.
+        InvalidRequestError: no chat template, or rendering failed.
+    """
+    if isinstance(body, CompletionRequest):
+        return await encode_completion_prompts(engine, body.prompts(), body.echo)
+    template_text = chat_template_text(engine, chat_template)
+    if plan is None:
+        plan = ToolPlan.of(body, template_text)
+    messages, template_kwargs = plan.render([m.to_template_dict() for m in body.messages],
+                                            template_text)
+    prompt = await encode_chat(engine, messages, chat_template=chat_template, **template_kwargs)
+    return [prompt], [""]

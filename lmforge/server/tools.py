@@ -23,15 +23,12 @@ A parsed call's ``finish_reason`` is ``tool_calls``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
-from lmforge.engine.request import SamplingParams, StructuredOutput
-from lmforge.errors import InvalidRequestError
 from lmforge.protocol.chat import ChatCompletionRequest
 from lmforge.protocol.tools import FunctionCallDelta, Tool, ToolCall, ToolCallDelta
 from lmforge.server.tool_parsers import FORMATS, ToolCallFormat, tool_call_format
-from lmforge.tokenizer import Tokenizer
 
 HERMES = FORMATS["hermes"]
 
@@ -54,26 +51,9 @@ class ToolPlan:
                    choice.function.name if body.tool_mode == "named" else None,  # type: ignore
                    body.parallel_tool_calls is not False, tool_call_format(template))
 
-    def sampling_params(self, params: SamplingParams, tokenizer: Tokenizer) -> SamplingParams:
-        """``params`` with the forced call's grammar (``named`` / ``required``), or with special
-        tokens kept when ``auto``'s marker is one.
-
-        Raises:
-            InvalidRequestError: a forced call, and the request sets its own output constraint.
-        """
-        if self.mode == "auto" and tokenizer.is_special_token(self.format.marker):
-            return replace(params, skip_special_tokens=False)
-        forced = self.structured_output()
-        if forced is None:
-            return params
-        if params.structured is not None:
-            raise InvalidRequestError(
-                f"tool_choice {self.mode!r} constrains the output to a tool call, so it cannot "
-                f"be combined with {params.structured.param}", param="tool_choice")
-        return replace(params, structured=StructuredOutput(**forced))
-
     def structured_output(self) -> dict[str, Any] | None:
-        """``StructuredOutput`` kwargs that force a call (``named`` / ``required``), else None."""
+        """``StructuredOutput`` kwargs that force a call (``named`` / ``required``), else None
+        (``server/sampling.for_tools`` puts them into the request's ``SamplingParams``)."""
         if self.mode == "named":
             return {"json_schema": self._parameters(self.function), "strict": True,
                     "param": "tool_choice"}

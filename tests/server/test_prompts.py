@@ -1,15 +1,21 @@
 """``server/prompts.py``'s bound on prompt length: no token stands for more characters than
-``longest_token_chars``, so a text over ``max_model_len`` times that cannot fit the context."""
+``longest_token_chars``, so a text over ``max_model_len`` times that cannot fit the context; and
+``encode_request``, which renders a chat (its tools included) or completions request for both
+the normal and the beam-search paths."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+from types import SimpleNamespace
 
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from lmforge.server.prompts import LOSSY_SLACK, longest_token_chars
+from lmforge.protocol import ChatCompletionRequest, CompletionRequest
+from lmforge.server.prompts import LOSSY_SLACK, encode_request, longest_token_chars
+from lmforge.server.tools import ToolPlan
 from lmforge.tokenizer import Tokenizer
 
 
@@ -52,3 +58,32 @@ def test_a_tokenizer_that_may_shorten_text_gets_the_slack():
                       _tokenizer(None, pre_tokenizers.Whitespace()),
                       _tokenizer(None, None, byte_fallback=False)]:
         assert longest_token_chars(tokenizer) == 5 * LOSSY_SLACK
+
+
+def test_a_chat_request_renders_its_tools_whoever_makes_the_plan(smollm2_tokenizer):
+    engine = SimpleNamespace(tokenizer=smollm2_tokenizer, max_model_len=2048)
+    messages = [{"role": "user", "content": "add 1 and 2"}]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    body = ChatCompletionRequest(model="m", messages=messages, tools=tools)
+    plan = ToolPlan.of(body, smollm2_tokenizer.chat_template)
+    [ids], echoes = asyncio.run(encode_request(engine, body, plan=plan))  # the normal path
+    assert echoes == [""]
+    assert asyncio.run(encode_request(engine, body)) == ([ids], [""])  # the beam path
+    text = smollm2_tokenizer.decode(ids, skip_special_tokens=False)
+    assert "# Tools" in text and '"name": "add"' in text  # SmolLM2's template shows no tools
+    none = ChatCompletionRequest(model="m", messages=messages, tools=tools, tool_choice="none")
+    [plain], _ = asyncio.run(encode_request(engine, none))
+    assert plain == smollm2_tokenizer.apply_chat_template(messages)
+
+
+def test_a_completions_request_encodes_each_prompt_and_its_echo(smollm2_tokenizer):
+    engine = SimpleNamespace(tokenizer=smollm2_tokenizer, max_model_len=2048)
+    texts = CompletionRequest(model="m", prompt=["Hello there", "General"], echo=True)
+    ids, echoes = asyncio.run(encode_request(engine, texts))
+    assert ids == [smollm2_tokenizer.encode("Hello there"), smollm2_tokenizer.encode("General")]
+    assert echoes == ["Hello there", "General"]
+    token_ids = CompletionRequest(model="m", prompt=[[1, 2], [3]], echo=True)
+    decoded = [smollm2_tokenizer.decode(t, skip_special_tokens=False) for t in ([1, 2], [3])]
+    assert asyncio.run(encode_request(engine, token_ids)) == ([[1, 2], [3]], decoded)
+    quiet = CompletionRequest(model="m", prompt="Hello there")
+    assert asyncio.run(encode_request(engine, quiet)) == ([ids[0]], [""])

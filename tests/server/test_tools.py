@@ -113,16 +113,17 @@ def test_auto_parse_whole_and_streamed_one_character_at_a_time(fmt, text, conten
 
 def test_auto_keeps_special_tokens_when_the_marker_is_one(smollm2_gguf_path):
     from lmforge.engine.request import SamplingParams
+    from lmforge.server.sampling import for_tools
     from lmforge.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_gguf(smollm2_gguf_path)  # its own copy: it gets a new token
     mistral = plan(TEMPLATES["mistral"])
     assert not tokenizer.is_special_token("[TOOL_CALLS]")
-    assert mistral.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
+    assert for_tools(SamplingParams(), mistral, tokenizer).skip_special_tokens
     tokenizer.hf.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]"]})
     assert tokenizer.is_special_token("[TOOL_CALLS]")
-    assert not mistral.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
+    assert not for_tools(SamplingParams(), mistral, tokenizer).skip_special_tokens
     for other in (plan(TEMPLATES["mistral"], tool_choice="none"), plan(TEMPLATES["hermes"])):
-        assert other.sampling_params(SamplingParams(), tokenizer).skip_special_tokens
+        assert for_tools(SamplingParams(), other, tokenizer).skip_special_tokens
 
 
 def test_a_forced_call_cut_by_max_tokens_stays_text():
