@@ -7,16 +7,14 @@ and two teams then share the cores. So ``from_config`` (and ``load_in_background
 lets a server listen while the model loads) builds the engine on the same single-thread
 executor that later runs the loop.
 
-It is the only door into the engine: asyncio callers (the server, the jobs workers, beam
-search) use its methods, never the ``LLMEngine`` inside. Those that change the engine send a
-command (``AddRequest``, ``AbortRequest``, ``StartEmbedding``, ``CallOnLoop``) through a queue
-drained at the start of every step, so an abort frees the request's KV blocks within one step;
-those that read it (``lora_names``, ``validate_prompt``) read what the loop thread never changes
-in place, or take a copy. A step's outputs travel back with
-one ``loop.call_soon_threadsafe`` per event loop. Torch kernels release
-the GIL, so the HTTP event loop stays responsive while the model runs.
+It is the only door into the engine: callers (server, jobs, beam search) use its methods, never
+the ``LLMEngine`` inside. Changes travel as commands (``engine/commands.py``) through a queue
+drained at the start of every step, so an abort frees its KV blocks within one step; reads
+(``lora_names``, ``validate_prompt``) touch only what the loop never changes in place, or copy.
+A step's outputs travel back with one ``loop.call_soon_threadsafe`` per event loop. Torch
+kernels release the GIL, so the HTTP event loop stays responsive while the model runs.
 
-Embeddings (``embed``) run on the loop thread too, as an ``embed`` command: each loop iteration
+Embeddings (``embed``) run on the loop thread too (``StartEmbedding``): each loop iteration
 computes one piece (at most ``max_num_batched_tokens`` tokens) of the oldest embedding request
 of the best priority, then one ``engine.step()``, so a long embedding batch slows generation
 steps down but never stalls them for more than one piece. They do not go through the scheduler,
@@ -24,10 +22,8 @@ so their ``priority`` is applied here as the scheduler applies it to prefill: a 
 (priority > 0) embedding runs in pieces of ``max_background_prefill_tokens`` and waits while a
 better-priority generation request waits or prefills.
 
-``generate`` admits a request only while the backlog of requests without a first token stays
-under ``SchedulerConfig.max_waiting_requests`` / ``max_waiting_tokens`` (else a 429
-``RateLimitError``), and counts what it delivers in ``counters`` (plain numbers;
-``server/metrics.py`` exports them to Prometheus).
+``generate`` admits a request only while the waiting backlog is under its limits, and counts
+what it delivers (``engine/admission.py``; ``server/metrics.py`` exports the counters).
 """
 
 from __future__ import annotations
@@ -37,14 +33,20 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
 
 from lmforge.config import EngineConfig
+from lmforge.engine.admission import Admission
+from lmforge.engine.commands import (
+    AbortRequest,
+    AddRequest,
+    CallOnLoop,
+    Command,
+    StartEmbedding,
+)
 from lmforge.engine.llm_engine import LLMEngine
-from lmforge.engine.memory import RELEASE_INTERVAL_S, release_free_memory
+from lmforge.engine.memory import MemoryReleaser, release_free_memory
 from lmforge.engine.metrics import EngineStats, RequestCounters
 from lmforge.engine.pooling import EmbeddingTask
 from lmforge.engine.request import (
@@ -58,52 +60,10 @@ from lmforge.errors import (
     InternalServerError,
     InvalidRequestError,
     LMForgeError,
-    RateLimitError,
     ServiceUnavailableError,
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AddRequest:
-    """Queue a generation request (``LLMEngine.add_request``)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    after: str | None
-    priority: int
-    lora: str | None
-
-
-@dataclass(frozen=True)
-class AbortRequest:
-    """Abort a generation or embedding request; unknown ids are ignored."""
-
-    request_id: str
-
-
-@dataclass(frozen=True)
-class StartEmbedding:
-    """Compute an embedding request a piece per loop iteration (``LLMEngine.start_embedding``)."""
-
-    request_id: str
-    priority: int
-    task: EmbeddingTask
-
-
-@dataclass(frozen=True)
-class CallOnLoop:
-    """Run ``fn(*args)`` on the loop thread between steps; its result or error goes to
-    ``future``."""
-
-    future: Future
-    fn: Callable[..., Any]
-    args: tuple
-
-
-Command = AddRequest | AbortRequest | StartEmbedding | CallOnLoop
 
 
 class AsyncEngine:
@@ -133,17 +93,8 @@ class AsyncEngine:
         self._loop_future: Future | None = None
         self.error: BaseException | None = None  # set when the loop died
         self.last_step_time = time.monotonic()
-        self.counters = RequestCounters()
-        # loop thread only: malloc_trim calls so far, and when the last one ran
-        self.memory_releases = 0
-        self._last_release = time.monotonic()
-        self._stepped_since_release = False
-        # admitted requests that have no first token yet, and their prompt tokens (the
-        # backlog that --max-waiting-requests/--max-waiting-tokens bound); these and
-        # ``counters`` change in generate, under this lock (several event loops may call it)
-        self._lock = threading.Lock()
-        self._num_waiting = 0
-        self._num_waiting_tokens = 0
+        self.admission = Admission(engine.config.scheduler)
+        self.memory = MemoryReleaser()  # loop thread only
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
@@ -212,21 +163,18 @@ class AsyncEngine:
                 mid-generation (``RequestOutput.error``).
             ModelLoadError: the adapter's files cannot be read or do not fit the model.
             EngineDeadError: the engine loop has stopped.
-            RateLimitError: too many requests or prompt tokens wait already (``_admit``).
+            RateLimitError: too many requests or prompt tokens wait already (``Admission.admit``).
         """
         self.validate_prompt(prompt_token_ids, params)
         if lora is not None:
             self.engine.loras.get(lora)  # a dict read: raises for an unknown name, before queuing
         if self.error is not None or self._stopping.is_set():
             raise EngineDeadError("the engine loop has stopped; restart the server")
-        num_tokens = len(prompt_token_ids)
-        if not admitted:
-            self._admit(num_tokens)
+        ticket = self.admission.admit(len(prompt_token_ids), counted=not admitted)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(AddRequest(request_id, list(prompt_token_ids), params, after, priority, lora))
-        finished, waiting = False, True
-        last = time.monotonic()
+        finished = False
         try:
             while not finished:
                 out = await stream.get()
@@ -234,18 +182,12 @@ class AsyncEngine:
                     raise out
                 if out.error is not None:  # finished by its own fault, e.g. a failed grammar
                     raise InvalidRequestError(out.error, param=out.error_param)
-                if not admitted:
-                    last = self._observe(out, last, first=waiting)
-                if waiting:
-                    waiting = False
-                    if not admitted:
-                        self._release(num_tokens)
+                ticket.delivered(out)
                 finished = out.finished
                 yield out
         finally:
             self._streams.pop(request_id, None)
-            if waiting and not admitted:
-                self._release(num_tokens)
+            ticket.close()
             if not finished:
                 self.abort(request_id)
 
@@ -257,52 +199,13 @@ class AsyncEngine:
 
     @property
     def backlog(self) -> tuple[int, int]:
-        """(requests, prompt tokens) admitted and still waiting for their first token: what
-        ``max_waiting_requests`` and ``max_waiting_tokens`` bound."""
-        return self._num_waiting, self._num_waiting_tokens
+        """(requests, prompt tokens) admitted and still waiting for their first token."""
+        return self.admission.backlog
 
-    def _admit(self, num_tokens: int) -> None:
-        """Count a new request as waiting, or refuse it when the waiting backlog is full.
-
-        A request alone in the queue is always admitted, however long its prompt (the context
-        length bounds it), so that a big prompt is never refused forever.
-
-        Raises:
-            RateLimitError: 429, ``type`` "requests" or "tokens" naming the limit hit.
-        """
-        limits = self.engine.config.scheduler
-        with self._lock:
-            if limits.max_waiting_requests and self._num_waiting >= limits.max_waiting_requests:
-                raise RateLimitError(
-                    f"The server is at capacity: {self._num_waiting} requests are waiting "
-                    f"(--max-waiting-requests {limits.max_waiting_requests}); retry shortly.",
-                    limit="requests")
-            if (limits.max_waiting_tokens and self._num_waiting
-                    and self._num_waiting_tokens + num_tokens > limits.max_waiting_tokens):
-                raise RateLimitError(
-                    f"The server is at capacity: {self._num_waiting_tokens} prompt tokens are "
-                    f"waiting and this request adds {num_tokens} (--max-waiting-tokens "
-                    f"{limits.max_waiting_tokens}); retry shortly.", limit="tokens")
-            self._num_waiting += 1
-            self._num_waiting_tokens += num_tokens
-
-    def _release(self, num_tokens: int) -> None:
-        with self._lock:
-            self._num_waiting -= 1
-            self._num_waiting_tokens -= num_tokens
-
-    def _observe(self, out: RequestOutput, since: float, first: bool) -> float:
-        """Count one delivered output in ``self.counters``; returns the time it was taken."""
-        now = time.monotonic()
-        counters = self.counters
-        with self._lock:
-            if first:
-                counters.prompt_tokens += out.num_prompt_tokens
-                counters.time_to_first_token.observe(now - since)
-            else:
-                counters.inter_token_latency.observe(now - since)
-            counters.generation_tokens += len(out.token_ids)
-        return now
+    @property
+    def counters(self) -> RequestCounters:
+        """Cumulative request metrics (``engine/admission.py``)."""
+        return self.admission.counters
 
     async def embed(self, request_id: str, prompts: list[list[int]],
                     priority: int = ONLINE_PRIORITY) -> list[list[float]]:
@@ -378,7 +281,7 @@ class AsyncEngine:
 
     def lora_names(self) -> list[str]:
         """The registered LoRA adapters' names, sorted (a copy: the loop thread owns them)."""
-        return sorted(list(self.engine.loras.registered))
+        return sorted(self.engine.loras.registered)
 
     def lora_directory(self, name: str) -> str:
         """The directory a registered adapter was loaded from.
@@ -403,7 +306,7 @@ class AsyncEngine:
             while not self._stopping.is_set():
                 self._drain_commands()
                 if not self.engine.has_unfinished_requests() and not self._embeddings:
-                    self._release_memory(idle=True)
+                    self.memory.after_iteration(idle=True)
                     self._wakeup.wait(timeout=1.0)
                     self._wakeup.clear()
                     self.last_step_time = time.monotonic()  # idle is healthy
@@ -411,24 +314,13 @@ class AsyncEngine:
                 self._embed_piece()
                 self._deliver_all([(out.request_id, out) for out in self.engine.step()])
                 self.last_step_time = time.monotonic()
-                self._release_memory(idle=False)
+                self.memory.after_iteration(idle=False)
         except BaseException as e:  # the engine is broken: fail everyone, loudly
             logger.exception("engine loop died")
             self.error = e
             for request_id in list(self._streams):
                 self._deliver(request_id, EngineDeadError("the engine loop failed; see the "
                                                           "server log and restart the server"))
-
-    def _release_memory(self, idle: bool) -> None:
-        """Give the pages freed by the steps back to the OS (``engine/memory.py``): on going
-        idle after work, and every ``RELEASE_INTERVAL_S`` while the steps go on."""
-        now = time.monotonic()
-        if self._stepped_since_release and (idle or now - self._last_release
-                                            >= RELEASE_INTERVAL_S):
-            release_free_memory()
-            self.memory_releases += 1
-            self._last_release = now
-        self._stepped_since_release = not idle
 
     def _drain_commands(self) -> None:
         while True:

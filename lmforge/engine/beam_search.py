@@ -212,15 +212,7 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
         raise InvalidRequestError(
             f"n ({n}) must be between 1 and the beam width ({params.beam_width})", param="n")
     prompt = list(prompt_token_ids)
-    engine.validate_prompt(prompt, SamplingParams(max_tokens=params.max_tokens))
-    max_tokens = params.max_tokens or engine.max_model_len - len(prompt)
-    stop_ids = frozenset(params.stop_token_ids) | (
-        frozenset() if params.ignore_eos else engine.tokenizer.eos_token_ids)
-    width = params.beam_width
-    num_top = min(params.num_logprobs(len(stop_ids)), engine.vocab_size)
-    search = BeamSearch(width, max_tokens, params.length_penalty, params.early_stopping,
-                        _finish_rule(engine, prompt, params, stop_ids, max_tokens),
-                        params.logprobs, params.sampling(len(stop_ids)))
+    search, stop_ids, num_top = _new_search(engine, prompt, params)
     step_params = params.step_params(num_top)
     first = await _one_token(engine, f"{request_id}-0-0", prompt,
                              params.step_params(num_top, params.prompt_logprobs), priority)
@@ -237,6 +229,26 @@ async def beam_search(engine: AsyncEngine, request_id: str, prompt_token_ids: li
         sequences=[_sequence(engine, prompt, params, stop_ids, h) for h in search.best(n)],
         num_prompt_tokens=first.num_prompt_tokens, num_cached_tokens=first.num_cached_tokens,
         prompt_logprobs=first.prompt_logprobs)
+
+
+def _new_search(engine: AsyncEngine, prompt: list[int], params: BeamSearchParams
+                ) -> tuple[BeamSearch, frozenset[int], int]:
+    """The bookkeeping of a search over ``prompt``, the ids that end a beam, and how many top
+    logprobs each step asks for.
+
+    Raises:
+        InvalidRequestError, ContextLengthExceededError: a bad prompt (as ``generate``).
+    """
+    engine.validate_prompt(prompt, SamplingParams(max_tokens=params.max_tokens))
+    max_tokens = params.max_tokens or engine.max_model_len - len(prompt)
+    stop_ids = frozenset(params.stop_token_ids) | (
+        frozenset() if params.ignore_eos else engine.tokenizer.eos_token_ids)
+    num_top = min(params.num_logprobs(len(stop_ids)), engine.vocab_size)
+    search = BeamSearch(params.beam_width, max_tokens, params.length_penalty,
+                        params.early_stopping,
+                        _finish_rule(engine, prompt, params, stop_ids, max_tokens),
+                        params.logprobs, params.sampling(len(stop_ids)))
+    return search, stop_ids, num_top
 
 
 def _finish_rule(engine: AsyncEngine, prompt: list[int], params: BeamSearchParams,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +45,22 @@ def release_free_memory() -> bool:
     """
     trim = _malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+class MemoryReleaser:
+    """When the engine loop calls ``release_free_memory``: on going idle after work, and every
+    ``RELEASE_INTERVAL_S`` while the steps go on. ``releases`` counts the calls so far."""
+
+    def __init__(self) -> None:
+        self.releases = 0
+        self._last = time.monotonic()
+        self._stepped = False  # a step ran since the last release
+
+    def after_iteration(self, idle: bool) -> None:
+        """Called once per loop iteration, ``idle`` when it ran no step."""
+        now = time.monotonic()
+        if self._stepped and (idle or now - self._last >= RELEASE_INTERVAL_S):
+            release_free_memory()
+            self.releases += 1
+            self._last = now
+        self._stepped = not idle

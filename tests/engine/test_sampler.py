@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.engine.request import Request, SamplingParams
-from lmforge.engine.sampler import (TOP_P_CANDIDATES, Sampler, apply_penalties, apply_top_k_top_p,
-                                    exponential_race)
+from lmforge.engine.penalties import apply_penalties
+from lmforge.engine.sampler import TOP_P_CANDIDATES, Sampler, apply_top_k_top_p, exponential_race
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))]

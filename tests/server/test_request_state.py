@@ -59,11 +59,11 @@ def test_every_request_table_is_empty_after_a_mix(base_url, engine, model, wait_
 
 @pytest.mark.skipif(_malloc_trim() is None, reason="no glibc malloc_trim here")
 def test_the_engine_loop_gives_memory_back_when_it_goes_idle(http, model, engine, wait_idle):
-    released = engine.memory_releases
+    released = engine.memory.releases
     assert http.post("/v1/completions", json={"model": model, "prompt": "Hello",
                                               "max_tokens": 4}).status_code == 200
     wait_idle(5.0)
     deadline = time.monotonic() + 5.0  # the idle loop looks again within a second
-    while engine.memory_releases == released and time.monotonic() < deadline:
+    while engine.memory.releases == released and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.memory_releases > released
+    assert engine.memory.releases > released
