@@ -3,17 +3,18 @@ engine serves).
 
 A method (``methods.get_method(config.method)``; ``"sft"``, supervised fine-tuning, for now) gives
 the loop its examples, its micro-batches and its loss; the loop does the rest.
+
 ``train(model, train_rows, val_rows, config, output_dir)`` loads the base model unfused in
 float32 (``load_model(..., for_training=True)``), wraps the target linears with LoRA
 (``models.lora.inject_lora``; everything else frozen) and runs AdamW over the LoRA weights with
 linear warmup then cosine decay (transformers' ``get_cosine_schedule_with_warmup``), gradient
-accumulation (the loss of each optimizer step is normalized by the step's completion tokens, so
-it equals one big batch) and gradient-norm clipping. After each epoch it evaluates the mean
-validation loss per item (SFT: per completion token) and writes a checkpoint ``output_dir/checkpoint-<step>``:
-a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) plus
-``trainer_state.pt`` (optimizer, scheduler, step, best so far) for resuming. The result is the
-checkpoint with the lowest validation loss (LLM Engine's rule); the others but the last are
-deleted.
+accumulation (the loss of each optimizer step is normalized by the step's items, SFT's
+completion tokens, so it equals one big batch) and gradient-norm clipping. After each epoch it
+evaluates the mean validation loss per item and writes a checkpoint
+``output_dir/checkpoint-<step>``: a PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``) plus ``trainer_state.pt`` (optimizer, scheduler, step, best so
+far) for resuming. The result is the checkpoint with the lowest validation loss (LLM Engine's
+rule); the others but the last are deleted.
 
 The caller gets ``on_event(event)`` callbacks with the dataclasses of ``events``: a
 ``StepEvent`` after every optimizer step (with ``eval_loss`` after the last step of an epoch,
@@ -160,12 +161,11 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         on_event: called with the ``events`` dataclasses (module docstring).
         should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
-            a ``resume`` event saying where the run starts.
+            a ``ResumeEvent`` saying where the run starts.
 
     Raises:
-        InvalidRequestError: an invalid config (``TrainingConfig.validate``: an unknown method
-            too), or max_seq_len
-            beyond the model's context.
+        InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
+            too), or max_seq_len beyond the model's context.
         DataError: a training or validation file that does not validate.
         ModelLoadError: the base model cannot be loaded.
     """

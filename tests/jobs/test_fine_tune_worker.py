@@ -34,18 +34,19 @@ def test_events_are_stored_in_the_openai_shapes():
     for event in events:
         FineTuneWorker._record(worker, job, metrics, event)
     assert worker.jobs.calls == [
-        ("event", "ftjob-1", "Restarting from step 1: no checkpoint was saved before the server "
-         "stopped", "message", '{"checkpoint": null, "epoch": 0, "step": 0}'),
+        ("event", "ftjob-1", ("Restarting from step 1: no checkpoint was saved before the "
+                              "server stopped"), "message",
+         '{"checkpoint": null, "epoch": 0, "step": 0}'),
         ("event", "ftjob-1", "Resuming from checkpoint-3 (epoch 1, step 3)", "message",
          '{"checkpoint": "checkpoint-3", "epoch": 1, "step": 3}'),
         ("event", "ftjob-1", "Training on 18 examples", "message", "null"),
         ("event", "ftjob-1", "Step 1: training loss=12.5000", "metrics",
          '{"step": 1, "epoch": 1, "train_loss": 12.5, "learning_rate": 0.0}'),
         ("event", "ftjob-1", "Step 3: training loss=11.2500, validation loss=10.1250", "metrics",
-         '{"step": 3, "epoch": 1, "train_loss": 11.25, "learning_rate": 0.03, '
-         '"eval_loss": 10.125}'),
-        ("checkpoint", "ftjob-1", 3, '{"step": 3, "train_loss": 11.25, "valid_loss": 10.125, '
-         '"full_valid_loss": 10.125}', "/w/ftjob-1/checkpoint-3"),
+         ('{"step": 3, "epoch": 1, "train_loss": 11.25, "learning_rate": 0.03, '
+          '"eval_loss": 10.125}')),
+        ("checkpoint", "ftjob-1", 3, ('{"step": 3, "train_loss": 11.25, "valid_loss": 10.125, '
+                                      '"full_valid_loss": 10.125}'), "/w/ftjob-1/checkpoint-3"),
     ]
     assert metrics == [events[4], events[5]]
     assert _results_csv(metrics) == (b"step,epoch,train_loss,valid_loss,learning_rate\r\n"
