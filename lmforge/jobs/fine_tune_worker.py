@@ -36,6 +36,13 @@ from lmforge.errors import LMForgeError
 from lmforge.jobs.fine_tunes import FineTuneStore, JobRecord
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
+from lmforge.training.events import (
+    CheckpointEvent,
+    MessageEvent,
+    ResumeEvent,
+    StepEvent,
+    TrainingEvent,
+)
 from lmforge.training.hyperparameters import auto_hyperparameters
 
 logger = logging.getLogger(__name__)
@@ -171,9 +178,11 @@ class FineTuneWorker(PollingWorker):
         Raises:
             DataError: a bad file, naming the line. OSError: a file was deleted.
         """
-        from lmforge.training.data import read_examples, split_holdout
+        from lmforge.training.data import split_holdout
+        from lmforge.training.methods import get_method
 
-        max_seq_len = training_config(job).max_seq_len
+        config = training_config(job)
+        read_examples, max_seq_len = get_method(config.method).read_examples, config.max_seq_len
         examples = read_examples(self.store.path(job.training_file), self.engine.tokenizer,
                                  max_seq_len, param="training_file")
         if job.validation_file is None:
@@ -201,7 +210,7 @@ class FineTuneWorker(PollingWorker):
                 last_check[1] = current is None or current.status != "running"
             return bool(last_check[1])
 
-        metrics: list[dict[str, Any]] = []  # this run's, for the results file
+        metrics: list[StepEvent] = []  # this run's, for the results file
         on_event = functools.partial(self._record, job, metrics)
         validation = self.store.path(job.validation_file) if job.validation_file else None
         try:
@@ -222,28 +231,28 @@ class FineTuneWorker(PollingWorker):
             return  # cancelled (its status says so) or the server is stopping (resumes later)
         await self._succeed(job, result, metrics)
 
-    def _record(self, job: JobRecord, metrics: list[dict[str, Any]],
-                event: dict[str, Any]) -> None:
-        """Store one trainer event (in the training thread) as the job's: metrics (and the
-        checkpoint that ends an epoch), where a resumed run starts, or a message."""
-        if event.get("type") == "metrics":
-            metrics.append(event)
-            self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
-                                data={k: v for k, v in event.items() if k != "type"})
-            if event.get("eval_loss") is not None:  # an epoch ended: a checkpoint
-                self.jobs.add_checkpoint(job.id, int(event["step"]), {
-                    "step": event["step"], "train_loss": event.get("train_loss"),
-                    "valid_loss": event["eval_loss"], "full_valid_loss": event["eval_loss"]},
-                    str(self.work_dir / job.id / f"checkpoint-{event['step']}"))
-        elif event.get("type") == "resume":
-            message = _resume_message(event)
-            logger.warning("fine-tuning job %s: %s", job.id, message)
-            self.jobs.add_event(job.id, message, data={
-                k: event[k] for k in ("checkpoint", "epoch", "step")})
-        elif event.get("message"):
-            self.jobs.add_event(job.id, str(event["message"]))
+    def _record(self, job: JobRecord, metrics: list[StepEvent], event: TrainingEvent) -> None:
+        """Store one trainer event (in the training thread) as the job's: a step's metrics, the
+        checkpoint that ends an epoch, where a resumed run starts, or a message."""
+        match event:
+            case StepEvent():
+                metrics.append(event)
+                self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
+                                    data=_metrics_data(event))
+            case CheckpointEvent():
+                self.jobs.add_checkpoint(job.id, event.step, {
+                    "step": event.step, "train_loss": event.train_loss,
+                    "valid_loss": event.eval_loss, "full_valid_loss": event.eval_loss},
+                    str(event.path))
+            case ResumeEvent():
+                message = _resume_message(event)
+                logger.warning("fine-tuning job %s: %s", job.id, message)
+                self.jobs.add_event(job.id, message, data={
+                    "checkpoint": event.checkpoint, "epoch": event.epoch, "step": event.step})
+            case MessageEvent(message=message) if message:
+                self.jobs.add_event(job.id, message)
 
-    async def _succeed(self, job: JobRecord, result: Any, metrics: list[dict]) -> None:
+    async def _succeed(self, job: JobRecord, result: Any, metrics: list[StepEvent]) -> None:
         name = fine_tuned_model_name(job)
         target = self.adapter_dir / job.id
         await asyncio.to_thread(_replace_dir, Path(result.best_checkpoint), target)
@@ -278,28 +287,38 @@ class FineTuneWorker(PollingWorker):
         return job
 
 
-def _resume_message(event: dict[str, Any]) -> str:
-    """The job event of the trainer's ``resume`` event."""
-    if event["checkpoint"] is None:
+def _resume_message(event: ResumeEvent) -> str:
+    """The job event of the trainer's ``ResumeEvent``."""
+    if event.checkpoint is None:
         return "Restarting from step 1: no checkpoint was saved before the server stopped"
-    return f"Resuming from {event['checkpoint']} (epoch {event['epoch']}, step {event['step']})"
+    return f"Resuming from {event.checkpoint} (epoch {event.epoch}, step {event.step})"
 
 
-def _metrics_message(event: dict[str, Any]) -> str:
-    text = f"Step {event['step']}: training loss={event['train_loss']:.4f}"
-    if event.get("eval_loss") is not None:
-        text += f", validation loss={event['eval_loss']:.4f}"
+def _metrics_message(event: StepEvent) -> str:
+    text = f"Step {event.step}: training loss={event.train_loss:.4f}"
+    if event.eval_loss is not None:
+        text += f", validation loss={event.eval_loss:.4f}"
     return text
 
 
-def _results_csv(metrics: list[dict[str, Any]]) -> bytes:
+def _metrics_data(event: StepEvent) -> dict[str, Any]:
+    """The ``data`` of a ``metrics`` job event: step, epoch, train_loss, learning_rate, and
+    eval_loss only on the step that ends an epoch."""
+    data: dict[str, Any] = {"step": event.step, "epoch": event.epoch,
+                            "train_loss": event.train_loss, "learning_rate": event.learning_rate}
+    if event.eval_loss is not None:
+        data["eval_loss"] = event.eval_loss
+    return data
+
+
+def _results_csv(metrics: list[StepEvent]) -> bytes:
     """OpenAI's result file: one row per step (step, train_loss, valid_loss, learning_rate)."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate"])
     for m in metrics:
-        writer.writerow([m.get("step"), m.get("epoch"), m.get("train_loss"),
-                         m.get("eval_loss", ""), m.get("learning_rate")])
+        writer.writerow([m.step, m.epoch, m.train_loss,
+                         "" if m.eval_loss is None else m.eval_loss, m.learning_rate])
     return out.getvalue().encode()
 
 

@@ -16,8 +16,7 @@ Validation fails on the first bad row with its 1-based line number and the reaso
 (``DataError``). A row longer than ``max_seq_len`` tokens is truncated from the end, as OpenAI's
 fine-tuning does; a row whose prompt alone leaves no completion token is an error.
 
-``collate`` pads a list of examples on the right into ``input_ids``, ``labels`` (``-100`` on
-prompt and padding) and ``attention_mask``, the batch ``sft_loss`` takes.
+``methods.sft.collate`` pads a list of examples into the micro-batch the SFT loss takes.
 """
 
 from __future__ import annotations
@@ -28,12 +27,10 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TypeVar
 
 from lmforge.errors import InvalidRequestError
 from lmforge.tokenizer import Tokenizer
-from lmforge.training.losses import IGNORE_INDEX
 
 MIN_ROWS = 10  # OpenAI's minimum of training examples per (JSONL) file
 # LLM Engine's CSV format states no minimum (its reference builds a 5-row file): one row to train
@@ -41,6 +38,8 @@ MIN_ROWS = 10  # OpenAI's minimum of training examples per (JSONL) file
 CSV_MIN_ROWS = 2
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 HOLDOUT_FRACTION = 0.1  # of the training rows held out for validation when no file is given
+
+Row = TypeVar("Row")  # an example of any training method
 
 
 class DataError(InvalidRequestError):
@@ -106,8 +105,8 @@ def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
     return examples
 
 
-def split_holdout(examples: Sequence[Example], seed: int,
-                  fraction: float = HOLDOUT_FRACTION) -> tuple[list[Example], list[Example]]:
+def split_holdout(examples: Sequence[Row], seed: int,
+                  fraction: float = HOLDOUT_FRACTION) -> tuple[list[Row], list[Row]]:
     """(train, validation): a ``fraction`` of the rows, at least one, held out at random.
 
     Deterministic for a given ``seed`` and row order; both parts keep the file's order.
@@ -121,39 +120,6 @@ def split_holdout(examples: Sequence[Example], seed: int,
     held = set(random.Random(seed).sample(range(len(examples)), n_val))
     train = [e for i, e in enumerate(examples) if i not in held]
     return train, [e for i, e in enumerate(examples) if i in held]
-
-
-@dataclass
-class Batch:
-    """A right-padded batch. All tensors are (B, T) with T the longest example's length."""
-
-    input_ids: torch.Tensor  # int64, pad_id after each example's tokens
-    labels: torch.Tensor  # int64, the completion's ids where they are; IGNORE_INDEX elsewhere
-    attention_mask: torch.Tensor  # int64, 1 on tokens, 0 on padding
-
-    @property
-    def num_completion_tokens(self) -> int:
-        """Labelled tokens the loss predicts (a row's first token is never predicted)."""
-        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> Batch:
-    """Pad ``examples`` on the right into one ``Batch``.
-
-    Example: prompt [5, 6], completion [7, 2] and prompt [5], completion [8] with pad 0 give
-    ``input_ids [[5, 6, 7, 2], [5, 8, 0, 0]]``, ``labels [[-100, -100, 7, 2], [-100, 8, -100,
-    -100]]``, ``attention_mask [[1, 1, 1, 1], [1, 1, 0, 0]]``.
-    """
-    width = max(e.num_tokens for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, e in enumerate(examples):
-        p, n = len(e.prompt_ids), e.num_tokens
-        input_ids[row, :n] = torch.tensor(e.prompt_ids + e.completion_ids)
-        labels[row, p:n] = torch.tensor(e.completion_ids)
-        attention_mask[row, :n] = 1
-    return Batch(input_ids, labels, attention_mask)
 
 
 # --- rows -> token ids -----------------------------------------------------------------------

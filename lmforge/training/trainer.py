@@ -1,24 +1,28 @@
-"""One supervised fine-tuning loop: LoRA on our own LlamaForCausalLM (the class the engine serves).
+"""One fine-tuning loop for every training method: LoRA on our own LlamaForCausalLM (the class the
+engine serves).
+
+A method (``methods.get_method(config.method)``; ``"sft"``, supervised fine-tuning, for now) gives
+the loop its examples, its micro-batches and its loss; the loop does the rest.
 
 ``train(model, train_rows, val_rows, config, output_dir)`` loads the base model unfused in
 float32 (``load_model(..., for_training=True)``), wraps the target linears with LoRA
 (``models.lora.inject_lora``; everything else frozen) and runs AdamW over the LoRA weights with
 linear warmup then cosine decay (transformers' ``get_cosine_schedule_with_warmup``), gradient
-accumulation (the loss of each optimizer step is normalized by the step's completion tokens, so
-it equals one big batch) and gradient-norm clipping. After each epoch it evaluates the mean
-validation loss per completion token and writes a checkpoint ``output_dir/checkpoint-<step>``:
-a PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``) plus
-``trainer_state.pt`` (optimizer, scheduler, step, best so far) for resuming. The result is the
-checkpoint with the lowest validation loss (LLM Engine's rule); the others but the last are
-deleted.
+accumulation (the loss of each optimizer step is normalized by the step's items, SFT's
+completion tokens, so it equals one big batch) and gradient-norm clipping. After each epoch it
+evaluates the mean validation loss per item and writes a checkpoint
+``output_dir/checkpoint-<step>``: a PEFT adapter (``adapter_config.json`` +
+``adapter_model.safetensors``) plus ``trainer_state.pt`` (optimizer, scheduler, step, best so
+far) for resuming. The result is the checkpoint with the lowest validation loss (LLM Engine's
+rule); the others but the last are deleted.
 
-The caller gets ``on_event(dict)`` callbacks, ``{"type": "metrics", "step", "epoch",
-"train_loss", "learning_rate"}`` after every optimizer step (with ``"eval_loss"`` after the
-last step of an epoch) and ``{"type": "message", "message"}`` lines, and stops the run between
-two micro-batches by returning True from ``should_stop()`` (cancellation; nothing is saved).
-With ``resume=True`` a run continues after the last complete checkpoint in ``output_dir``, and
-says where it starts first: ``{"type": "resume", "checkpoint": "checkpoint-<step>" or None,
-"epoch": epochs done, "step": optimizer steps done}`` (None, 0, 0: none was found, so step 1).
+The caller gets ``on_event(event)`` callbacks with the dataclasses of ``events``: a
+``StepEvent`` after every optimizer step (with ``eval_loss`` after the last step of an epoch,
+followed by a ``CheckpointEvent``) and ``MessageEvent`` lines, and stops the run between two
+micro-batches by returning True from ``should_stop()`` (cancellation; nothing is saved). With
+``resume=True`` a run continues after the last complete checkpoint in ``output_dir``, and says
+where it starts first with a ``ResumeEvent`` (checkpoint None, epoch 0, step 0: none was found,
+so step 1).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -44,20 +49,27 @@ from lmforge.models.lora import (
     load_peft_adapter,
     save_peft_adapter,
 )
-from lmforge.training.data import Batch, Example, collate, read_examples, split_holdout
-from lmforge.training.forward import causal_lm_logits
-from lmforge.training.losses import sft_loss
+from lmforge.training.data import split_holdout
+from lmforge.training.events import (
+    CheckpointEvent,
+    MessageEvent,
+    ResumeEvent,
+    StepEvent,
+    TrainingEvent,
+)
+from lmforge.training.methods import MicroBatch, TrainingMethod, get_method
 
 STATE_FILE = "trainer_state.pt"  # written last: a checkpoint without it is incomplete
 
-Event = dict
-Rows = Sequence[Example] | str | Path
+Rows = Sequence[Any] | str | Path  # the method's examples, or a file to read them from
 
 
 @dataclass
 class TrainingConfig:
-    """Hyperparameters of one LoRA SFT run (OpenAI's fine-tuning names where they exist)."""
+    """Hyperparameters of one LoRA fine-tuning run (OpenAI's fine-tuning names where they
+    exist)."""
 
+    method: str = "sft"  # the training method, by name (``methods.METHODS``)
     n_epochs: int = 3
     batch_size: int = 8  # examples per micro-batch
     learning_rate: float = 2e-4  # base learning rate of AdamW
@@ -92,6 +104,7 @@ class TrainingConfig:
             if not ok:
                 raise InvalidRequestError(f"{name} ({getattr(self, name)}) must be {want}",
                                           param=name)
+        get_method(self.method)
         try:
             self.lora.validate()
         except ValueError as e:
@@ -133,41 +146,43 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | None,
           config: TrainingConfig, output_dir: str | Path, *,
-          on_event: Callable[[Event], None] | None = None,
+          on_event: Callable[[TrainingEvent], None] | None = None,
           should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingResult:
-    """Fine-tune a LoRA adapter on ``model`` and return the best checkpoint by validation loss.
+    """Fine-tune a LoRA adapter on ``model`` with ``config.method`` and return the best
+    checkpoint by validation loss.
 
     Args:
         model: a GGUF file, HF directory or alias (loaded in float32, unfused), or a
             ``LoadedModel`` loaded with ``for_training=True`` (LoRA is injected into it in place).
-        train_rows: examples (``data.read_examples``) or a file path to read them from.
+        train_rows: the method's examples (SFT: ``data.read_examples``) or a file path to read
+            them from.
         val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
         output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
-        on_event: called with metrics, message and resume dicts (module docstring).
+        on_event: called with the ``events`` dataclasses (module docstring).
         should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
-            a ``resume`` event saying where the run starts.
+            a ``ResumeEvent`` saying where the run starts.
 
     Raises:
-        InvalidRequestError: an invalid config (``TrainingConfig.validate``), or max_seq_len
-            beyond the model's context.
+        InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
+            too), or max_seq_len beyond the model's context.
         DataError: a training or validation file that does not validate.
         ModelLoadError: the base model cannot be loaded.
     """
     config.validate()
+    method = get_method(config.method)
     emit = on_event or (lambda event: None)
     loaded = model if isinstance(model, LoadedModel) else load_model(
         ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
     _check_context(config, loaded)
-    train_set, val_set = _datasets(train_rows, val_rows, loaded, config)
+    train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
-    loop = _Loop(loaded, params, train_set, val_set, config, Path(output_dir), emit)
+    loop = _Loop(method, loaded, params, train_set, val_set, config, Path(output_dir), emit)
     if resume:
         checkpoint = loop.restore_last_checkpoint()
-        emit({"type": "resume", "checkpoint": checkpoint, "epoch": loop.state.epoch,
-              "step": loop.state.step})
+        emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
     return loop.run(should_stop or (lambda: False))
 
 
@@ -178,12 +193,12 @@ def _check_context(config: TrainingConfig, loaded: LoadedModel) -> None:
             f"({loaded.config.max_position_embeddings}); lower max_seq_len", param="max_seq_len")
 
 
-def _datasets(train_rows: Rows, val_rows: Rows | None, loaded: LoadedModel,
-              config: TrainingConfig) -> tuple[list[Example], list[Example]]:
-    def read(rows: Rows, param: str, min_rows: int) -> list[Example]:
+def _datasets(method: TrainingMethod, train_rows: Rows, val_rows: Rows | None,
+              loaded: LoadedModel, config: TrainingConfig) -> tuple[list[Any], list[Any]]:
+    def read(rows: Rows, param: str, min_rows: int) -> list[Any]:
         if isinstance(rows, (str, Path)):
-            return read_examples(rows, loaded.tokenizer, config.max_seq_len, param=param,
-                                 min_rows=min_rows)
+            return method.read_examples(rows, loaded.tokenizer, config.max_seq_len, param=param,
+                                        min_rows=min_rows)
         return list(rows)
 
     train_set = read(train_rows, "training_file", 2)
@@ -193,12 +208,14 @@ def _datasets(train_rows: Rows, val_rows: Rows | None, loaded: LoadedModel,
 
 
 class _Loop:
-    """The state of one run: the model, the optimizer, the schedule and the data order."""
+    """The state of one run: the method, the model, the optimizer, the schedule and the data
+    order."""
 
-    def __init__(self, loaded: LoadedModel, params: list[torch.nn.Parameter],
-                 train_set: list[Example], val_set: list[Example], config: TrainingConfig,
-                 output_dir: Path, emit: Callable[[Event], None]):
-        self.loaded, self.model, self.config = loaded, loaded.model, config
+    def __init__(self, method: TrainingMethod, loaded: LoadedModel,
+                 params: list[torch.nn.Parameter], train_set: list[Any], val_set: list[Any],
+                 config: TrainingConfig, output_dir: Path,
+                 emit: Callable[[TrainingEvent], None]):
+        self.method, self.loaded, self.model, self.config = method, loaded, loaded.model, config
         self.train_set, self.val_set, self.output_dir, self.emit = (
             train_set, val_set, output_dir, emit)
         self.params = params
@@ -236,7 +253,7 @@ class _Loop:
                      f"(validation loss {self.state.best_eval_loss:.4f})")
         return self.result(stopped=False)
 
-    def epoch_steps(self, epoch: int) -> list[list[Batch]]:
+    def epoch_steps(self, epoch: int) -> list[list[MicroBatch]]:
         """This epoch's optimizer steps, each a list of micro-batches, skipping those done.
 
         The order is a shuffle seeded by (seed, epoch), so a resumed run sees the same batches.
@@ -244,28 +261,32 @@ class _Loop:
         order = list(range(len(self.train_set)))
         random.Random(self.config.seed * 1000 + epoch).shuffle(order)
         size, accum = self.config.batch_size, self.config.gradient_accumulation_steps
-        batches = [collate([self.train_set[i] for i in order[s:s + size]], self.pad_id)
+        batches = [self.method.collate([self.train_set[i] for i in order[s:s + size]],
+                                       self.pad_id)
                    for s in range(0, len(order), size)]
         steps = [batches[s:s + accum] for s in range(0, len(batches), accum)]
         done = self.state.step - epoch * self.steps_per_epoch
         return steps[done:]
 
-    def optimizer_step(self, batches: list[Batch]) -> tuple[float, float]:
+    def optimizer_step(self, batches: list[MicroBatch]) -> tuple[float, float]:
         """Forward/backward every micro-batch, clip, step.
 
+        Each micro-batch's summed loss is divided by the items of the whole step, so the
+        step's gradient is that of one big batch (every item weighs the same).
+
         Returns:
-            (the step's mean loss per completion token, the learning rate it used).
+            (the step's mean loss per item, the learning rate it used).
         """
         self.model.train()
-        num_items = sum(b.num_completion_tokens for b in batches)
+        num_items = max(sum(b.num_items for b in batches), 1)
         total = 0.0
         for batch in batches:
-            batch = self.to_device(batch)
-            logits = causal_lm_logits(self.model, batch.input_ids, batch.attention_mask)
-            loss = sft_loss(logits, batch.labels, num_items=num_items)
+            batch = batch.to(self.device)
+            summed, _ = self.method.loss(self.model, batch)
+            loss = summed / num_items
             loss.backward()
             total += loss.item()
-            self.state.trained_tokens += int(batch.attention_mask.sum())
+            self.state.trained_tokens += batch.num_tokens
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -276,33 +297,34 @@ class _Loop:
         return total, lr
 
     def emit_metrics(self, epoch: int, train_loss: float, lr: float, last: bool) -> None:
-        """The step's metrics event; after an epoch's last step, evaluate and checkpoint first."""
-        event = {"type": "metrics", "step": self.state.step, "epoch": epoch + 1,
-                 "train_loss": train_loss, "learning_rate": lr}
-        if last:
-            eval_loss = self.evaluate()
-            event["eval_loss"] = eval_loss
-            self.state.epoch = epoch + 1
-            self.save_checkpoint(eval_loss)
-        self.emit(event)
+        """The step's ``StepEvent``; after an epoch's last step, evaluate and checkpoint first,
+        and follow it with the ``CheckpointEvent``."""
+        if not last:
+            self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr))
+            return
+        eval_loss = self.evaluate()
+        self.state.epoch = epoch + 1
+        directory = self.save_checkpoint(eval_loss)
+        self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr, eval_loss))
+        self.emit(CheckpointEvent(self.state.step, self.state.epoch, directory, train_loss,
+                                  eval_loss))
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per completion token over the validation set (dropout off)."""
+        """Mean loss per item over the validation set (dropout off)."""
         self.model.eval()
         total, count = 0.0, 0
         for s in range(0, len(self.val_set), self.config.batch_size):
-            batch = self.to_device(collate(self.val_set[s:s + self.config.batch_size],
-                                           self.pad_id))
-            n = batch.num_completion_tokens
-            logits = causal_lm_logits(self.model, batch.input_ids, batch.attention_mask)
-            total += sft_loss(logits, batch.labels, num_items=1).item()  # the sum
+            batch = self.method.collate(self.val_set[s:s + self.config.batch_size], self.pad_id)
+            summed, n = self.method.loss(self.model, batch.to(self.device))
+            total += summed.item()
             count += n
         return total / max(count, 1)
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def save_checkpoint(self, eval_loss: float) -> None:
+    def save_checkpoint(self, eval_loss: float) -> Path:
+        """Save the adapter and the resume state in ``checkpoint-<step>``; returns its path."""
         directory = self.output_dir / f"checkpoint-{self.state.step}"
         save_peft_adapter(self.model, self.config.lora, directory, self.loaded.name)
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
@@ -315,6 +337,7 @@ class _Loop:
         self.prune_checkpoints(keep={directory, Path(self.state.best_checkpoint)})
         self.message(f"Epoch {self.state.epoch}: validation loss {eval_loss:.4f}, checkpoint "
                      f"{directory.name}")
+        return directory
 
     def prune_checkpoints(self, keep: set[Path]) -> None:
         for path in self.output_dir.glob("checkpoint-*"):
@@ -339,13 +362,12 @@ class _Loop:
 
     # --- helpers -----------------------------------------------------------------------------
 
-    def to_device(self, batch: Batch) -> Batch:
-        device = next(self.model.parameters()).device
-        return Batch(batch.input_ids.to(device), batch.labels.to(device),
-                     batch.attention_mask.to(device))
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     def message(self, text: str) -> None:
-        self.emit({"type": "message", "message": text})
+        self.emit(MessageEvent(text))
 
     def result(self, stopped: bool) -> TrainingResult:
         best = self.state.best_checkpoint

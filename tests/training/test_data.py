@@ -1,20 +1,17 @@
 """Training data: the three formats, the chat template split, validation with line numbers,
-the hold-out and the collator."""
+and the hold-out (the SFT collator: test_sft.py)."""
 
 import json
 
 import pytest
-import torch
 
 from lmforge.training.data import (
     DataError,
     Example,
     chat_to_ids,
-    collate,
     read_examples,
     split_holdout,
 )
-from lmforge.training.losses import IGNORE_INDEX
 
 EOS = 2  # SmolLM2's <|im_end|>
 
@@ -136,12 +133,3 @@ def test_holdout_is_ten_percent_deterministic_and_at_least_one():
     with pytest.raises(DataError):
         split_holdout(examples[:1], seed=0)
 
-
-def test_collate_pads_right_and_masks_prompt_and_padding():
-    batch = collate([Example([5, 6], [7, 2], 1), Example([5], [8], 2)], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 7, 2], [5, 8, 0, 0]]
-    assert batch.labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, 2],
-                                     [IGNORE_INDEX, 8, IGNORE_INDEX, IGNORE_INDEX]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch.input_ids.dtype == batch.labels.dtype == torch.long
-    assert batch.num_completion_tokens == 3

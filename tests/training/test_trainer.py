@@ -10,6 +10,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import InvalidRequestError
 from lmforge.models.loader import load_model
 from lmforge.models.lora import LoRAConfig, LoRALinear, load_peft_adapter
+from lmforge.training.events import CheckpointEvent, MessageEvent, ResumeEvent, StepEvent
 from lmforge.training.trainer import TrainingConfig, cosine_with_warmup, train
 
 ANSWER = "Bananas are the answer."
@@ -62,17 +63,27 @@ def test_training_learns_the_adapter_and_leaves_the_base(tiny_llama_dir, train_f
     events = []
     result = train(loaded, train_file, None, _config(), tmp_path / "out", on_event=events.append)
 
-    metrics = [e for e in events if e["type"] == "metrics"]
+    metrics = [e for e in events if isinstance(e, StepEvent)]
     # 18 training rows (2 held out) -> 5 micro-batches -> 3 steps per epoch
-    assert [e["step"] for e in metrics] == list(range(1, 10)) and result.steps == 9
-    assert [e["epoch"] for e in metrics] == [1] * 3 + [2] * 3 + [3] * 3
-    evals = [e["eval_loss"] for e in metrics if "eval_loss" in e]
+    assert [e.step for e in metrics] == list(range(1, 10)) and result.steps == 9
+    assert [e.epoch for e in metrics] == [1] * 3 + [2] * 3 + [3] * 3
+    evals = [e.eval_loss for e in metrics if e.eval_loss is not None]
     assert len(evals) == 3 and evals[-1] < evals[0] - 2.0
-    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"] * 0.6
-    assert metrics[0]["learning_rate"] == 0.0  # warmup starts at 0, as transformers
-    assert max(e["learning_rate"] for e in metrics) == pytest.approx(3e-2, rel=0.2)
-    assert any(e["type"] == "message" for e in events)
+    assert [e.step for e in metrics if e.eval_loss is not None] == [3, 6, 9]
+    assert metrics[-1].train_loss < metrics[0].train_loss * 0.6
+    assert metrics[0].learning_rate == 0.0  # warmup starts at 0, as transformers
+    assert max(e.learning_rate for e in metrics) == pytest.approx(3e-2, rel=0.2)
+    assert any(isinstance(e, MessageEvent) for e in events)
     assert result.trained_tokens > 0 and not result.stopped
+    # each epoch's last step is followed by its checkpoint, with the same losses
+    checkpoints = [e for e in events if isinstance(e, CheckpointEvent)]
+    assert [(c.step, c.epoch, c.eval_loss) for c in checkpoints] == [
+        (3, 1, evals[0]), (6, 2, evals[1]), (9, 3, evals[2])]
+    for c in checkpoints:
+        step = events[events.index(c) - 1]
+        assert isinstance(step, StepEvent) and (step.step, step.train_loss) == (c.step,
+                                                                                c.train_loss)
+        assert c.path == tmp_path / "out" / f"checkpoint-{c.step}"
 
     assert result.best_eval_loss == min(evals)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-9"]
@@ -118,17 +129,17 @@ def test_stop_then_resume_continues_from_the_checkpoint(tiny_llama_dir, train_fi
     resumed = []
     result = train(_load(tiny_llama_dir), train_file, None, config, tmp_path / "run",
                    on_event=resumed.append)
-    steps = [e for e in resumed if e["type"] == "metrics"]
-    assert [e["step"] for e in steps] == [4, 5, 6]  # step 4 was never checkpointed: redone
-    assert [e for e in resumed if e["type"] == "resume"] == [
-        {"type": "resume", "checkpoint": "checkpoint-3", "epoch": 1, "step": 3}]
-    assert [e for e in full if e["type"] == "resume"] == [  # nothing to resume: step 1
-        {"type": "resume", "checkpoint": None, "epoch": 0, "step": 0}]
+    steps = [e for e in resumed if isinstance(e, StepEvent)]
+    assert [e.step for e in steps] == [4, 5, 6]  # step 4 was never checkpointed: redone
+    assert resumed[0] == ResumeEvent(checkpoint="checkpoint-3", epoch=1, step=3)
+    assert [e for e in resumed if isinstance(e, ResumeEvent)] == [resumed[0]]
+    assert [e for e in full if isinstance(e, ResumeEvent)] == [  # nothing to resume: step 1
+        ResumeEvent(checkpoint=None, epoch=0, step=0)]
     assert result.steps == 6
     # same data order, weights and optimizer state: the same losses as the uninterrupted run
-    expected = {e["step"]: e["train_loss"] for e in full if e["type"] == "metrics"}
+    expected = {e.step: e.train_loss for e in full if isinstance(e, StepEvent)}
     for e in steps:
-        assert e["train_loss"] == pytest.approx(expected[e["step"]], rel=1e-4)
+        assert e.train_loss == pytest.approx(expected[e.step], rel=1e-4)
 
 
 def test_config_and_schedule():
