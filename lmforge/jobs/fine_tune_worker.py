@@ -34,6 +34,7 @@ from typing import Any
 
 from lmforge.errors import LMForgeError
 from lmforge.jobs.fine_tunes import FineTuneStore, JobRecord
+from lmforge.jobs.statuses import FineTuneStatus
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
 from lmforge.training.events import (
@@ -130,15 +131,15 @@ class FineTuneWorker(PollingWorker):
             await self._drive(job)
 
     async def _drive(self, job: JobRecord) -> None:
-        resumed = job.status == "running"  # the server stopped while it trained
-        if job.status == "validating_files":
+        resumed = job.status is FineTuneStatus.RUNNING  # the server stopped while it trained
+        if job.status is FineTuneStatus.VALIDATING_FILES:
             if not await self._validate(job):
                 return
             job = await self._get(job.id)
-        if job.status == "queued" and await self._move(job, "running",
-                                                       "Fine-tuning job started"):
+        if job.status is FineTuneStatus.QUEUED and await self._move(
+                job, FineTuneStatus.RUNNING, "Fine-tuning job started"):
             job = await self._get(job.id)
-        if job.status == "running":
+        if job.status is FineTuneStatus.RUNNING:
             await self._train(job, resumed)
 
     async def _validate(self, job: JobRecord) -> bool:
@@ -154,7 +155,7 @@ class FineTuneWorker(PollingWorker):
             await self._fail(job, "invalid_file", "the file was deleted", "training_file")
             return False
         hyperparameters, steps = resolve_hyperparameters(job.hyperparameters, n_examples)
-        if not await asyncio.to_thread(self.jobs.transition, job.id, "queued",
+        if not await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.QUEUED,
                                        hyperparameters=hyperparameters):
             return False  # cancelled meanwhile
         job.hyperparameters = hyperparameters
@@ -207,7 +208,7 @@ class FineTuneWorker(PollingWorker):
             if now - last_check[0] >= _CANCEL_CHECK_S:
                 last_check[0] = now
                 current = self.jobs.get_job(job.id)
-                last_check[1] = current is None or current.status != "running"
+                last_check[1] = current is None or current.status is not FineTuneStatus.RUNNING
             return bool(last_check[1])
 
         metrics: list[StepEvent] = []  # this run's, for the results file
@@ -259,7 +260,7 @@ class FineTuneWorker(PollingWorker):
         results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
                                           f"{job.id}_results.csv", RESULTS_PURPOSE)
         await self.engine.add_lora(name, str(target))
-        if await asyncio.to_thread(self.jobs.transition, job.id, "succeeded",
+        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.SUCCEEDED,
                                    fine_tuned_model=name, adapter_path=str(target),
                                    trained_tokens=result.trained_tokens,
                                    result_files=[results.id]):
@@ -268,7 +269,7 @@ class FineTuneWorker(PollingWorker):
             await self.engine.remove_lora(name)
 
     async def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
-        if await asyncio.to_thread(self.jobs.transition, job.id, "failed",
+        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.FAILED,
                                    error={"code": code, "message": message, "param": param}):
             await self._event(job, f"Fine-tuning job failed: {message}", level="error")
 

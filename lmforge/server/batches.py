@@ -13,7 +13,9 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 
 from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
-from lmforge.jobs.store import BatchRecord, Store
+from lmforge.jobs.batch_store import BatchRecord, BatchStore
+from lmforge.jobs.statuses import BatchStatus
+from lmforge.jobs.store import Store
 from lmforge.protocol.batches import (
     COMPLETION_WINDOWS,
     MAX_METADATA_KEY,
@@ -52,7 +54,7 @@ async def create_batch(body: BatchCreateRequest, request: Request) -> Batch:
             "'batch'", param="input_file_id")
     window_s = request.app.state.server_config.batch_window_s
     batch = await asyncio.to_thread(
-        store.add_batch, body.endpoint, body.input_file_id, body.completion_window,
+        _batches(request).add_batch, body.endpoint, body.input_file_id, body.completion_window,
         int(window_s or COMPLETION_WINDOWS[body.completion_window]), body.metadata,
         body.output_expires_after.seconds if body.output_expires_after else None)
     _wake(request)
@@ -68,8 +70,7 @@ async def retrieve_batch(batch_id: str, request: Request) -> Batch:
 async def list_batches(request: Request, after: str | None = None,
                        limit: int = Query(20, ge=1, le=100)) -> BatchList:
     """Batches, newest first; ``after`` is the last id of the previous page."""
-    store: Store = request.app.state.store
-    batches, has_more = await asyncio.to_thread(store.list_batches, limit, after)
+    batches, has_more = await asyncio.to_thread(_batches(request).list_batches, limit, after)
     data = [batch_object(b) for b in batches]
     return BatchList(data=data, first_id=data[0].id if data else None,
                      last_id=data[-1].id if data else None, has_more=has_more)
@@ -85,12 +86,13 @@ async def cancel_batch(batch_id: str, request: Request) -> Batch:
         NotFoundError: no such batch. ConflictError: it already finished (completed, failed,
             expired) or is finalizing.
     """
-    store: Store = request.app.state.store
+    cancelled = (BatchStatus.CANCELLING, BatchStatus.CANCELLED)
     batch = await _get(request, batch_id)
-    if batch.status not in ("cancelling", "cancelled"):
-        if not await asyncio.to_thread(store.transition, batch_id, "cancelling"):
+    if batch.status not in cancelled:
+        if not await asyncio.to_thread(_batches(request).transition, batch_id,
+                                       BatchStatus.CANCELLING):
             batch = await _get(request, batch_id)
-            if batch.status not in ("cancelling", "cancelled"):
+            if batch.status not in cancelled:
                 raise ConflictError(f"batch {batch_id} is {batch.status} and can no longer be "
                                     "cancelled", param="batch_id")
         _wake(request)
@@ -115,8 +117,12 @@ def batch_object(b: BatchRecord) -> Batch:
         **times)
 
 
+def _batches(request: Request) -> BatchStore:
+    return BatchStore(request.app.state.store)
+
+
 async def _get(request: Request, batch_id: str) -> BatchRecord:
-    batch = await asyncio.to_thread(request.app.state.store.get_batch, batch_id)
+    batch = await asyncio.to_thread(_batches(request).get_batch, batch_id)
     if batch is None:
         raise NotFoundError(f"No such Batch object: {batch_id}", param="batch_id")
     return batch

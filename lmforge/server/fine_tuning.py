@@ -15,13 +15,8 @@ import secrets
 from fastapi import APIRouter, Query, Request
 
 from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
-from lmforge.jobs.fine_tunes import (
-    UNFINISHED_JOBS,
-    CheckpointRecord,
-    EventRecord,
-    FineTuneStore,
-    JobRecord,
-)
+from lmforge.jobs.fine_tunes import CheckpointRecord, EventRecord, FineTuneStore, JobRecord
+from lmforge.jobs.statuses import FineTuneStatus
 from lmforge.protocol.fine_tuning import (
     CheckpointMetrics,
     FineTuningJob,
@@ -92,11 +87,11 @@ async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
     """
     jobs = _jobs(request)
     job = await _get(request, job_id)
-    if job.status in UNFINISHED_JOBS:
-        if await asyncio.to_thread(jobs.transition, job_id, "cancelled"):
+    if not job.status.is_final():
+        if await asyncio.to_thread(jobs.transition, job_id, FineTuneStatus.CANCELLED):
             await asyncio.to_thread(jobs.add_event, job_id, "Fine-tuning job cancelled")
     job = await _get(request, job_id)
-    if job.status != "cancelled":
+    if job.status is not FineTuneStatus.CANCELLED:
         raise ConflictError(f"fine-tuning job {job_id} is {job.status} and can no longer be "
                             "cancelled", param="job_id")
     return job_object(job)

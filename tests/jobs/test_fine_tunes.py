@@ -8,6 +8,7 @@ import pytest
 
 from lmforge.errors import InvalidRequestError
 from lmforge.jobs.fine_tunes import FineTuneStore
+from lmforge.jobs.statuses import FineTuneStatus
 from lmforge.jobs.store import Store
 from lmforge.protocol.fine_tuning import FineTuningJobCreate
 
@@ -25,19 +26,22 @@ def new_job(jobs: FineTuneStore, **kw):
 
 def test_job_statuses_only_move_forward_and_final_ones_stamp_finished_at(jobs):
     job = new_job(jobs)
-    assert (job.status, job.hyperparameters, job.finished_at) == ("validating_files",
-                                                                  {"n_epochs": 2}, None)
-    assert not jobs.transition(job.id, "running")  # must be queued first
-    assert jobs.transition(job.id, "queued") and jobs.transition(job.id, "running")
-    assert jobs.transition(job.id, "succeeded", fine_tuned_model="ft:base:mine:x",
+    assert (job.status, job.hyperparameters, job.finished_at) == (
+        FineTuneStatus.VALIDATING_FILES, {"n_epochs": 2}, None)
+    assert not jobs.transition(job.id, FineTuneStatus.RUNNING)  # must be queued first
+    assert jobs.transition(job.id, FineTuneStatus.QUEUED)
+    assert jobs.transition(job.id, FineTuneStatus.RUNNING)
+    assert jobs.transition(job.id, FineTuneStatus.SUCCEEDED, fine_tuned_model="ft:base:mine:x",
                            trained_tokens=123, result_files=["file-r"])
-    assert not jobs.transition(job.id, "cancelled")  # finished
+    assert not jobs.transition(job.id, FineTuneStatus.CANCELLED)  # finished
     done = jobs.get_job(job.id)
     assert (done.status, done.fine_tuned_model, done.trained_tokens, done.result_files) == (
-        "succeeded", "ft:base:mine:x", 123, ["file-r"])
+        FineTuneStatus.SUCCEEDED, "ft:base:mine:x", 123, ["file-r"])
+    assert done.status is FineTuneStatus.SUCCEEDED  # read back as the enum, not a plain str
     assert done.finished_at is not None and jobs.unfinished_jobs() == []
     other = new_job(jobs)
-    assert jobs.transition(other.id, "failed", error={"code": "invalid_file", "message": "m"})
+    assert jobs.transition(other.id, FineTuneStatus.FAILED,
+                           error={"code": "invalid_file", "message": "m"})
     assert jobs.get_job(other.id).error == {"code": "invalid_file", "message": "m"}
     listed, more = jobs.list_jobs(limit=1)
     assert [j.id for j in listed] == [other.id] and more

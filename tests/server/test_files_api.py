@@ -14,7 +14,8 @@ import pytest
 from serving import serve
 
 from lmforge.config import ServerConfig
-from lmforge.jobs.store import FILES, Store
+from lmforge.jobs.schema import FILES
+from lmforge.jobs.store import Store
 from lmforge.server import build_app
 from lmforge.server.uploads import safe_filename
 
