@@ -1,6 +1,6 @@
 """The ``lmforge`` command line (click): ``main`` and its commands, one module per group.
 
-``serve`` and ``batch run`` run the engine in this process (``serve.py``); every other command
+``serve`` and ``batches run`` run the engine in this process (``serve.py``, ``batches.py``); every other command
 is a few lines over ``lmforge.client`` against a running server (``common.py`` holds what they
 share: ``--base-url``/``--api-key``, errors that say what to run next, tables and ``--json``).
 """
@@ -14,7 +14,7 @@ from lmforge.cli.chat import chat, complete
 from lmforge.cli.files import files
 from lmforge.cli.fine_tune import fine_tune
 from lmforge.cli.models import models
-from lmforge.cli.serve import batch, serve
+from lmforge.cli.serve import serve
 
 
 @click.group()
@@ -27,5 +27,5 @@ def main() -> None:
     """
 
 
-for _command in (serve, chat, complete, models, files, batches, fine_tune, batch):
+for _command in (serve, chat, complete, models, files, batches, fine_tune):
     main.add_command(_command)

@@ -1,12 +1,16 @@
-"""``lmforge batches ...``: the server's batch jobs, over ``lmforge.client.Batch``::
+"""``lmforge batches ...``: the server's batch jobs, over ``lmforge.client.Batch``, and ``run``,
+the same input file run in this process without a server (like ``vllm run-batch``)::
 
     lmforge batches create --input requests.jsonl --endpoint /v1/chat/completions
     lmforge batches wait batch_abc123
     lmforge files download <output_file_id> -o results.jsonl
+    lmforge batches run requests.jsonl -o results.jsonl
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +19,11 @@ import click
 from tqdm import tqdm
 
 from lmforge.cli.common import api_options, json_option, show, show_list
+from lmforge.cli.serve import StartupError, precheck
 from lmforge.client import Batch, BatchJob, BatchStatus
 from lmforge.client.batch import ENDPOINTS
+from lmforge.config import DEFAULT_MODEL, EngineConfig, ModelConfig, ServerConfig
+from lmforge.errors import ModelLoadError
 
 BATCH_COLUMNS = (("id", "id"), ("status", "status"), ("endpoint", "endpoint"),
                  ("done/total", lambda b: _progress(b["request_counts"])),
@@ -26,7 +33,7 @@ BATCH_COLUMNS = (("id", "id"), ("status", "status"), ("endpoint", "endpoint"),
 
 @click.group()
 def batches() -> None:
-    """Create, list, cancel and wait for batches (/v1/batches)."""
+    """Create, list, cancel and wait for batches (/v1/batches), or run one here (run)."""
 
 
 def _metadata(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]
@@ -117,3 +124,51 @@ def _progress(counts: dict[str, Any]) -> str:
     done = counts["completed"] + counts["failed"]
     failed = f" ({counts['failed']} failed)" if counts["failed"] else ""
     return f"{done}/{counts['total']}{failed}"
+
+
+@batches.command("run")
+@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", "output_file", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write one result line per input line (JSONL, input order).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="A GGUF file, a Hugging Face model directory, or a known alias.")
+@click.option("--served-model-name", default=None,
+              help="The model name the lines' bodies use (default: the alias or directory name).")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-model-len", type=int, default=None, help="Context length in tokens.")
+@click.option("--concurrency", type=int, default=64, show_default=True,
+              help="Lines in flight at once (the engine batches them).")
+def run(input_file: Path, output_file: Path, model: str, served_model_name: str | None,
+              dtype: str, device: str, max_model_len: int | None, concurrency: int) -> None:
+    """Run a batch input file (OpenAI's format: one {"custom_id", "method", "url", "body"} per
+    line, url /v1/chat/completions, /v1/completions or /v1/embeddings) in-process, like
+    `vllm run-batch`, without a server. Each output line is OpenAI's batch output record; bodies are exactly what
+    the server's endpoints return. Invalid lines stop the run before any request (exit 2)."""
+    from lmforge.engine.async_engine import AsyncEngine
+    from lmforge.jobs.batch_lines import jsonl, parse_input
+    from lmforge.jobs.offline import run_lines
+    from lmforge.server import build_app
+
+    config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
+                                            dtype=dtype, device=device,
+                                            max_model_len=max_model_len))
+    try:
+        precheck(config, ServerConfig())
+        engine = AsyncEngine.from_config(config)
+    except (ModelLoadError, ValueError) as e:
+        raise StartupError(str(e)) from e
+    try:
+        lines, errors = parse_input(input_file.read_bytes(), None, {engine.model_name})
+        if errors:
+            raise StartupError("the input file has invalid lines:\n" + "\n".join(
+                f"  line {e['line']}: {e['message']}" for e in errors[:20]))
+        engine.start()
+        app = build_app(engine, ServerConfig())
+        results, summary = asyncio.run(run_lines(app, lines, concurrency))
+    finally:
+        engine.shutdown()
+    output_file.write_bytes(jsonl([json.dumps(r.record, ensure_ascii=False) for r in results]))
+    click.echo(f"{summary}; wrote {output_file}")

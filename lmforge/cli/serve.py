@@ -1,15 +1,15 @@
-"""``lmforge serve`` (the OpenAI-compatible server on the engine) and ``lmforge batch run`` (a
-batch file offline, in-process, no server)::
+"""``lmforge serve``: the OpenAI-compatible server on the engine, in this process::
 
     lmforge serve --model smollm2-135m-instruct --port 8000
     python -m lmforge.cli serve --model ./my-hf-dir --chat-template template.jinja
-    lmforge batch run requests.jsonl -o results.jsonl
+
+``precheck`` and ``StartupError`` also serve ``lmforge batches run`` (``batches.py``), the other
+command that runs the engine in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 from concurrent.futures import Future
@@ -164,59 +164,6 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
         signal.signal(signal.SIGTERM, previous)
     if loading.done() and not loading.cancelled() and loading.exception() is not None:
         raise StartupError(str(loading.exception()))
-
-
-@click.group()
-def batch() -> None:
-    """Run batch files in this process, without a server."""
-
-
-@batch.command("run")
-@click.argument("input_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", "output_file", required=True,
-              type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write one result line per input line (JSONL, input order).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="A GGUF file, a Hugging Face model directory, or a known alias.")
-@click.option("--served-model-name", default=None,
-              help="The model name the lines' bodies use (default: the alias or directory name).")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--max-model-len", type=int, default=None, help="Context length in tokens.")
-@click.option("--concurrency", type=int, default=64, show_default=True,
-              help="Lines in flight at once (the engine batches them).")
-def batch_run(input_file: Path, output_file: Path, model: str, served_model_name: str | None,
-              dtype: str, device: str, max_model_len: int | None, concurrency: int) -> None:
-    """Run a batch input file (OpenAI's format: one {"custom_id", "method", "url", "body"} per
-    line, url /v1/chat/completions, /v1/completions or /v1/embeddings) in-process, like
-    `vllm run-batch`. Each output line is OpenAI's batch output record; bodies are exactly what
-    the server's endpoints return. Invalid lines stop the run before any request (exit 2)."""
-    from lmforge.engine.async_engine import AsyncEngine
-    from lmforge.jobs.batches import jsonl, parse_input
-    from lmforge.jobs.offline import run_lines
-    from lmforge.server import build_app
-
-    config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
-                                            dtype=dtype, device=device,
-                                            max_model_len=max_model_len))
-    try:
-        precheck(config, ServerConfig())
-        engine = AsyncEngine.from_config(config)
-    except (ModelLoadError, ValueError) as e:
-        raise StartupError(str(e)) from e
-    try:
-        lines, errors = parse_input(input_file.read_bytes(), None, {engine.model_name})
-        if errors:
-            raise StartupError("the input file has invalid lines:\n" + "\n".join(
-                f"  line {e['line']}: {e['message']}" for e in errors[:20]))
-        engine.start()
-        app = build_app(engine, ServerConfig())
-        results, summary = asyncio.run(run_lines(app, lines, concurrency))
-    finally:
-        engine.shutdown()
-    output_file.write_bytes(jsonl([json.dumps(r.record, ensure_ascii=False) for r in results]))
-    click.echo(f"{summary}; wrote {output_file}")
 
 
 def _lora_modules(pairs: tuple[str, ...]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The offline batch runner behind ``lmforge batch run`` (like ``vllm run-batch``): a batch input
+"""The offline batch runner behind ``lmforge batches run`` (like ``vllm run-batch``): a batch input
 file through an in-process app, no server, no store; one output file with every line's record,
 in input order (errors included, as vLLM writes them)."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from lmforge.jobs.batches import BatchLine, LineResult, run_line
+from lmforge.jobs.batch_lines import BatchLine, LineResult, run_line
 from lmforge.jobs.worker import in_process_client
 
 

@@ -13,7 +13,7 @@ import enum
 
 import sqlalchemy as sa
 
-from lmforge.jobs.statuses import BatchStatus, FineTuneStatus
+from lmforge.jobs.statuses import BatchStatus, FineTuningStatus
 
 METADATA = sa.MetaData()
 
@@ -78,7 +78,7 @@ FINE_TUNING_JOBS = sa.Table(
     sa.Column("validation_file", sa.String(64)),
     sa.Column("suffix", sa.String(64)),
     sa.Column("seed", sa.BigInteger, nullable=False),
-    sa.Column("status", _status(FineTuneStatus), nullable=False),
+    sa.Column("status", _status(FineTuningStatus), nullable=False),
     sa.Column("hyperparameters", sa.Text, nullable=False),  # JSON: the request's, flat
     sa.Column("method", sa.Text),  # JSON: the request's method object
     sa.Column("metadata", sa.Text),  # JSON object or NULL

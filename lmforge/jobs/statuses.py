@@ -6,7 +6,7 @@ a member equals its value (``BatchStatus.COMPLETED == "completed"``), serializes
 ``json`` and pydantic, and prints as it (``f"{status}"`` gives ``completed``).
 
 A status only moves forward: the stores move a row to a status only from one listed in
-``BATCH_FROM`` / ``FINE_TUNE_FROM`` (a conditional update), so two writers racing cannot send a
+``BATCH_FROM`` / ``FINE_TUNING_FROM`` (a conditional update), so two writers racing cannot send a
 finished batch or job back.
 """
 
@@ -47,7 +47,7 @@ class BatchStatus(_Status):
                         BatchStatus.CANCELLED)
 
 
-class FineTuneStatus(_Status):
+class FineTuningStatus(_Status):
     """A fine-tuning job's status::
 
         validating_files -> queued -> running -> succeeded
@@ -63,13 +63,13 @@ class FineTuneStatus(_Status):
 
     def is_final(self) -> bool:
         """Whether the job is over (``finished_at`` is stamped when it gets here)."""
-        return self in (FineTuneStatus.SUCCEEDED, FineTuneStatus.FAILED,
-                        FineTuneStatus.CANCELLED)
+        return self in (FineTuningStatus.SUCCEEDED, FineTuningStatus.FAILED,
+                        FineTuningStatus.CANCELLED)
 
 
 # The statuses a worker still has to drive (also those a crash interrupted).
 UNFINISHED_BATCHES = tuple(s for s in BatchStatus if not s.is_final())
-UNFINISHED_FINE_TUNES = tuple(s for s in FineTuneStatus if not s.is_final())
+UNFINISHED_FINE_TUNES = tuple(s for s in FineTuningStatus if not s.is_final())
 
 # status -> the statuses it may follow
 BATCH_FROM: dict[BatchStatus, tuple[BatchStatus, ...]] = {
@@ -82,10 +82,10 @@ BATCH_FROM: dict[BatchStatus, tuple[BatchStatus, ...]] = {
     BatchStatus.CANCELLING: (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS),
     BatchStatus.CANCELLED: (BatchStatus.CANCELLING,),
 }
-FINE_TUNE_FROM: dict[FineTuneStatus, tuple[FineTuneStatus, ...]] = {
-    FineTuneStatus.QUEUED: (FineTuneStatus.VALIDATING_FILES,),
-    FineTuneStatus.RUNNING: (FineTuneStatus.QUEUED,),
-    FineTuneStatus.SUCCEEDED: (FineTuneStatus.RUNNING,),
-    FineTuneStatus.FAILED: UNFINISHED_FINE_TUNES,
-    FineTuneStatus.CANCELLED: UNFINISHED_FINE_TUNES,
+FINE_TUNING_FROM: dict[FineTuningStatus, tuple[FineTuningStatus, ...]] = {
+    FineTuningStatus.QUEUED: (FineTuningStatus.VALIDATING_FILES,),
+    FineTuningStatus.RUNNING: (FineTuningStatus.QUEUED,),
+    FineTuningStatus.SUCCEEDED: (FineTuningStatus.RUNNING,),
+    FineTuningStatus.FAILED: UNFINISHED_FINE_TUNES,
+    FineTuningStatus.CANCELLED: UNFINISHED_FINE_TUNES,
 }

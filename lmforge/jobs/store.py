@@ -4,7 +4,7 @@
 WAL journal; any SQLAlchemy URL, ``postgresql+psycopg://...``, by ``--database-url``), brings it
 to the latest schema (``jobs/migrations.py``), and keeps the files: their rows, and their bytes
 in ``<home>/files/<file id>``. Batches (``jobs/batch_store.py``) and fine-tuning jobs
-(``jobs/fine_tunes.py``) are stores over its database; ``page`` is the cursor pagination all of
+(``jobs/fine_tuning_store.py``) are stores over its database; ``page`` is the cursor pagination all of
 them share. The tables are described in ``jobs/schema.py``.
 
 A file's bytes are written under a temporary name in the same directory and renamed into place,

@@ -26,9 +26,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.config import ServerConfig
 from lmforge.errors import AuthenticationError, LMForgeError, ServiceUnavailableError
-from lmforge.jobs.fine_tune_worker import FineTuneWorker
+from lmforge.jobs.batch_worker import BatchWorker
+from lmforge.jobs.fine_tuning_worker import FineTuningWorker
 from lmforge.jobs.store import Store
-from lmforge.jobs.worker import INTERNAL_SCOPE_KEY, BatchWorker
+from lmforge.jobs.worker import INTERNAL_SCOPE_KEY
 from lmforge.server import (
     batches,
     embeddings,
@@ -124,8 +125,8 @@ async def _adopt(app: FastAPI, loading: Future[AsyncEngine],
 
 
 async def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
-    """Serve the ``--lora`` adapters, then run batches (``jobs/worker.py``) and fine-tuning jobs
-    (``jobs/fine_tune_worker.py``) on the served model, resuming any a restart interrupted;
+    """Serve the ``--lora`` adapters, then run batches (``jobs/batch_worker.py``) and fine-tuning jobs
+    (``jobs/fine_tuning_worker.py``) on the served model, resuming any a restart interrupted;
     their routes wake them.
 
     Raises:
@@ -138,12 +139,12 @@ async def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
                                          concurrency=config.batch_concurrency)
     app.state.batch_worker.start()
     if config.fine_tuning:
-        app.state.fine_tune_worker = FineTuneWorker(app.state.store, engine)
-        app.state.fine_tune_worker.start()
+        app.state.fine_tuning_worker = FineTuningWorker(app.state.store, engine)
+        app.state.fine_tuning_worker.start()
 
 
 async def _stop_workers(app: FastAPI) -> None:
-    for worker in (app.state.batch_worker, app.state.fine_tune_worker):
+    for worker in (app.state.batch_worker, app.state.fine_tuning_worker):
         if worker is not None:
             await worker.stop()
 
@@ -159,7 +160,7 @@ def _new_app(server_config: ServerConfig, chat_template: str | None, lifespan: A
     app = FastAPI(title="lmforge", lifespan=lifespan, strict_content_type=False)
     app.state.server_config = server_config
     app.state.store = store if store is not None else Store(server_config.database_url)
-    app.state.batch_worker = app.state.fine_tune_worker = None  # started with the engine
+    app.state.batch_worker = app.state.fine_tuning_worker = None  # started with the engine
     app.state.chat_template = chat_template
     app.state.load_error = None
     app.state.metrics = metrics.ServerMetrics(lambda: app.state.engine)

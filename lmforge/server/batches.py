@@ -1,6 +1,6 @@
 """``/v1/batches`` routes (OpenAI API reference, "Batch"): create, retrieve, list, cancel.
 
-The routes only read and write the store; the batch worker (``jobs/worker.py``, started by the
+The routes only read and write the store; the batch worker (``jobs/batch_worker.py``, started by the
 app's lifespan) validates and runs the batches, and ``wake()`` tells it when one is created or
 cancelled.
 """

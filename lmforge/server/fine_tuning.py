@@ -1,7 +1,7 @@
 """``/v1/fine_tuning/jobs`` routes (OpenAI API reference, "Fine-tuning"): create, list,
 retrieve, cancel, events, checkpoints.
 
-The routes read and write the store (``jobs/fine_tunes.py``); a fine-tune worker beside the
+The routes read and write the store (``jobs/fine_tuning_store.py``); a fine-tune worker beside the
 server validates the files, trains, and registers the result. Creating a job checks what can be
 checked at once: the base model is the one served, the files exist with purpose ``fine-tune``,
 the hyperparameters are in range.
@@ -15,8 +15,8 @@ import secrets
 from fastapi import APIRouter, Query, Request
 
 from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
-from lmforge.jobs.fine_tunes import CheckpointRecord, EventRecord, FineTuneStore, JobRecord
-from lmforge.jobs.statuses import FineTuneStatus
+from lmforge.jobs.fine_tuning_store import CheckpointRecord, EventRecord, FineTuningStore, JobRecord
+from lmforge.jobs.statuses import FineTuningStatus
 from lmforge.protocol.fine_tuning import (
     CheckpointMetrics,
     FineTuningJob,
@@ -60,7 +60,7 @@ async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJ
         hyperparameters, body.method.model_dump(exclude_none=True) if body.method else None,
         body.metadata)
     await asyncio.to_thread(jobs.add_event, job.id, f"Created fine-tuning job: {job.id}")
-    worker = getattr(request.app.state, "fine_tune_worker", None)
+    worker = getattr(request.app.state, "fine_tuning_worker", None)
     if worker is not None:
         worker.wake()
     return job_object(job)
@@ -88,10 +88,10 @@ async def cancel_job(job_id: str, request: Request) -> FineTuningJob:
     jobs = _jobs(request)
     job = await _get(request, job_id)
     if not job.status.is_final():
-        if await asyncio.to_thread(jobs.transition, job_id, FineTuneStatus.CANCELLED):
+        if await asyncio.to_thread(jobs.transition, job_id, FineTuningStatus.CANCELLED):
             await asyncio.to_thread(jobs.add_event, job_id, "Fine-tuning job cancelled")
     job = await _get(request, job_id)
-    if job.status is not FineTuneStatus.CANCELLED:
+    if job.status is not FineTuningStatus.CANCELLED:
         raise ConflictError(f"fine-tuning job {job_id} is {job.status} and can no longer be "
                             "cancelled", param="job_id")
     return job_object(job)
@@ -149,8 +149,8 @@ def checkpoint_object(job: JobRecord, checkpoint: CheckpointRecord) -> FineTunin
                                      if k in CheckpointMetrics.model_fields}))
 
 
-def _jobs(request: Request) -> FineTuneStore:
-    return FineTuneStore(request.app.state.store)
+def _jobs(request: Request) -> FineTuningStore:
+    return FineTuningStore(request.app.state.store)
 
 
 async def _get(request: Request, job_id: str) -> JobRecord:

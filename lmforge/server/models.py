@@ -31,7 +31,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from lmforge.errors import ConflictError, InvalidRequestError, ModelLoadError, ModelNotFoundError
-from lmforge.jobs.fine_tunes import FineTuneStore
+from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.models.lora import CONFIG_FILE, WEIGHTS_FILE
 from lmforge.protocol import ModelCard, ModelList
 from lmforge.protocol.models import LoadLoRAAdapterRequest, ModelDeleted, UnloadLoRAAdapterRequest
@@ -137,7 +137,7 @@ async def delete_model(model_id: str, request: Request) -> ModelDeleted:
         raise InvalidRequestError(f"`{model_id}` is the base model and cannot be deleted; only "
                                   "fine-tuned models and LoRA adapters can", param="model")
     await engine.remove_lora(name)
-    adapter = await asyncio.to_thread(FineTuneStore(request.app.state.store).unserve, name)
+    adapter = await asyncio.to_thread(FineTuningStore(request.app.state.store).unserve, name)
     if adapter is not None:  # the job's own copy under $LMFORGE_HOME/adapters
         await asyncio.to_thread(shutil.rmtree, adapter, True)
     return ModelDeleted(id=name)

@@ -21,10 +21,10 @@ import sqlalchemy as sa
 
 from lmforge.jobs import migrations
 from lmforge.jobs.batch_store import BatchStore
-from lmforge.jobs.fine_tunes import FineTuneStore
+from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.jobs.migrations import MIGRATIONS, ddl, migrate
 from lmforge.jobs.schema import METADATA
-from lmforge.jobs.statuses import BatchStatus, FineTuneStatus
+from lmforge.jobs.statuses import BatchStatus, FineTuningStatus
 from lmforge.jobs.store import Store
 
 LATEST = MIGRATIONS[-1][0]
@@ -214,8 +214,8 @@ def test_an_old_database_upgrades_to_the_fresh_schema_and_keeps_its_rows(tmp_pat
         BatchStatus.IN_PROGRESS, {"k": "v"}, 1, 4)
     assert BatchStore(store).done_lines("batch_old") == {0}
     if version >= 2:
-        jobs = FineTuneStore(store)
-        assert jobs.get_job("ftjob-old").status is FineTuneStatus.RUNNING
+        jobs = FineTuningStore(store)
+        assert jobs.get_job("ftjob-old").status is FineTuningStatus.RUNNING
         assert [e.message for e in jobs.list_events("ftjob-old")[0]] == [
             "Fine-tuning job started"]
         assert [c.step_number for c in jobs.list_checkpoints("ftjob-old")[0]] == [10]

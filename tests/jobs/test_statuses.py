@@ -12,14 +12,14 @@ import typing
 import pytest
 
 from lmforge.jobs.batch_store import BatchStore
-from lmforge.jobs.fine_tunes import FineTuneStore
+from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.jobs.statuses import (
     BATCH_FROM,
-    FINE_TUNE_FROM,
+    FINE_TUNING_FROM,
     UNFINISHED_BATCHES,
     UNFINISHED_FINE_TUNES,
     BatchStatus,
-    FineTuneStatus,
+    FineTuningStatus,
 )
 from lmforge.protocol import batches as batch_protocol
 from lmforge.protocol import fine_tuning as fine_tuning_protocol
@@ -29,10 +29,10 @@ from lmforge.server.fine_tuning import job_object
 
 def test_the_values_are_the_wire_schemas():
     assert tuple(BatchStatus) == typing.get_args(batch_protocol.BatchStatus)
-    assert tuple(FineTuneStatus) == typing.get_args(fine_tuning_protocol.JobStatus)
+    assert tuple(FineTuningStatus) == typing.get_args(fine_tuning_protocol.JobStatus)
 
 
-@pytest.mark.parametrize("status", [*BatchStatus, *FineTuneStatus])
+@pytest.mark.parametrize("status", [*BatchStatus, *FineTuningStatus])
 def test_a_status_is_its_plain_string(status):
     assert status == status.value and isinstance(status, str)
     assert str(status) == f"{status}" == status.value  # error messages read as before
@@ -42,14 +42,14 @@ def test_a_status_is_its_plain_string(status):
 def test_final_statuses_are_not_unfinished_and_never_move_again():
     assert UNFINISHED_BATCHES == (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS,
                                   BatchStatus.FINALIZING, BatchStatus.CANCELLING)
-    assert UNFINISHED_FINE_TUNES == (FineTuneStatus.VALIDATING_FILES, FineTuneStatus.QUEUED,
-                                     FineTuneStatus.RUNNING)
-    for table in (BATCH_FROM, FINE_TUNE_FROM):
+    assert UNFINISHED_FINE_TUNES == (FineTuningStatus.VALIDATING_FILES, FineTuningStatus.QUEUED,
+                                     FineTuningStatus.RUNNING)
+    for table in (BATCH_FROM, FINE_TUNING_FROM):
         assert not any(before.is_final() for sources in table.values() for before in sources)
 
 
 def test_the_json_objects_are_unchanged_by_the_enum(store):
-    batches, jobs = BatchStore(store), FineTuneStore(store)
+    batches, jobs = BatchStore(store), FineTuningStore(store)
     batch = batches.add_batch("/v1/completions", "file-x", "24h", 60, {"k": "v"})
     batches.transition(batch.id, BatchStatus.IN_PROGRESS)
     batch = batches.get_batch(batch.id)

@@ -1,4 +1,4 @@
-"""``lmforge batches ...`` against a batch server, and ``lmforge batch run`` (the offline runner,
+"""``lmforge batches ...`` against a batch server, and ``lmforge batches run`` (the offline runner,
 no server) on the tiny model: tables and ``--json``, the same records as the server writes,
 errors as one line (naming the list command of a missing id) with a non-zero exit."""
 
@@ -63,7 +63,7 @@ def test_offline_batch_run_writes_every_line_in_order(tiny_llama_dir, tmp_path):
              line("c", chat | {"max_tokens": 100000})]
     source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("\n".join(lines) + "\n")
-    result = run("batch", "run", source, "-o", output, "--model", tiny_llama_dir,
+    result = run("batches", "run", source, "-o", output, "--model", tiny_llama_dir,
                  "--served-model-name", "tiny")
     assert result.exit_code == 0, result.output
     assert "3 requests: 2 succeeded, 1 failed" in result.output
@@ -74,6 +74,6 @@ def test_offline_batch_run_writes_every_line_in_order(tiny_llama_dir, tmp_path):
     assert records[1]["response"]["body"]["data"][0]["object"] == "embedding"
 
     source.write_text(line("a", chat | {"model": "other"}) + "\n")
-    bad = run("batch", "run", source, "-o", output, "--model", tiny_llama_dir,
+    bad = run("batches", "run", source, "-o", output, "--model", tiny_llama_dir,
               "--served-model-name", "tiny")
     assert bad.exit_code == 2 and "line 1" in bad.output and "other" in bad.output

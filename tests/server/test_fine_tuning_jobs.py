@@ -36,7 +36,7 @@ def wait_job(client, job_id, statuses, timeout_s=120.0):
 
 
 HYPER = {"n_epochs": 2, "batch_size": 4, "lora_r": 4, "learning_rate": 1e-3, "max_seq_len": 64}
-WORKER_LOG = "lmforge.jobs.fine_tune_worker"
+WORKER_LOG = "lmforge.jobs.fine_tuning_worker"
 
 
 def messages_of(client, job_id) -> list[str]:

@@ -1,6 +1,6 @@
 """Batch input files and batch lines: validation up front, running one line, the output records.
 
-Shared by the server's batch worker (``jobs/worker.py``) and the offline runner (``lmforge batch
+Shared by the server's batch worker (``jobs/batch_worker.py``) and the offline runner (``lmforge batch
 run``). A line runs as an HTTP request to the serving app itself, in-process (``httpx`` over the
 app's ASGI callable), so its response body is exactly what the online endpoint returns.
 

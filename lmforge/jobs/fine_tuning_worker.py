@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LMForgeError
-from lmforge.jobs.fine_tunes import FineTuneStore, JobRecord
-from lmforge.jobs.statuses import FineTuneStatus
+from lmforge.jobs.fine_tuning_store import FineTuningStore, JobRecord
+from lmforge.jobs.statuses import FineTuningStatus
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
 from lmforge.training.events import (
@@ -94,7 +94,7 @@ def training_config(job: JobRecord) -> Any:
                           **{k: v for k, v in plain.items() if v is not None})
 
 
-class FineTuneWorker(PollingWorker):
+class FineTuningWorker(PollingWorker):
     """Runs fine-tuning jobs on the served base model (see the module docstring).
 
     Args:
@@ -105,7 +105,7 @@ class FineTuneWorker(PollingWorker):
 
     def __init__(self, store: Store, engine: Any, poll_s: float = 1.0):
         super().__init__(poll_s)
-        self.store, self.jobs, self.engine = store, FineTuneStore(store), engine
+        self.store, self.jobs, self.engine = store, FineTuningStore(store), engine
         self.work_dir = store.home / "fine_tunes"
         self.adapter_dir = store.home / "adapters"
         self._shutdown = threading.Event()  # read by the training thread
@@ -131,15 +131,15 @@ class FineTuneWorker(PollingWorker):
             await self._drive(job)
 
     async def _drive(self, job: JobRecord) -> None:
-        resumed = job.status is FineTuneStatus.RUNNING  # the server stopped while it trained
-        if job.status is FineTuneStatus.VALIDATING_FILES:
+        resumed = job.status is FineTuningStatus.RUNNING  # the server stopped while it trained
+        if job.status is FineTuningStatus.VALIDATING_FILES:
             if not await self._validate(job):
                 return
             job = await self._get(job.id)
-        if job.status is FineTuneStatus.QUEUED and await self._move(
-                job, FineTuneStatus.RUNNING, "Fine-tuning job started"):
+        if job.status is FineTuningStatus.QUEUED and await self._move(
+                job, FineTuningStatus.RUNNING, "Fine-tuning job started"):
             job = await self._get(job.id)
-        if job.status is FineTuneStatus.RUNNING:
+        if job.status is FineTuningStatus.RUNNING:
             await self._train(job, resumed)
 
     async def _validate(self, job: JobRecord) -> bool:
@@ -155,7 +155,7 @@ class FineTuneWorker(PollingWorker):
             await self._fail(job, "invalid_file", "the file was deleted", "training_file")
             return False
         hyperparameters, steps = resolve_hyperparameters(job.hyperparameters, n_examples)
-        if not await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.QUEUED,
+        if not await asyncio.to_thread(self.jobs.transition, job.id, FineTuningStatus.QUEUED,
                                        hyperparameters=hyperparameters):
             return False  # cancelled meanwhile
         job.hyperparameters = hyperparameters
@@ -208,7 +208,7 @@ class FineTuneWorker(PollingWorker):
             if now - last_check[0] >= _CANCEL_CHECK_S:
                 last_check[0] = now
                 current = self.jobs.get_job(job.id)
-                last_check[1] = current is None or current.status is not FineTuneStatus.RUNNING
+                last_check[1] = current is None or current.status is not FineTuningStatus.RUNNING
             return bool(last_check[1])
 
         metrics: list[StepEvent] = []  # this run's, for the results file
@@ -260,7 +260,7 @@ class FineTuneWorker(PollingWorker):
         results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
                                           f"{job.id}_results.csv", RESULTS_PURPOSE)
         await self.engine.add_lora(name, str(target))
-        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.SUCCEEDED,
+        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuningStatus.SUCCEEDED,
                                    fine_tuned_model=name, adapter_path=str(target),
                                    trained_tokens=result.trained_tokens,
                                    result_files=[results.id]):
@@ -269,7 +269,7 @@ class FineTuneWorker(PollingWorker):
             await self.engine.remove_lora(name)
 
     async def _fail(self, job: JobRecord, code: str, message: str, param: str | None) -> None:
-        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuneStatus.FAILED,
+        if await asyncio.to_thread(self.jobs.transition, job.id, FineTuningStatus.FAILED,
                                    error={"code": code, "message": message, "param": param}):
             await self._event(job, f"Fine-tuning job failed: {message}", level="error")
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from lmforge.jobs.fine_tune_worker import FineTuneWorker, _results_csv
+from lmforge.jobs.fine_tuning_worker import FineTuningWorker, _results_csv
 from lmforge.training.events import CheckpointEvent, MessageEvent, ResumeEvent, StepEvent
 
 
@@ -32,7 +32,7 @@ def test_events_are_stored_in_the_openai_shapes():
               StepEvent(1, 1, 12.5, 0.0), StepEvent(3, 1, 11.25, 0.03, eval_loss=10.125),
               CheckpointEvent(3, 1, Path("/w/ftjob-1/checkpoint-3"), 11.25, 10.125)]
     for event in events:
-        FineTuneWorker._record(worker, job, metrics, event)
+        FineTuningWorker._record(worker, job, metrics, event)
     assert worker.jobs.calls == [
         ("event", "ftjob-1", ("Restarting from step 1: no checkpoint was saved before the "
                               "server stopped"), "message",

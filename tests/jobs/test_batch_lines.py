@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from lmforge.jobs.batches import parse_input
+from lmforge.jobs.batch_lines import parse_input
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

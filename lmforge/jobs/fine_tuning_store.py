@@ -1,6 +1,6 @@
 """Fine-tuning jobs in the store: the job rows, their events and checkpoints.
 
-Statuses (``jobs/statuses.py``) move forward only (``FINE_TUNE_FROM``: the statuses each one may
+Statuses (``jobs/statuses.py``) move forward only (``FINE_TUNING_FROM``: the statuses each one may
 follow), through conditional updates, as batches do: ``validating_files -> queued -> running ->
 succeeded``, ``failed`` or ``cancelled`` from any unfinished status. A job that was ``running`` when
 the server died is found by ``unfinished_jobs`` and resumed from its last checkpoint (or failed
@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from lmforge.jobs.schema import FINE_TUNING_CHECKPOINTS, FINE_TUNING_EVENTS, FINE_TUNING_JOBS
-from lmforge.jobs.statuses import FINE_TUNE_FROM, UNFINISHED_FINE_TUNES, FineTuneStatus
+from lmforge.jobs.statuses import FINE_TUNING_FROM, UNFINISHED_FINE_TUNES, FineTuningStatus
 from lmforge.jobs.store import Store, new_id
 
 _JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
@@ -31,7 +31,7 @@ class JobRecord:
     validation_file: str | None
     suffix: str | None
     seed: int
-    status: FineTuneStatus
+    status: FineTuningStatus
     hyperparameters: dict[str, Any]
     method: dict[str, Any] | None
     metadata: dict[str, str] | None
@@ -68,7 +68,7 @@ class CheckpointRecord:
     rank: int
 
 
-class FineTuneStore:
+class FineTuningStore:
     """Fine-tuning rows over a ``Store``'s database (the tables are its migration 2)."""
 
     def __init__(self, store: Store):
@@ -81,7 +81,7 @@ class FineTuneStore:
         rank = time.time_ns()
         values = dict(id=new_id("ftjob-"), model=model, training_file=training_file,
                       validation_file=validation_file, suffix=suffix, seed=seed,
-                      status=FineTuneStatus.VALIDATING_FILES,
+                      status=FineTuningStatus.VALIDATING_FILES,
                       hyperparameters=json.dumps(hyperparameters), method=_dumps(method),
                       metadata=_dumps(metadata),
                       created_at=rank // 10**9, rank=rank)
@@ -113,7 +113,7 @@ class FineTuneStore:
         """Jobs whose adapter is served (re-registered at every start-up), oldest first."""
         with self.db.connect() as conn:
             rows = conn.execute(FINE_TUNING_JOBS.select().where(
-                FINE_TUNING_JOBS.c.status == FineTuneStatus.SUCCEEDED,
+                FINE_TUNING_JOBS.c.status == FineTuningStatus.SUCCEEDED,
                 FINE_TUNING_JOBS.c.adapter_path.is_not(None)).order_by(
                 FINE_TUNING_JOBS.c.rank)).all()
         return [_job(r) for r in rows]
@@ -130,21 +130,21 @@ class FineTuneStore:
                          .values(adapter_path=None))
         return row.adapter_path
 
-    def transition(self, job_id: str, status: FineTuneStatus, **values: Any) -> bool:
-        """Move a job to ``status`` if its current status may precede it (``FINE_TUNE_FROM``),
+    def transition(self, job_id: str, status: FineTuningStatus, **values: Any) -> bool:
+        """Move a job to ``status`` if its current status may precede it (``FINE_TUNING_FROM``),
         with other columns in the same update (JSON ones encoded); a final status stamps
         ``finished_at``. Returns whether it moved.
 
         Raises:
-            ValueError: ``status`` is not a ``FineTuneStatus`` (or one's value)."""
-        status = FineTuneStatus(status)
+            ValueError: ``status`` is not a ``FineTuningStatus`` (or one's value)."""
+        status = FineTuningStatus(status)
         values = {k: _dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()}
         if status.is_final():
             values["finished_at"] = int(time.time())
         with self.db.begin() as conn:
             moved = conn.execute(FINE_TUNING_JOBS.update().where(
                 FINE_TUNING_JOBS.c.id == job_id,
-                FINE_TUNING_JOBS.c.status.in_(FINE_TUNE_FROM[status])).values(
+                FINE_TUNING_JOBS.c.status.in_(FINE_TUNING_FROM[status])).values(
                 status=status, **values)).rowcount
         return bool(moved)
 

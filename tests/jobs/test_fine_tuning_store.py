@@ -1,4 +1,4 @@
-"""Fine-tuning job rows (``jobs/fine_tunes.py``, store migration 2) and the job request schema:
+"""Fine-tuning job rows (``jobs/fine_tuning_store.py``, store migration 2) and the job request schema:
 statuses only move forward, events and checkpoints page newest first, hyperparameters from both
 places merge with range errors naming the field."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from lmforge.errors import InvalidRequestError
-from lmforge.jobs.fine_tunes import FineTuneStore
-from lmforge.jobs.statuses import FineTuneStatus
+from lmforge.jobs.fine_tuning_store import FineTuningStore
+from lmforge.jobs.statuses import FineTuningStatus
 from lmforge.jobs.store import Store
 from lmforge.protocol.fine_tuning import FineTuningJobCreate
 
@@ -16,31 +16,31 @@ from lmforge.protocol.fine_tuning import FineTuningJobCreate
 @pytest.fixture
 def jobs(tmp_path):
     store = Store(home=tmp_path)
-    yield FineTuneStore(store)
+    yield FineTuningStore(store)
     store.close()
 
 
-def new_job(jobs: FineTuneStore, **kw):
+def new_job(jobs: FineTuningStore, **kw):
     return jobs.add_job("base", "file-t", None, "mine", 42, {"n_epochs": 2}, None, None, **kw)
 
 
 def test_job_statuses_only_move_forward_and_final_ones_stamp_finished_at(jobs):
     job = new_job(jobs)
     assert (job.status, job.hyperparameters, job.finished_at) == (
-        FineTuneStatus.VALIDATING_FILES, {"n_epochs": 2}, None)
-    assert not jobs.transition(job.id, FineTuneStatus.RUNNING)  # must be queued first
-    assert jobs.transition(job.id, FineTuneStatus.QUEUED)
-    assert jobs.transition(job.id, FineTuneStatus.RUNNING)
-    assert jobs.transition(job.id, FineTuneStatus.SUCCEEDED, fine_tuned_model="ft:base:mine:x",
+        FineTuningStatus.VALIDATING_FILES, {"n_epochs": 2}, None)
+    assert not jobs.transition(job.id, FineTuningStatus.RUNNING)  # must be queued first
+    assert jobs.transition(job.id, FineTuningStatus.QUEUED)
+    assert jobs.transition(job.id, FineTuningStatus.RUNNING)
+    assert jobs.transition(job.id, FineTuningStatus.SUCCEEDED, fine_tuned_model="ft:base:mine:x",
                            trained_tokens=123, result_files=["file-r"])
-    assert not jobs.transition(job.id, FineTuneStatus.CANCELLED)  # finished
+    assert not jobs.transition(job.id, FineTuningStatus.CANCELLED)  # finished
     done = jobs.get_job(job.id)
     assert (done.status, done.fine_tuned_model, done.trained_tokens, done.result_files) == (
-        FineTuneStatus.SUCCEEDED, "ft:base:mine:x", 123, ["file-r"])
-    assert done.status is FineTuneStatus.SUCCEEDED  # read back as the enum, not a plain str
+        FineTuningStatus.SUCCEEDED, "ft:base:mine:x", 123, ["file-r"])
+    assert done.status is FineTuningStatus.SUCCEEDED  # read back as the enum, not a plain str
     assert done.finished_at is not None and jobs.unfinished_jobs() == []
     other = new_job(jobs)
-    assert jobs.transition(other.id, FineTuneStatus.FAILED,
+    assert jobs.transition(other.id, FineTuningStatus.FAILED,
                            error={"code": "invalid_file", "message": "m"})
     assert jobs.get_job(other.id).error == {"code": "invalid_file", "message": "m"}
     listed, more = jobs.list_jobs(limit=1)
