@@ -209,3 +209,140 @@ def test_only_engine_reaches_inside_the_async_engine(path):
     touches the ``LLMEngine`` the loop thread owns (``async_engine.engine``)."""
     source = (ROOT / path).read_text(encoding="utf-8")
     assert not ENGINE_REACH.search(source), f"{path} reaches through AsyncEngine.engine"
+
+
+# --- import circles ----------------------------------------------------------------------------
+# A module-level import is one that runs when the module is imported: a statement of the module
+# body, also inside a top-level ``if`` (``if TYPE_CHECKING:`` included), ``try``, ``with`` or
+# class body. TYPE_CHECKING imports count, as in LAYER_RULES: two modules that name each other's
+# types know each other, and the circle `attention -> multi_lora -> llama -> attention` ran
+# through one. Imports inside a function body do not count: they run late, when both modules are
+# loaded, and are how a module defers a heavy optional dependency; the layering rules above still
+# see them.
+
+
+def _import_time_statements(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements of ``body`` that run at import time, nested blocks (``if``, ``try``,
+    ``with``, class bodies) flattened; function bodies are skipped."""
+    out: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        out.append(node)
+        for field in ("body", "orelse", "finalbody"):
+            out.extend(_import_time_statements(getattr(node, field, None) or []))
+        for handler in getattr(node, "handlers", None) or []:
+            out.extend(_import_time_statements(handler.body))
+    return out
+
+
+def module_name(path: str) -> str:
+    """``lmforge/models/llama.py`` -> ``lmforge.models.llama``; a package's ``__init__.py`` ->
+    the package's name."""
+    parts = Path(path).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_level_edges(path: str, modules: set[str], source: str | None = None) -> set[str]:
+    """The modules among ``modules`` that ``path`` imports at module level.
+
+    ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``
+    (``name`` is then an attribute of the package); ``import a.b`` is an edge to ``a.b``. The
+    parent packages that Python imports on the way are not edges: a package's ``__init__`` that
+    re-exports its modules would otherwise close a circle with every one of them.
+    """
+    if source is None:
+        source = (ROOT / path).read_text(encoding="utf-8")
+    edges: set[str] = set()
+    for node in _import_time_statements(ast.parse(source, filename=path).body):
+        if isinstance(node, ast.Import):
+            edges.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom):
+            for alias in node.names:  # one statement per name, resolved by imported_modules
+                single = ast.unparse(ast.ImportFrom(node.module, [alias], node.level))
+                package, name = sorted(imported_modules(path, single), key=len)  # pkg, pkg.name
+                target = name if name in modules else package
+                if target in modules:
+                    edges.add(target)
+    return edges
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle ``[a, b, ..., a]`` per strongly connected component of ``graph`` that has one
+    (Tarjan's algorithm, then a path back to the component's first node), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    components: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:  # node is the root of a component: pop it off the stack
+            component = set()
+            while True:
+                member = stack.pop()
+                component.add(member)
+                if member == node:
+                    break
+            components.append(component)
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    cycles = []
+    for component in components:
+        start = min(component)
+        if len(component) == 1 and start not in graph.get(start, ()):
+            continue
+        cycles.append(_path_back(graph, component, start))
+    return sorted(cycles)
+
+
+def _path_back(graph: dict[str, set[str]], component: set[str], start: str) -> list[str]:
+    """A shortest path ``start -> ... -> start`` inside ``component`` (breadth-first)."""
+    paths = {start: [start]}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for nxt in sorted(graph.get(node, set()) & component):
+                if nxt == start:
+                    return [*paths[node], start]
+                if nxt not in paths:
+                    paths[nxt] = [*paths[node], nxt]
+                    following.append(nxt)
+        frontier = following
+    raise AssertionError(f"{start} is in a cycle but no path leads back to it")
+
+
+def lmforge_import_graph() -> dict[str, set[str]]:
+    """Module-level import edges between lmforge's own modules."""
+    modules = {module_name(p): p for p in package_files()}
+    return {name: module_level_edges(path, set(modules)) for name, path in modules.items()}
+
+
+def test_import_cycle_helpers() -> None:
+    """The graph helpers see what they must: TYPE_CHECKING imports count, function-body
+    imports do not, a submodule named in ``from pkg import mod`` is the edge."""
+    modules = {"lmforge.models", "lmforge.models.a", "lmforge.models.b", "lmforge.models.c"}
+    source = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n"
+              "from lmforge.models import c\nfrom lmforge.models import VERSION\n"
+              "def f():\n    from lmforge.models.a import A\n")
+    assert module_level_edges("lmforge/models/a.py", modules, source) == {
+        "lmforge.models.b", "lmforge.models.c", "lmforge.models"}
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"d"}, "e": {"a"}}
+    assert import_cycles(graph) == [["a", "b", "c", "a"], ["d", "d"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    cycles = import_cycles(lmforge_import_graph())
+    shown = "; ".join(" -> ".join(cycle) for cycle in cycles)
+    assert not cycles, f"import circles (module-level imports, TYPE_CHECKING included): {shown}"

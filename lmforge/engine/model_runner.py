@@ -8,6 +8,7 @@ requests that asked for prompt logprobs.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,8 @@ class ModelRunner:
         num_blocks, block_size: KV cache geometry; K and V per layer are
             (n_kv_heads, num_blocks * block_size, head_dim) tensors in the model's dtype.
         loras: the LoRA adapters requests may name (``Request.lora_name``); each step's
-            ``LoRABatch`` goes to the model in the attention metadata.
+            forward pass runs inside ``loras.applying``, which tells the model's LoRA layers
+            which rows use which adapter.
     """
 
     def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, num_blocks: int,
@@ -79,13 +81,20 @@ class ModelRunner:
         reqs = [out.requests[i] for i in order]
         counts = [out.num_new_tokens[i] for i in order]
         input_ids, positions, meta, last_rows = self._prepare(reqs, counts)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
+        with self._adapters(reqs, counts):
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)  # (T, hidden)
         # logits only for the last row of each sampling request, in the scheduler's order
         row_of = {id(r): row for r, row in zip(reqs, last_rows)}
         rows = [row_of[id(r)] for r in out.sampling_requests()]
         logits = (self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
                   if rows else torch.empty(0, self.model.config.vocab_size, device=self.device))
         return ModelOutput(logits, self._prompt_logits(hidden, reqs, counts, last_rows))
+
+    def _adapters(self, reqs: list[Request], counts: list[int]) -> AbstractContextManager:
+        """Each request's LoRA adapter on its rows for the forward pass inside the block."""
+        if self.loras is None:
+            return nullcontext()
+        return self.loras.applying([r.lora_name for r in reqs], counts)
 
     def _prompt_logits(self, hidden: torch.Tensor, reqs: list[Request], counts: list[int],
                        last_rows: list[int]) -> dict[str, tuple[int, torch.Tensor]]:
@@ -139,8 +148,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(to), block_size=bs, num_decodes=num_decodes,
             decode_rows=None if decode_rows is None else decode_rows.to(to),
-            decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills,
-            lora=self.loras and self.loras.batch([r.lora_name for r in reqs], counts))
+            decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 
     def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:

@@ -17,13 +17,9 @@ The metadata is built once per step by the model runner and passed as an argumen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from lmforge.models.multi_lora import LoRABatch
 
 # Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
 # 54-88 vs 131-137 us per layer at 1 sequence, 107 vs 179 at 4, about even at 8 and behind
@@ -57,7 +53,6 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # (Bd * n_kv * W,) int64 block rows of the decode contexts
     decode_bias: torch.Tensor | None  # (Bd, 1, 1, W * block_size) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
-    lora: LoRABatch | None = None  # which rows use which LoRA adapter; None = base model only
 
 
 def block_rows(block_table: torch.Tensor, n_kv_heads: int, num_blocks: int) -> torch.Tensor:

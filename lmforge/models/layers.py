@@ -1,8 +1,10 @@
-"""Building blocks shared by the model families: RMSNorm, rotary embeddings, gated MLP."""
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, gated MLP, and the
+fusion of sibling linear layers into one for inference."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,27 @@ def concat_linears(*linears: nn.Linear) -> nn.Linear:
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
     return fused.requires_grad_(False)
+
+
+def fuse_linears_(root: nn.Module, fused_name: str,
+                  part_names: Sequence[str]) -> list[tuple[str, int]]:
+    """Replace the sibling linears ``part_names`` of ``root`` by one ``concat_linears`` layer
+    named ``fused_name``, in place; the parts are deleted.
+
+    Names are full module names under ``root`` (``model.layers.0.mlp.gate_proj``), every part
+    under the parent of ``fused_name``.
+
+    Returns:
+        [(part name, output size)] in the fused layer's output order: which slice of its output
+        each part computes (the 4-bit loader and multi-LoRA address the parts by it).
+    """
+    parent_name, _, fused_attr = fused_name.rpartition(".")
+    parent = root.get_submodule(parent_name)
+    parts = [root.get_submodule(name) for name in part_names]
+    setattr(parent, fused_attr, concat_linears(*parts))
+    for name in part_names:
+        delattr(parent, name.rpartition(".")[2])
+    return [(name, part.out_features) for name, part in zip(part_names, parts)]
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:

@@ -5,7 +5,9 @@ Module names equal the Hugging Face checkpoint names (``model.layers.0.self_attn
 loading a checkpoint is a name table and PEFT adapters interoperate.
 
 The model runs over a flat batch of T tokens from many requests and the paged KV cache; see
-``lmforge.models.attention``.
+``lmforge.models.attention``. It knows nothing of LoRA: ``models/lora.py`` (training) and
+``models/multi_lora.py`` (serving) swap its HF-named projections for LoRA layers from outside, as
+``models/packing.py`` and ``models/quant.py`` swap in theirs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
-from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, concat_linears
+from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears_
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_kv_heads, num_slots, head_dim)
 
@@ -55,12 +56,6 @@ FUSED_PROJECTIONS = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_pro
 Rope = tuple[torch.Tensor, torch.Tensor]  # this step's (cos, sin), each (T, 1, head_dim)
 
 
-def _linear(layer: nn.Module, x: torch.Tensor, lora) -> torch.Tensor:
-    """``layer(x)``, plus the step's LoRA updates when a request uses an adapter (``lora`` is a
-    ``models.multi_lora.LoRABatch``; the layer is then a ``MultiLoRALinear``)."""
-    return layer(x) if lora is None else layer(x, lora)
-
-
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -77,12 +72,11 @@ class LlamaAttention(nn.Module):
     def forward(self, rope: Rope, x: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         t, h, h_kv, d = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        lora = meta.lora
         if self.qkv_proj is not None:
-            qk, v = _linear(self.qkv_proj, x, lora).split(((h + h_kv) * d, h_kv * d), dim=-1)
+            qk, v = self.qkv_proj(x).split(((h + h_kv) * d, h_kv * d), dim=-1)
         else:
-            qk = torch.cat((_linear(self.q_proj, x, lora), _linear(self.k_proj, x, lora)), dim=-1)
-            v = _linear(self.v_proj, x, lora)
+            qk = torch.cat((self.q_proj(x), self.k_proj(x)), dim=-1)
+            v = self.v_proj(x)
         qk = RotaryEmbedding.apply(qk.view(t, h + h_kv, d), rope)  # q and k heads in one pass
         q, k = qk.split((h, h_kv), dim=1)  # (T, H, D), (T, Hkv, D)
         v = v.view(t, h_kv, d)
@@ -90,7 +84,7 @@ class LlamaAttention(nn.Module):
         write_kv(k_cache, meta.slot_mapping, k)
         write_kv(v_cache, meta.slot_mapping, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return _linear(self.o_proj, o.reshape(t, self.n_heads * self.head_dim), lora)
+        return self.o_proj(o.reshape(t, self.n_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -103,17 +97,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, rope: Rope, x, kv_cache, meta):
         x = x + self.self_attn(rope, self.input_layernorm(x), kv_cache, meta)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h) if meta.lora is None else _lora_mlp(self.mlp, h, meta.lora))
-
-
-def _lora_mlp(mlp: GatedMLP, x: torch.Tensor, lora) -> torch.Tensor:
-    """``GatedMLP.forward`` with the step's LoRA updates on its projections (fused or not)."""
-    if mlp.gate_up_proj is not None:
-        gate, up = _linear(mlp.gate_up_proj, x, lora).chunk(2, dim=-1)
-    else:
-        gate, up = _linear(mlp.gate_proj, x, lora), _linear(mlp.up_proj, x, lora)
-    return _linear(mlp.down_proj, F.silu(gate) * up, lora)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -151,6 +135,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # fused layer name -> [(HF part name, output size)] in output order; fuse_projections_
+        # fills it (``model.layers.0.self_attn.qkv_proj`` -> [(``...q_proj``, 576), ...])
+        self.fused_parts: dict[str, list[tuple[str, int]]] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
@@ -159,17 +146,15 @@ class LlamaForCausalLM(nn.Module):
     def fuse_projections_(self) -> None:
         """Fuse q|k|v and gate|up into one linear layer each, in place (inference only).
 
-        Names after fusion: ``FUSED_PROJECTIONS``; the HF-named layers are gone, so fuse after
-        loading a checkpoint and never before training.
+        Names after fusion: ``FUSED_PROJECTIONS``, and ``fused_parts`` lists what each fused
+        layer holds; the HF-named layers are gone, so fuse after loading a checkpoint and never
+        before training.
         """
-        for layer in self.model.layers:
+        for i in range(len(self.model.layers)):
+            prefix = f"model.layers.{i}."
             for fused_name, parts in FUSED_PROJECTIONS.items():
-                owner_name, _, fused_attr = fused_name.rpartition(".")
-                owner = layer.get_submodule(owner_name)
-                attrs = [part.rpartition(".")[2] for part in parts]
-                setattr(owner, fused_attr, concat_linears(*(getattr(owner, a) for a in attrs)))
-                for attr in attrs:
-                    delattr(owner, attr)
+                self.fused_parts[prefix + fused_name] = fuse_linears_(
+                    self, prefix + fused_name, [prefix + part for part in parts])
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
-from lmforge.models.llama import FUSED_PROJECTIONS, LlamaConfig, LlamaForCausalLM
+from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_llama_
 from lmforge.models.quant import (
     Q4Weight,
@@ -92,23 +92,26 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> LoadedModel:
     if can_pack(dtype, device):
         pack_llama_(model)
     if cfg.gguf_int4 and q4_weights and can_use_int4(dtype, device):
-        attach_int4_(model, fuse_q4_weights(q4_weights, config.num_hidden_layers))
+        attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
 
 
-def fuse_q4_weights(weights: dict[str, Q4Weight], num_layers: int) -> dict[str, Q4Weight]:
-    """4-bit weights renamed for the fused layers (``FUSED_PROJECTIONS``), rows concatenated.
+def fuse_q4_weights(weights: dict[str, Q4Weight],
+                    fused_parts: dict[str, list[tuple[str, int]]]) -> dict[str, Q4Weight]:
+    """4-bit weights renamed for the fused layers, rows concatenated.
+
+    Args:
+        weights: HF parameter name (``model.layers.0.self_attn.q_proj.weight``) -> Q4Weight.
+        fused_parts: the model's fused layers (``LlamaForCausalLM.fused_parts``).
 
     A fused layer gets a 4-bit weight only when all of its parts have one; parts of a fused layer
     are dropped either way, as the model no longer has them.
     """
     fused = dict(weights)
-    for i in range(num_layers):
-        for fused_name, parts in FUSED_PROJECTIONS.items():
-            names = [f"model.layers.{i}.{part}.weight" for part in parts]
-            found = [fused.pop(name, None) for name in names]
-            if all(w is not None for w in found):
-                fused[f"model.layers.{i}.{fused_name}.weight"] = concat_rows(found)
+    for fused_name, parts in fused_parts.items():
+        found = [fused.pop(f"{part}.weight", None) for part, _ in parts]
+        if all(w is not None for w in found):
+            fused[f"{fused_name}.weight"] = concat_rows(found)
     return fused
 
 

@@ -1,16 +1,26 @@
 """Many LoRA adapters in one batch (Punica, arXiv:2310.18547; S-LoRA, arXiv:2311.03285).
 
-The served model is fused (q|k|v, gate|up) and its linears may be prepacked bf16 or 4-bit, so
-``MultiLoRALinear`` wraps whatever linear is there and adds each adapter's update to the rows
-(tokens) of that adapter only, into the output slice of the projection it targets. The
-``LoRABatch`` of a step says which rows use which adapter; it travels in the attention metadata.
-``LoRAManager`` keeps the registered adapters and loads them into the model on demand, at most
-``max_loras`` resident. Adapters are PEFT directories (``models/lora.py``).
+The model files know nothing of LoRA. ``LoRAManager`` swaps each target linear of the served
+model for a ``MultiLoRALinear`` (``lora_targets``: a module named as a PEFT target, ``q_proj`` ...
+``down_proj``, or a fused layer the model lists in ``fused_parts``), as ``packing.py`` and
+``quant.py`` swap in their layers; a model family gets multi-LoRA by naming its projections so.
+The served model is fused (q|k|v, gate|up) and its linears may be prepacked bf16 or 4-bit, so the
+wrapper takes whatever linear is there and adds each adapter's update to the rows (tokens) of
+that adapter only, into the output slice of the projection it targets.
+
+The ``LoRABatch`` of a step says which rows use which adapter. The engine sets it for one forward
+pass on the ``LoRAContext`` that every wrapper of the model shares
+(``with manager.applying(names, counts): model(...)``), the part vLLM's Punica wrapper plays, so
+the model's forward is the plain model's. ``LoRAManager`` keeps the registered adapters and
+loads them into the model on demand, at most ``max_loras`` resident. Adapters are PEFT
+directories (``models/lora.py``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +28,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import InvalidRequestError, ModelLoadError
-from lmforge.models.llama import FUSED_PROJECTIONS
 from lmforge.models.lora import (
+    SUPPORTED_TARGETS,
     LoRAConfig,
     adapter_pairs,
     load_peft_adapter,
@@ -38,33 +48,59 @@ class LoRABatch:
     groups: list[tuple[int, torch.Tensor | None]]
 
 
+class LoRAContext:
+    """The ``LoRABatch`` of the forward pass in progress, read by every ``MultiLoRALinear`` of
+    one model.
+
+    ``batch`` is None (the base model) outside ``applying``, so a forward pass that sets none
+    (an embeddings request, a plain call) runs the base model.
+    """
+
+    def __init__(self) -> None:
+        self.batch: LoRABatch | None = None
+
+    @contextmanager
+    def applying(self, batch: LoRABatch | None) -> Iterator[None]:
+        """``batch`` for the forward passes inside the ``with`` block; None again after it,
+        also when the block raises."""
+        self.batch = batch
+        try:
+            yield
+        finally:
+            self.batch = None
+
+
 class MultiLoRALinear(nn.Module):
     """Any linear layer (``nn.Linear``, ``PackedLinear``, ``Int4DecodeLinear``) plus the
     updates of every resident adapter that targets it, each applied to its own rows.
 
-    ``forward(x (T, in), lora) -> (T, out)``: ``base(x)``, then for each (slot, rows) of
-    ``lora``: ``y[rows] += (x[rows] @ A^T) @ B^T`` with the adapter's A (R, in) and B (out, R),
-    scaling folded into B. A fused layer (``parts`` q|k|v or gate|up) stacks the parts' A
-    along R and makes B block-diagonal, so each part's update lands in its output slice and a
-    part the adapter does not target gets zeros: one pair of matmuls per adapter (the
-    "gather, shrink, expand, scatter" of Punica's BGMV, as a loop over the few adapters of a
-    step). Base outputs are untouched: ``lora=None`` costs one check.
+    ``forward(x (T, in)) -> (T, out)``: ``base(x)``, then for each (slot, rows) of the
+    ``LoRABatch`` set on ``context``: ``y[rows] += (x[rows] @ A^T) @ B^T`` with the adapter's
+    A (R, in) and B (out, R), scaling folded into B. A fused layer (``parts`` q|k|v or
+    gate|up) stacks the parts' A along R and makes B block-diagonal, so each part's update
+    lands in its output slice and a part the adapter does not target gets zeros: one pair of
+    matmuls per adapter (the "gather, shrink, expand, scatter" of Punica's BGMV, as a loop over
+    the few adapters of a step). Base outputs are untouched: no batch on the context costs one
+    check.
 
     Args:
         base: the layer to wrap.
         parts: (HF module name, output size) of each projection in ``base``'s output, in order.
+        context: where the step's ``LoRABatch`` is read, shared by the model's wrappers.
     """
 
-    def __init__(self, base: nn.Module, parts: list[tuple[str, int]]):
+    def __init__(self, base: nn.Module, parts: list[tuple[str, int]], context: LoRAContext):
         super().__init__()
         self.base = base
         self.parts = parts
+        self.context = context
         self.in_features, self.out_features = base.in_features, base.out_features
         # slot -> (A^T (in, R), B^T (R, out)): pre-transposed so both matmuls read rows
         self.adapters: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        lora = self.context.batch
         if lora is None:
             return y
         for slot, rows in lora.groups:
@@ -105,30 +141,21 @@ class MultiLoRALinear(nn.Module):
         self.adapters.pop(slot, None)
 
 
-def projection_parts(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
-    """The LoRA-targetable linears of a Llama-family model as it is now (fused or not).
+def lora_targets(model: nn.Module) -> dict[str, list[tuple[str, int]]]:
+    """The linears of ``model`` that adapters may target, as the model is now (fused or not).
+
+    A module whose own name is a PEFT target (``SUPPORTED_TARGETS``: ``q_proj`` ...) is its one
+    part; a fused layer that the model lists in ``fused_parts``
+    (``LlamaForCausalLM.fuse_projections_``) holds several.
 
     Returns:
-        module name (``model.layers.0.self_attn.qkv_proj``) -> [(HF part name, output size)].
+        module name (``model.layers.0.self_attn.qkv_proj``) -> [(HF part name, output size)],
+        the parts in the layer's output order.
     """
-    cfg = model.config
-    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    sizes = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv,
-             "self_attn.o_proj": cfg.hidden_size, "mlp.gate_proj": cfg.intermediate_size,
-             "mlp.up_proj": cfg.intermediate_size, "mlp.down_proj": cfg.hidden_size}
-    out = {}
-    for i, layer in enumerate(model.model.layers):
-        prefix = f"model.layers.{i}."
-        fused_parts = set()
-        for fused, parts in FUSED_PROJECTIONS.items():
-            if getattr(layer.get_submodule(fused.rpartition(".")[0]),
-                       fused.rpartition(".")[2], None) is not None:
-                out[prefix + fused] = [(prefix + p, sizes[p]) for p in parts]
-                fused_parts.update(parts)
-        for part, size in sizes.items():
-            if part not in fused_parts:
-                out[prefix + part] = [(prefix + part, size)]
-    return out
+    fused = getattr(model, "fused_parts", {})
+    return {name: fused.get(name) or [(name, module.out_features)]
+            for name, module in model.named_modules()
+            if name in fused or name.rpartition(".")[2] in SUPPORTED_TARGETS}
 
 
 @dataclass
@@ -147,17 +174,18 @@ class LoRAManager:
     Adapters are read from disk at first use (``activate``); past ``max_loras`` resident ones,
     the least recently used adapter that the current step does not need is dropped (it is read
     again when next used). A step needs all of its adapters at once, so it may hold more than
-    ``max_loras`` for as long as it runs them. The model's target linears are wrapped in
-    ``MultiLoRALinear`` when the first adapter is registered, so a base-only server runs the
-    plain model. Not thread-safe: the engine loop thread owns it.
+    ``max_loras`` for as long as it runs them. The model's target linears (``lora_targets``)
+    are wrapped in ``MultiLoRALinear`` when the first adapter is registered, so a base-only
+    server runs the plain model. Not thread-safe: the engine loop thread owns it.
 
     Args:
-        model: the served Llama-family model (fused or not, any linear kind).
+        model: the served model (fused or not, any linear kind).
         max_loras: adapters kept resident.
     """
 
     def __init__(self, model: nn.Module, max_loras: int):
         self.model, self.max_loras = model, max_loras
+        self.context = LoRAContext()  # the step's LoRABatch, read by the wrappers
         self.registered: dict[str, RegisteredAdapter] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, LRU first
         self.layers: dict[str, MultiLoRALinear] | None = None
@@ -234,22 +262,31 @@ class LoRAManager:
         device = next(self.model.parameters()).device
         return LoRABatch([(slot, torch.tensor(r, device=device)) for slot, r in rows.items()])
 
+    def applying(self, names: list[str | None], counts: list[int]) -> AbstractContextManager[None]:
+        """Each request's adapter on its rows in the forward pass inside the ``with`` block:
+        ``with loras.applying(names, counts): model(...)``; the arguments are ``batch``'s.
+
+        Raises:
+            as ``activate``, when called (before the block runs).
+        """
+        return self.context.applying(self.batch(names, counts))
+
     def _wrap_model(self) -> None:
         if self.layers is not None:
             return
         self.layers = {}
-        for name, parts in projection_parts(self.model).items():
+        for name, parts in lora_targets(self.model).items():
             parent_name, _, attr = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)
-            wrapper = MultiLoRALinear(getattr(parent, attr), parts)
+            wrapper = MultiLoRALinear(getattr(parent, attr), parts, self.context)
             setattr(parent, attr, wrapper)
             self.layers[name] = wrapper
 
     def _load(self, adapter: RegisteredAdapter) -> None:
         config, weights = load_peft_adapter(adapter.directory)
         pairs = adapter_pairs(weights, str(adapter.directory))
-        part_of = {part: (name, size) for name, parts in projection_parts(self.model).items()
-                   for part, size in parts}
+        part_of = {part: (name, size) for name, layer in self.layers.items()
+                   for part, size in layer.parts}
         by_layer: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
         for module, (a, b) in pairs.items():
             where = part_of.get(module)

@@ -11,7 +11,12 @@ from lmforge.engine.async_engine import AsyncEngine
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.request import SamplingParams
 from lmforge.errors import InvalidRequestError
-from lmforge.models.multi_lora import LoRABatch, MultiLoRALinear
+from lmforge.models.multi_lora import (
+    LoRABatch,
+    LoRAContext,
+    MultiLoRALinear,
+    lora_targets,
+)
 from lmforge.models.packing import PackedLinear, can_pack
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -145,13 +150,49 @@ def test_async_engine_adds_adapters_between_steps(tiny_llama_dir, adapters, alon
 def test_wrapper_adds_updates_on_a_packed_fused_layer():
     torch.manual_seed(0)
     dense = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
-    layer = MultiLoRALinear(PackedLinear(dense), [("q", 32), ("k", 16)])
+    context = LoRAContext()
+    layer = MultiLoRALinear(PackedLinear(dense), [("q", 32), ("k", 16)], context)
     a, b = torch.randn(4, 64), torch.randn(16, 4)
     layer.set_adapter(7, {"k": (a, b)}, scaling=0.5)
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     rows = torch.tensor([1, 3])
-    y = layer(x, LoRABatch([(7, rows)]))
+    with context.applying(LoRABatch([(7, rows)])):
+        y = layer(x)
     expected = dense(x).float()
     expected[1:4:2, 32:] += (x[rows].float() @ a.t() @ b.t()) * 0.5
     torch.testing.assert_close(y.float(), expected, atol=0.1, rtol=0.02)
     assert torch.equal(layer(x), dense(x))  # no adapter in the step: the base output as is
+
+
+def test_targets_are_found_by_name_in_any_model(tiny_llama_dir):
+    """LoRA is applied from outside the model file: a module named as a PEFT target is wrapped,
+    whatever model holds it; a fused layer is found through the model's ``fused_parts``."""
+    from lmforge.models.loader import load_model
+
+    class Toy(torch.nn.Module):  # another family: it only has to name its projections
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.ModuleDict(
+                {"q_proj": torch.nn.Linear(8, 8), "norm": torch.nn.LayerNorm(8)}) for _ in range(2))
+
+    assert lora_targets(Toy()) == {f"blocks.{i}.q_proj": [(f"blocks.{i}.q_proj", 8)]
+                                   for i in range(2)}
+    fused = load_model(ModelConfig(model=str(tiny_llama_dir), dtype="float32")).model
+    targets = lora_targets(fused)
+    prefix = "model.layers.1."
+    assert targets[prefix + "self_attn.qkv_proj"] == [
+        (prefix + "self_attn.q_proj", 64), (prefix + "self_attn.k_proj", 32),
+        (prefix + "self_attn.v_proj", 32)]
+    assert targets[prefix + "mlp.gate_up_proj"] == [(prefix + "mlp.gate_proj", 128),
+                                                     (prefix + "mlp.up_proj", 128)]
+    assert sorted(n.removeprefix(prefix) for n in targets if n.startswith(prefix)) == [
+        "mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
+
+
+def test_context_is_the_base_model_outside_applying():
+    context = LoRAContext()
+    batch = LoRABatch([(1, None)])
+    with pytest.raises(RuntimeError), context.applying(batch):
+        assert context.batch is batch
+        raise RuntimeError("a forward pass that fails")
+    assert context.batch is None

@@ -126,17 +126,13 @@ def test_peft_adapter_loads_and_serves_with_peft_logits(tiny_llama_dir, peft_ada
                                     cache=CacheConfig(block_size=4, num_blocks=160)))
     engine.add_lora("peft", str(peft_adapter_dir))
     engine.loras.activate({"peft"})
-    model = engine.model_runner.model
-    from lmforge.models.multi_lora import LoRABatch
-
-    t = len(ids)
-    kv = [(torch.zeros(model.kv_cache_shape(t)), torch.zeros(model.kv_cache_shape(t)))
-          for _ in model.model.layers]
-    meta = AttentionMetadata(torch.arange(t), t, 0, None, None, [PrefillChunk(0, t, None, None)],
-                             lora=LoRABatch([(engine.loras.resident["peft"], None)]))
-    with torch.no_grad():
-        ours = model.compute_logits(model(torch.tensor(ids), torch.arange(t), kv, meta))
+    with engine.loras.applying(["peft"], [len(ids)]):
+        ours = full_logits(engine.model_runner.model, ids)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # outside ``applying`` the same wrapped model is the base model again
+    with torch.no_grad():
+        torch.testing.assert_close(full_logits(engine.model_runner.model, ids),
+                                   base(torch.tensor([ids])).logits[0], rtol=1e-4, atol=1e-4)
 
 
 def test_our_adapter_loads_in_peft_with_matching_logits(tiny_llama_dir, tmp_path):
