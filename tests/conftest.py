@@ -6,6 +6,10 @@ real ``~/.lmforge``. The GGUF tokenizer cache therefore starts cold each session
 
 The tiny checkpoints (2 layers, hidden 64, vocab 49152) carry the SmolLM2 tokenizer files, so they
 have a real chat template and eos ``<|im_end|>`` (id 2); they are written once per session.
+
+The fixtures that serve the tiny model over HTTP (``engine``, ``base_url``, ``client``, ...) live in
+``support/server_fixtures.py``, loaded here as a plugin, so the server, client and CLI tests share
+one session server; ``support/`` also holds the helpers that start servers for one test.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["support.server_fixtures"]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 if "LMFORGE_HOME" not in os.environ:

@@ -159,7 +159,7 @@ def test_readme_tree_lists_only_existing_modules() -> None:
 
 
 # what lmforge.client may import: it must work where only httpx and pydantic are installed
-# (tests/server/test_client_without_torch.py runs it so; this names the offending import)
+# (tests/client/test_without_torch.py runs it so; this names the offending import)
 CLIENT_DEPENDENCIES = ("httpx", "pydantic")
 
 
@@ -346,3 +346,31 @@ def test_no_import_cycles() -> None:
     cycles = import_cycles(lmforge_import_graph())
     shown = "; ".join(" -> ".join(cycle) for cycle in cycles)
     assert not cycles, f"import circles (module-level imports, TYPE_CHECKING included): {shown}"
+
+
+def test_the_test_tree_mirrors_the_package():
+    """Each directory under ``tests/`` is named after a package under ``lmforge/`` (its tests),
+    or is ``support/`` (servers for tests) or ``seeds/`` (the user's documents)."""
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    test_dirs = {p.name for p in (ROOT / "tests").iterdir()
+                 if p.is_dir() and p.name != "__pycache__"}
+    assert test_dirs - packages - {"support", "seeds"} == set()
+    assert not list((ROOT / "tests" / "server").glob("test_*_cli.py"))
+    assert not list((ROOT / "tests" / "server").glob("test_client_*.py"))
+
+
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 50  # docstring included
+
+
+@pytest.mark.parametrize("path", package_files())
+def test_files_and_functions_stay_small(path):
+    """No module over ``MAX_FILE_LINES`` lines, no function over ``MAX_FUNCTION_LINES``: a
+    module that grows past them holds a second concept, which gets its own name and place."""
+    source = (ROOT / path).read_text(encoding="utf-8")
+    assert source.count("\n") <= MAX_FILE_LINES, f"{path} has {source.count(chr(10))} lines"
+    long = [f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{path}: {', '.join(long)}"

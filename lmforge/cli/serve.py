@@ -153,6 +153,15 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
                                     timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S),
                      model_name, shutdown_timeout)
     loading.add_done_callback(server.exit_if_failed)
+    _run_until_stopped(server, loading)
+
+
+def _run_until_stopped(server: _Server, loading: Future) -> None:
+    """Run uvicorn until SIGTERM or Ctrl-C (exit status 0), or until loading failed.
+
+    Raises:
+        StartupError: the model failed to load (``loading``'s error).
+    """
     # uvicorn catches SIGTERM, shuts down gracefully, then raises the signal again to the handler
     # that was installed before it ran: a no-op one there makes that a normal exit (status 0)
     previous = signal.signal(signal.SIGTERM, _ignore_signal)

@@ -80,10 +80,6 @@ def parse_input(data: bytes, endpoint: str | None, model_names: set[str]
     lines: list[BatchLine] = []
     errors: list[dict[str, Any]] = []
     seen: set[str] = set()
-
-    def error(number: int, code: str, message: str, param: str | None = None) -> None:
-        errors.append({"code": code, "message": message, "param": param, "line": number})
-
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -92,29 +88,12 @@ def parse_input(data: bytes, endpoint: str | None, model_names: set[str]
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
-        try:
-            item = BatchInputLine.model_validate_json(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            kind = "invalid_json_line" if first["type"] == "json_invalid" else "invalid_request"
-            where = ".".join(str(p) for p in first["loc"]) or None
-            error(number, kind, f"{where + ': ' if where else ''}{first['msg']}", where)
-            continue
-        if item.custom_id in seen:
-            error(number, "duplicate_custom_id", f"custom_id {item.custom_id!r} is used by an "
-                  "earlier line; each line needs its own", "custom_id")
-            continue
-        seen.add(item.custom_id)
-        if item.url != (endpoint or item.url) or item.url not in BODY_MODELS:
-            error(number, "mismatched_endpoint", f"url {item.url!r} differs from the batch's "
-                  f"endpoint {endpoint!r}" if endpoint else f"url {item.url!r} is not one of "
-                  f"{', '.join(BODY_MODELS)}", "url")
-            continue
-        problem = _body_problem(item.url, item.body, model_names)
-        if problem is not None:
-            error(number, *problem)
-            continue
-        lines.append(BatchLine(number - 1, item.custom_id, item.body, item.url))
+        parsed = _parse_line(raw, endpoint, model_names, seen)
+        if isinstance(parsed, tuple):
+            code, message, param = parsed
+            errors.append({"code": code, "message": message, "param": param, "line": number})
+        else:
+            lines.append(BatchLine(number - 1, parsed.custom_id, parsed.body, parsed.url))
     if not lines and not errors:
         errors.append({"code": "empty_file", "message": "the input file has no requests",
                        "param": None, "line": None})
@@ -123,6 +102,29 @@ def parse_input(data: bytes, endpoint: str | None, model_names: set[str]
                        f"{len(lines)} requests; a batch takes at most {MAX_LINES}",
                        "param": None, "line": None})
     return lines, errors
+
+
+def _parse_line(raw: str, endpoint: str | None, model_names: set[str], seen: set[str]
+                ) -> BatchInputLine | tuple[str, str, str | None]:
+    """One non-empty input line, validated (see ``parse_input``), or its problem as
+    ``(code, message, param)``. Adds its ``custom_id`` to ``seen``."""
+    try:
+        item = BatchInputLine.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        kind = "invalid_json_line" if first["type"] == "json_invalid" else "invalid_request"
+        where = ".".join(str(p) for p in first["loc"]) or None
+        return kind, f"{where + ': ' if where else ''}{first['msg']}", where
+    if item.custom_id in seen:
+        return ("duplicate_custom_id", (f"custom_id {item.custom_id!r} is used by an earlier "
+                                        "line; each line needs its own"), "custom_id")
+    seen.add(item.custom_id)
+    if item.url != (endpoint or item.url) or item.url not in BODY_MODELS:
+        message = (f"url {item.url!r} differs from the batch's endpoint {endpoint!r}"
+                   if endpoint else f"url {item.url!r} is not one of {', '.join(BODY_MODELS)}")
+        return "mismatched_endpoint", message, "url"
+    problem = _body_problem(item.url, item.body, model_names)
+    return problem if problem is not None else item
 
 
 def _body_problem(endpoint: str, body: dict[str, Any], model_names: set[str]

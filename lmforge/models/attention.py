@@ -120,40 +120,56 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     nd = meta.num_decodes
     if nd:
-        shape = (nd, k_cache.shape[0], -1, k_cache.shape[2])  # (Bd, n_kv, L, D)
-        kd = gather_blocks(k_cache, meta.decode_rows, meta.block_size).view(shape)
-        vd = gather_blocks(v_cache, meta.decode_rows, meta.block_size).view(shape)
-        if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
-            # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
-            # the casts (benchmarks/kernels.py)
-            decoded = F.scaled_dot_product_attention(
-                q[:nd].float().unsqueeze(2), kd.float(), vd.float(),  # (Bd, H | n_kv, 1 | L, D)
-                attn_mask=meta.decode_bias, scale=scale,
-                enable_gqa=True).squeeze(2).to(q.dtype)
-        else:
-            decoded = decode_attention(q[:nd], kd, vd, meta.decode_bias, scale)
+        decoded = _decode_rows(q[:nd], k_cache, v_cache, meta, scale)
         if nd == q.shape[0]:  # a pure decode step, the steady state: nothing to assemble
             return decoded
     out = torch.empty_like(q)
     if nd:
         out[:nd] = decoded
     for chunk in meta.prefills:
-        # 4-D (1, heads, n, head_dim) operands: with 3-D ones PyTorch falls back from its CPU flash
-        # kernel to the math path, 1.8x slower for a 512-token bf16 chunk (8.1 vs 4.6 ms)
-        qp = q[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_heads, n, head_dim)
-        if chunk.context_rows is None:  # the chunk is the whole context: use K/V as computed
-            kp = k[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_kv, n, head_dim)
-            vp = v[chunk.start:chunk.end].transpose(0, 1)[None]
-            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
-                                                enable_gqa=True)
-        else:
-            shape = (1, k_cache.shape[0], -1, k_cache.shape[2])  # (1, n_kv, L, D)
-            kp = gather_blocks(k_cache, chunk.context_rows, meta.block_size).view(shape)
-            vp = gather_blocks(v_cache, chunk.context_rows, meta.block_size).view(shape)
-            op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
-                                                enable_gqa=True)
-        out[chunk.start:chunk.end] = op[0].transpose(0, 1)
+        out[chunk.start:chunk.end] = _prefill_chunk(q, k, v, k_cache, v_cache, chunk,
+                                                    meta.block_size, scale)
     return out
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of the step's ``Bd`` decode rows, ``q`` (Bd, n_heads, head_dim), over their
+    cached contexts; (Bd, n_heads, head_dim)."""
+    nd = q.shape[0]
+    shape = (nd, k_cache.shape[0], -1, k_cache.shape[2])  # (Bd, n_kv, L, D)
+    kd = gather_blocks(k_cache, meta.decode_rows, meta.block_size).view(shape)
+    vd = gather_blocks(v_cache, meta.decode_rows, meta.block_size).view(shape)
+    if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
+        # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
+        # the casts (benchmarks/kernels.py)
+        return F.scaled_dot_product_attention(
+            q.float().unsqueeze(2), kd.float(), vd.float(),  # (Bd, H | n_kv, 1 | L, D)
+            attn_mask=meta.decode_bias, scale=scale,
+            enable_gqa=True).squeeze(2).to(q.dtype)
+    return decode_attention(q, kd, vd, meta.decode_bias, scale)
+
+
+def _prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, chunk: PrefillChunk, block_size: int, scale: float
+                   ) -> torch.Tensor:
+    """Causal attention of one request's prefill rows ``chunk.start:chunk.end`` of ``q``;
+    (n, n_heads, head_dim)."""
+    # 4-D (1, heads, n, head_dim) operands: with 3-D ones PyTorch falls back from its CPU flash
+    # kernel to the math path, 1.8x slower for a 512-token bf16 chunk (8.1 vs 4.6 ms)
+    qp = q[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_heads, n, head_dim)
+    if chunk.context_rows is None:  # the chunk is the whole context: use K/V as computed
+        kp = k[chunk.start:chunk.end].transpose(0, 1)[None]  # (1, n_kv, n, head_dim)
+        vp = v[chunk.start:chunk.end].transpose(0, 1)[None]
+        op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale,
+                                            enable_gqa=True)
+    else:
+        shape = (1, k_cache.shape[0], -1, k_cache.shape[2])  # (1, n_kv, L, D)
+        kp = gather_blocks(k_cache, chunk.context_rows, block_size).view(shape)
+        vp = gather_blocks(v_cache, chunk.context_rows, block_size).view(shape)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
+                                            enable_gqa=True)
+    return op[0].transpose(0, 1)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

@@ -7,7 +7,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.server import build_app

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from batching import ServerProcess, line, results, upload, wait_status
+from support.batching import ServerProcess, line, results, upload, wait_status
 
 SLOW = {"temperature": 0, "max_tokens": 48, "ignore_eos": True}
 

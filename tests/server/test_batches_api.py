@@ -10,7 +10,7 @@ import json
 import httpx
 import openai
 import pytest
-from batching import batch_server, line, results, upload, wait_status
+from support.batching import batch_server, line, results, upload, wait_status
 
 GREEDY = {"temperature": 0, "max_tokens": 4}
 

@@ -8,10 +8,10 @@ import json
 import httpx
 import openai
 import pytest
-from connection import KeepAlive
+from support.connection import KeepAlive
 from fastapi.testclient import TestClient
 from pydantic import BaseModel
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.engine.request import RequestOutput

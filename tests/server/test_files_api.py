@@ -11,7 +11,7 @@ import time
 import httpx
 import openai
 import pytest
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.jobs.schema import FILES

@@ -13,7 +13,7 @@ import time
 
 import openai
 import pytest
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from lmforge.engine.async_engine import AsyncEngine

@@ -14,7 +14,7 @@ import time
 
 import openai
 import pytest
-from batching import batch_server
+from support.batching import batch_server
 
 ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                       {"role": "assistant", "content": "Arr, matey!"}]} for i in range(12)]

@@ -8,7 +8,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
-from serving import serve, stalled, wait_for
+from support.serving import serve, stalled, wait_for
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from lmforge.engine.async_engine import AsyncEngine

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from serving import stalled, wait_for
+from support.serving import stalled, wait_for
 
 
 @pytest.fixture

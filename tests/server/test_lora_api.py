@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from batching import batch_server
+from support.batching import batch_server
 
 
 @pytest.fixture(scope="module")

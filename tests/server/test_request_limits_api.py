@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 import pytest
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.server import build_app

@@ -11,7 +11,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import ServerConfig
 from lmforge.server import build_app

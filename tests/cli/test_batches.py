@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from batching import batch_server, line
+from support.batching import batch_server, line
 from click.testing import CliRunner
 
 from lmforge.cli import main

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from serving import serve
+from support.serving import serve
 
 from lmforge.config import CacheConfig, EngineConfig, ModelConfig, ServerConfig
 from lmforge.engine.async_engine import AsyncEngine

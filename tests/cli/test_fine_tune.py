@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from batching import batch_server
+from support.batching import batch_server
 from click.testing import CliRunner
 
 from lmforge.cli import main

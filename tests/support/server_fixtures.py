@@ -1,5 +1,6 @@
-"""Fixtures of the server tests: one real engine on the tiny random Llama, served by uvicorn on a
-free loopback port in a background thread for the whole session, and the clients that drive it.
+"""Fixtures of the server, client and CLI tests: one real engine on the tiny random Llama, served
+by uvicorn on a free loopback port in a background thread for the whole session, and the clients
+that drive it.
 
 Everything goes over real HTTP, so the tests see exactly what the ``openai`` SDK and curl see.
 """

@@ -10,7 +10,7 @@ import csv
 import json
 
 import pytest
-from batching import batch_server, line
+from support.batching import batch_server, line
 
 from lmforge.client import (
     BadRequestError,

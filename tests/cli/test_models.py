@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from batching import batch_server
+from support.batching import batch_server
 from click.testing import CliRunner
 
 from lmforge.cli import main

@@ -9,7 +9,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from serving import serve
+from support.serving import serve
 
 from lmforge.cli import main
 from lmforge.config import ServerConfig

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from serving import serve
+from support.serving import serve
 
 from lmforge.client import (
     APIConnectionError,
