@@ -101,7 +101,7 @@ async def wait_idle(engine: AsyncEngine) -> None:
 async def scenario(engine: AsyncEngine, args: argparse.Namespace, name: str, concurrency: int,
                    priority: int, cap: int, numbers: itertools.count) -> dict:
     """One row: the probes' TTFTs under ``concurrency`` background requests at ``priority``."""
-    engine.engine.config.scheduler.max_background_prefill_tokens = cap  # read at every step
+    engine.config.scheduler.max_background_prefill_tokens = cap  # read at every step
     rng = random.Random(0)
     background = Background(engine, args, concurrency, priority, numbers)
     await asyncio.sleep(args.settle_s if concurrency else 0)
