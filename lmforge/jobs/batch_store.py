@@ -18,8 +18,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from lmforge.jobs.schema import BATCH_RESULTS, BATCHES
-from lmforge.jobs.statuses import BATCH_FROM, UNFINISHED_BATCHES, BatchStatus
+from lmforge.jobs.statuses import BATCH_FROM, UNFINISHED_BATCHES
 from lmforge.jobs.store import Store, new_id
+from lmforge.protocol.statuses import BatchStatus
 
 
 @dataclass

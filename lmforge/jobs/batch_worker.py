@@ -40,9 +40,9 @@ from lmforge.jobs.batch_lines import (
     unrun_result,
 )
 from lmforge.jobs.batch_store import BatchRecord, BatchStore
-from lmforge.jobs.statuses import BatchStatus
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker, in_process_client
+from lmforge.protocol.statuses import BatchStatus
 
 logger = logging.getLogger(__name__)
 

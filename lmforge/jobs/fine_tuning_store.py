@@ -14,9 +14,14 @@ import time
 from dataclasses import dataclass, fields
 from typing import Any
 
-from lmforge.jobs.schema import FINE_TUNING_CHECKPOINTS, FINE_TUNING_EVENTS, FINE_TUNING_JOBS
-from lmforge.jobs.statuses import FINE_TUNING_FROM, UNFINISHED_FINE_TUNES, FineTuningStatus
+from lmforge.jobs.schema import (
+    FINE_TUNING_CHECKPOINTS,
+    FINE_TUNING_EVENTS,
+    FINE_TUNING_JOBS,
+)
+from lmforge.jobs.statuses import FINE_TUNING_FROM, UNFINISHED_FINE_TUNES
 from lmforge.jobs.store import Store, new_id
+from lmforge.protocol.statuses import FineTuningStatus
 
 _JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
 

@@ -34,9 +34,9 @@ from typing import Any
 
 from lmforge.errors import LMForgeError
 from lmforge.jobs.fine_tuning_store import FineTuningStore, JobRecord
-from lmforge.jobs.statuses import FineTuningStatus
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
+from lmforge.protocol.statuses import FineTuningStatus
 from lmforge.training.events import (
     CheckpointEvent,
     MessageEvent,

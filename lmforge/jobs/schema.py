@@ -13,7 +13,7 @@ import enum
 
 import sqlalchemy as sa
 
-from lmforge.jobs.statuses import BatchStatus, FineTuningStatus
+from lmforge.protocol.statuses import BatchStatus, FineTuningStatus
 
 METADATA = sa.MetaData()
 

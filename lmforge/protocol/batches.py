@@ -7,12 +7,11 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from lmforge.protocol.base import RequestModel, ResponseModel
+from lmforge.protocol.statuses import BatchStatus
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
 COMPLETION_WINDOWS = {"24h": 24 * 3600}  # the only window the OpenAI API offers
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
-BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed",
-                      "expired", "cancelling", "cancelled"]
 
 
 class ExpiresAfter(RequestModel):

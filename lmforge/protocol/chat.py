@@ -11,7 +11,13 @@ from pydantic import BaseModel, Field, model_serializer, model_validator
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.common import RequestModel, ResponseModel, SamplingRequest, Usage
 from lmforge.protocol.logprobs import MAX_TOP_LOGPROBS, ChatChoiceLogprobs
-from lmforge.protocol.tools import NamedToolChoice, Tool, ToolCall, ToolCallDelta, ToolChoice
+from lmforge.protocol.tools import (
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 

@@ -18,9 +18,8 @@ from pydantic import Field
 
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.base import RequestModel, ResponseModel
+from lmforge.protocol.statuses import FineTuningStatus
 
-JobStatus = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
-FINAL_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 MAX_SUFFIX = 64  # characters, as OpenAI
 
 
@@ -126,7 +125,7 @@ class FineTuningJob(ResponseModel):
     organization_id: str = "lmforge"
     result_files: list[str] = []
     seed: int
-    status: JobStatus
+    status: FineTuningStatus
     trained_tokens: int | None = None
     training_file: str
     validation_file: str | None = None

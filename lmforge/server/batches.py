@@ -14,7 +14,6 @@ from fastapi import APIRouter, Query, Request
 
 from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
 from lmforge.jobs.batch_store import BatchRecord, BatchStore
-from lmforge.jobs.statuses import BatchStatus
 from lmforge.jobs.store import Store
 from lmforge.protocol.batches import (
     COMPLETION_WINDOWS,
@@ -29,6 +28,7 @@ from lmforge.protocol.batches import (
     BatchUsage,
     InputTokensDetails,
 )
+from lmforge.protocol.statuses import BatchStatus
 from lmforge.server.routing import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)

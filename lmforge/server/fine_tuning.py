@@ -15,8 +15,12 @@ import secrets
 from fastapi import APIRouter, Query, Request
 
 from lmforge.errors import ConflictError, InvalidRequestError, NotFoundError
-from lmforge.jobs.fine_tuning_store import CheckpointRecord, EventRecord, FineTuningStore, JobRecord
-from lmforge.jobs.statuses import FineTuningStatus
+from lmforge.jobs.fine_tuning_store import (
+    CheckpointRecord,
+    EventRecord,
+    FineTuningStore,
+    JobRecord,
+)
 from lmforge.protocol.fine_tuning import (
     CheckpointMetrics,
     FineTuningJob,
@@ -29,6 +33,7 @@ from lmforge.protocol.fine_tuning import (
     JobError,
     JobHyperparameters,
 )
+from lmforge.protocol.statuses import FineTuningStatus
 from lmforge.server.routing import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)

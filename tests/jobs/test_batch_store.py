@@ -9,7 +9,7 @@ import time
 import pytest
 
 from lmforge.jobs.batch_store import BatchStore
-from lmforge.jobs.statuses import BatchStatus
+from lmforge.protocol.statuses import BatchStatus
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 
 from lmforge.errors import InvalidRequestError
 from lmforge.jobs.fine_tuning_store import FineTuningStore
-from lmforge.jobs.statuses import FineTuningStatus
 from lmforge.jobs.store import Store
 from lmforge.protocol.fine_tuning import FineTuningJobCreate
+from lmforge.protocol.statuses import FineTuningStatus
 
 
 @pytest.fixture

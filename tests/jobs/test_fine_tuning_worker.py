@@ -8,7 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from lmforge.jobs.fine_tuning_worker import FineTuningWorker, _results_csv
-from lmforge.training.events import CheckpointEvent, MessageEvent, ResumeEvent, StepEvent
+from lmforge.training.events import (
+    CheckpointEvent,
+    MessageEvent,
+    ResumeEvent,
+    StepEvent,
+)
 
 
 class _Jobs:

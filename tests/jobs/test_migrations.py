@@ -24,8 +24,8 @@ from lmforge.jobs.batch_store import BatchStore
 from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.jobs.migrations import MIGRATIONS, ddl, migrate
 from lmforge.jobs.schema import METADATA
-from lmforge.jobs.statuses import BatchStatus, FineTuningStatus
 from lmforge.jobs.store import Store
+from lmforge.protocol.statuses import BatchStatus, FineTuningStatus
 
 LATEST = MIGRATIONS[-1][0]
 

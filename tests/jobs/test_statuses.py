@@ -1,5 +1,5 @@
-"""Batch and fine-tuning statuses (``jobs/statuses.py``): OpenAI's values, the same as the wire
-schemas allow; a status object reads, prints and serializes as its plain string, so the JSON
+"""Batch and fine-tuning statuses (``protocol/statuses.py``, their transitions in
+``jobs/statuses.py``): OpenAI's values, the wire schemas' own types; a status object reads, prints and serializes as its plain string, so the JSON
 objects the routes send are byte for byte what they were with bare strings; the transition maps
 only move forward."""
 
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 
 import pytest
 
+from lmforge.client import types as client_types
 from lmforge.jobs.batch_store import BatchStore
 from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.jobs.statuses import (
@@ -18,18 +18,24 @@ from lmforge.jobs.statuses import (
     FINE_TUNING_FROM,
     UNFINISHED_BATCHES,
     UNFINISHED_FINE_TUNES,
-    BatchStatus,
-    FineTuningStatus,
 )
 from lmforge.protocol import batches as batch_protocol
 from lmforge.protocol import fine_tuning as fine_tuning_protocol
+from lmforge.protocol.statuses import BatchStatus, FineTuningStatus
 from lmforge.server.batches import batch_object
 from lmforge.server.fine_tuning import job_object
 
 
-def test_the_values_are_the_wire_schemas():
-    assert tuple(BatchStatus) == typing.get_args(batch_protocol.BatchStatus)
-    assert tuple(FineTuningStatus) == typing.get_args(fine_tuning_protocol.JobStatus)
+def test_the_wire_schemas_and_the_client_use_these_values():
+    """One definition for the wire and the store; the client, which may import nothing of the
+    server (``tests/test_layout.py``), keeps its own copy of the batch statuses: the same."""
+    assert batch_protocol.Batch.model_fields["status"].annotation is BatchStatus
+    assert fine_tuning_protocol.FineTuningJob.model_fields["status"].annotation is FineTuningStatus
+    assert [s.value for s in client_types.BatchStatus] == [s.value for s in BatchStatus]
+    assert [s.value for s in BatchStatus] == ["validating", "failed", "in_progress", "finalizing",
+                                               "completed", "expired", "cancelling", "cancelled"]
+    assert [s.value for s in FineTuningStatus] == ["validating_files", "queued", "running",
+                                                    "succeeded", "failed", "cancelled"]
 
 
 @pytest.mark.parametrize("status", [*BatchStatus, *FineTuningStatus])
