@@ -315,3 +315,35 @@ def test_random_mixed_priority_workloads_never_stall_and_free_every_block():
                 f"seed {seed}: step {step} scheduled nothing: {s.running} {s.waiting}"
         assert all(r.status.is_finished() for _, r in arrivals), f"seed {seed}"
         assert s.block_manager.num_free_blocks == num_blocks, f"seed {seed}"
+
+
+def held(s: Scheduler, rid: str, after: str, n_prompt: int) -> Request:
+    req = Request(rid, [10 + i for i in range(n_prompt)], SamplingParams(max_tokens=4),
+                  eos_token_ids=frozenset({EOS}))
+    s.add_request(req, after=after)
+    return req
+
+
+def test_a_request_after_another_waits_for_its_prefix_then_reads_the_cache():
+    """``after=``: WAITING_FOR_PREFIX (not scheduled, counted as waiting) until the first request
+    has computed the shared prompt; then queued, its full blocks read from the prefix cache."""
+    s = make_scheduler(budget=8)
+    first = add(s, "first", 12)
+    second = held(s, "second", "first", 12)
+    assert second.status == RequestStatus.WAITING_FOR_PREFIX and s.num_waiting == 2
+    out, _ = run_step(s)  # 8 of the 12 prompt tokens: no output yet, still held
+    assert out.requests == [first] and second.status == RequestStatus.WAITING_FOR_PREFIX
+    run_step(s)  # the prompt's last 4 tokens and the first sample: released
+    assert second.status == RequestStatus.WAITING and s.waiting == [second] and not s.held
+    out, _ = run_step(s)
+    assert second in out.requests and second.num_cached_tokens == 8  # 2 full blocks of 3
+
+
+def test_unknown_or_finished_first_requests_queue_at_once_and_aborts_leave_nothing():
+    s = make_scheduler()
+    assert held(s, "x", "nobody", 4).status == RequestStatus.WAITING
+    add(s, "first", 8)
+    lone = held(s, "lone", "first", 8)
+    s.abort_request("lone")
+    assert lone.status == RequestStatus.FINISHED_ABORTED and not s.held
+    assert "lone" not in s.requests and s.num_waiting == 2

@@ -1,4 +1,4 @@
-"""Batch input validation (``jobs/batches.parse_input``) on the cases an upload can still carry:
+"""Batch input validation (``jobs/batch_lines.parse_input``) on the cases an upload can still carry:
 invalid JSON, not UTF-8, empty, and the offline runner's mixed endpoints."""
 
 from __future__ import annotations
