@@ -212,3 +212,22 @@ def test_aborting_the_first_choice_releases_the_others(tiny_llama_dir):
     engine.abort_request("a0")
     finished = [o.request_id for _ in range(10) for o in engine.step() if o.finished]
     assert finished == ["a1"] and not engine.has_unfinished_requests()
+
+
+def test_a_stop_string_in_the_last_allowed_token_finishes_with_stop_not_length(llm):
+    """The token that reaches max_tokens also completes a stop string: "stop" wins (vLLM's rule;
+    ``Scheduler.finish_request(force=True)`` replaces the "length" the scheduler set)."""
+    def sample(seed, **kw):
+        params = SamplingParams(temperature=1.0, seed=seed, max_tokens=6, ignore_eos=True, **kw)
+        return llm.generate([PROMPTS[0]], params, use_tqdm=False)[0]
+
+    for seed in range(20):  # a seeded draw whose last token's text appears only there
+        free = sample(seed)
+        last = free.text[len(llm.tokenizer.decode(free.token_ids[:-1])):]
+        if last.strip() and last not in free.text[:-len(last)]:
+            break
+    else:
+        pytest.fail("no seed ends on a token text that appears only once")
+    out = sample(seed, stop=[last])
+    assert free.finish_reason == "length" and out.token_ids == free.token_ids
+    assert (out.finish_reason, out.text) == ("stop", free.text[:-len(last)])
