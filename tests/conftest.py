@@ -90,11 +90,15 @@ def smollm2_tokenizer(smollm2_gguf_path):
     return Tokenizer.from_gguf(smollm2_gguf_path)
 
 
-def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer) -> Path:
+def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer,
+                          weight_std: float | None = None) -> Path:
     """Build ``model_cls(config)`` with seed 0 and save it with tokenizer and generation config.
 
     Biases are randomized too (HF initializes them to zero), so a golden test would notice a
-    bias applied wrongly or not at all.
+    bias applied wrongly or not at all. ``weight_std`` redraws every matrix (embeddings,
+    projections) from N(0, std^2): at HF's 0.02 a tiny GPT's residual stream is all biases and its
+    tied head makes greedy decoding repeat one token, which a token-for-token test cannot tell
+    from a broken attention.
     """
     import torch
     from transformers import GenerationConfig
@@ -105,6 +109,8 @@ def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer) -> Path
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.5)
+            elif weight_std is not None and param.ndim == 2:
+                param.normal_(0.0, weight_std)
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(bos_token_id=SMOLLM2_BOS_ID, eos_token_id=SMOLLM2_EOS_ID).save_pretrained(
         directory
@@ -181,7 +187,8 @@ def tiny_gpt2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
 
     config = GPT2Config(vocab_size=smollm2_tokenizer.vocab_size, **_TINY_GPT_SIZES)
     directory = tmp_path_factory.mktemp("tiny_gpt2")
-    return _save_tiny_checkpoint(GPT2LMHeadModel, config, directory, smollm2_tokenizer)
+    return _save_tiny_checkpoint(GPT2LMHeadModel, config, directory, smollm2_tokenizer,
+                                 weight_std=0.5)
 
 
 @pytest.fixture(scope="session")
@@ -193,7 +200,8 @@ def tiny_gpt1_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     config = OpenAIGPTConfig(vocab_size=smollm2_tokenizer.vocab_size, afn="gelu",
                              **_TINY_GPT_SIZES)
     directory = tmp_path_factory.mktemp("tiny_gpt1")
-    return _save_tiny_checkpoint(OpenAIGPTLMHeadModel, config, directory, smollm2_tokenizer)
+    return _save_tiny_checkpoint(OpenAIGPTLMHeadModel, config, directory, smollm2_tokenizer,
+                                 weight_std=0.5)
 
 
 @pytest.fixture(scope="session")
