@@ -44,6 +44,21 @@ ACTIVATIONS = {"gelu_new": partial(F.gelu, approximate="tanh"),
 # the Conv1D layers of a block: their HF weights are (in, out), transposed at load
 CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
+# GGUF tensor name (llama.cpp's convert_hf_to_gguf.py, GPT2Model) -> ours ("{i}": block index).
+# llama.cpp already stores the Conv1D weights transposed, as (out, in): nothing to undo here
+GGUF_NAMES = {
+    "token_embd": "transformer.wte",
+    "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f",
+    "output": "lm_head",  # absent from newer conversions: the head is tied
+    "blk.{i}.attn_norm": "transformer.h.{i}.ln_1",
+    "blk.{i}.attn_qkv": "transformer.h.{i}.attn.c_attn",
+    "blk.{i}.attn_output": "transformer.h.{i}.attn.c_proj",
+    "blk.{i}.ffn_norm": "transformer.h.{i}.ln_2",
+    "blk.{i}.ffn_up": "transformer.h.{i}.mlp.c_fc",
+    "blk.{i}.ffn_down": "transformer.h.{i}.mlp.c_proj",
+}
+
 
 @dataclass
 class GPTConfig:
@@ -283,3 +298,20 @@ def gpt_state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTConfi
             w = w.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
         out[name] = w
     return out
+
+
+def gpt_config_from_gguf(field, tensor_names: set[str]) -> GPTConfig:
+    """GPTConfig of a ``general.architecture = gpt2`` GGUF (llama.cpp's converter writes GPT-2's
+    hyperparameters as ``gpt2.*`` keys; the activation is gelu_new, the only one it converts).
+
+    Args:
+        field: ``field(key, default)`` -> a metadata value of the file.
+        tensor_names: the file's tensor names; an ``output.weight`` means an untied head.
+    """
+    return GPTConfig(
+        vocab_size=field("gpt2.vocab_size") or len(field("tokenizer.ggml.tokens")),
+        n_positions=field("gpt2.context_length", 1024), n_embd=field("gpt2.embedding_length"),
+        n_layer=field("gpt2.block_count"), n_head=field("gpt2.attention.head_count"),
+        n_inner=field("gpt2.feed_forward_length"),
+        layer_norm_epsilon=field("gpt2.attention.layer_norm_epsilon", 1e-5),
+        tie_word_embeddings="output.weight" not in tensor_names, architecture="gpt2")

