@@ -4,8 +4,9 @@ At import time this sets ``HF_HUB_OFFLINE=1`` (nothing may come from a model hub
 ``LMFORGE_HOME`` at a throwaway directory unless the caller set one, so tests never write to the
 real ``~/.lmforge``. The GGUF tokenizer cache therefore starts cold each session (~4.5 s once).
 
-The tiny checkpoints (2 layers, hidden 64, vocab 49152) carry the SmolLM2 tokenizer files, so they
-have a real chat template and eos ``<|im_end|>`` (id 2); they are written once per session.
+The tiny checkpoints (2 layers, hidden 64, vocab 49152; Llama, Llama 3, Qwen2, GPT-2 and GPT-1)
+carry the SmolLM2 tokenizer files, so they have a real chat template and eos ``<|im_end|>``
+(id 2); they are written once per session.
 
 The fixtures that serve the tiny model over HTTP (``engine``, ``base_url``, ``client``, ...) live in
 ``support/server_fixtures.py``, loaded here as a plugin, so the server, client and CLI tests share
@@ -89,11 +90,15 @@ def smollm2_tokenizer(smollm2_gguf_path):
     return Tokenizer.from_gguf(smollm2_gguf_path)
 
 
-def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer) -> Path:
+def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer,
+                          weight_std: float | None = None) -> Path:
     """Build ``model_cls(config)`` with seed 0 and save it with tokenizer and generation config.
 
     Biases are randomized too (HF initializes them to zero), so a golden test would notice a
-    bias applied wrongly or not at all.
+    bias applied wrongly or not at all. ``weight_std`` redraws every matrix (embeddings,
+    projections) from N(0, std^2): at HF's 0.02 a tiny GPT's residual stream is all biases and its
+    tied head makes greedy decoding repeat one token, which a token-for-token test cannot tell
+    from a broken attention.
     """
     import torch
     from transformers import GenerationConfig
@@ -104,6 +109,8 @@ def _save_tiny_checkpoint(model_cls, config, directory: Path, tokenizer) -> Path
         for name, param in model.named_parameters():
             if name.endswith(".bias"):
                 param.normal_(0.0, 0.5)
+            elif weight_std is not None and param.ndim == 2:
+                param.normal_(0.0, weight_std)
     model.save_pretrained(directory, safe_serialization=True)
     GenerationConfig(bos_token_id=SMOLLM2_BOS_ID, eos_token_id=SMOLLM2_EOS_ID).save_pretrained(
         directory
@@ -165,6 +172,36 @@ def tiny_qwen2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     )
     directory = tmp_path_factory.mktemp("tiny_qwen2")
     return _save_tiny_checkpoint(Qwen2ForCausalLM, config, directory, smollm2_tokenizer)
+
+
+# GPT checkpoints: HF's GPT-2 / OpenAI GPT names (n_embd ...), same tiny sizes, 128 positions
+_TINY_GPT_SIZES = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 128,
+                   "bos_token_id": SMOLLM2_BOS_ID, "eos_token_id": SMOLLM2_EOS_ID,
+                   "dtype": "float32"}
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A random 2-layer ``GPT2LMHeadModel`` (pre-norm, gelu_new, tied head), SmolLM2 tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=smollm2_tokenizer.vocab_size, **_TINY_GPT_SIZES)
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    return _save_tiny_checkpoint(GPT2LMHeadModel, config, directory, smollm2_tokenizer,
+                                 weight_std=0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt1_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A random 2-layer ``OpenAIGPTLMHeadModel`` (GPT-1: post-norm, ``afn`` gelu, tied head),
+    with the SmolLM2 tokenizer files instead of GPT-1's own."""
+    from transformers import OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    config = OpenAIGPTConfig(vocab_size=smollm2_tokenizer.vocab_size, afn="gelu",
+                             **_TINY_GPT_SIZES)
+    directory = tmp_path_factory.mktemp("tiny_gpt1")
+    return _save_tiny_checkpoint(OpenAIGPTLMHeadModel, config, directory, smollm2_tokenizer,
+                                 weight_std=0.5)
 
 
 @pytest.fixture(scope="session")

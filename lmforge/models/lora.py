@@ -15,6 +15,7 @@ Two parts here (serving many adapters in one batch is ``models/multi_lora.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,8 +32,10 @@ from lmforge.errors import ModelLoadError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
+# PEFT target names (a module's last name): Llama's projections, then GPT's (c_proj is both the
+# attention output and the MLP's down projection, as in PEFT)
 SUPPORTED_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                     "down_proj")
+                     "down_proj", "c_attn", "c_proj", "c_fc")
 
 
 @dataclass
@@ -40,7 +43,9 @@ class LoRAConfig:
     """The PEFT ``LoraConfig`` fields lmforge uses (same names and meaning).
 
     ``use_rslora``: rank-stabilized scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023,
-    arXiv:2312.03732) instead of ``lora_alpha / r``.
+    arXiv:2312.03732) instead of ``lora_alpha / r``. ``fan_in_fan_out``: the HF base layers are
+    ``Conv1D`` with (in, out) weights (GPT-1/2); it changes only how PEFT merges the update, as
+    ``lora_A`` (r, in) and ``lora_B`` (out, r) are shaped the same either way.
     """
 
     r: int = 8
@@ -49,6 +54,7 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
                                        "gate_proj", "up_proj", "down_proj")
     use_rslora: bool = False
+    fan_in_fan_out: bool = False
 
     @property
     def scaling(self) -> float:
@@ -169,6 +175,9 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: str | Pat
                       base_model_name_or_path: str) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as PEFT's ``save_pretrained``.
 
+    ``fan_in_fan_out`` is written as the model says (its class attribute ``fan_in_fan_out``,
+    True for GPT, whose HF layers are Conv1D), so PEFT reads the file without a warning.
+
     Written into a temporary sibling directory that is then renamed onto ``directory`` (an
     existing adapter there is replaced), so a reader never sees half an adapter.
     """
@@ -180,6 +189,8 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: str | Pat
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        config = dataclasses.replace(
+            config, fan_in_fan_out=bool(getattr(model, "fan_in_fan_out", False)))
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(config,
                                                                     base_model_name_or_path),
                                                   indent=2, sort_keys=True))
@@ -197,7 +208,8 @@ def peft_config_dict(config: LoRAConfig, base_model_name_or_path: str) -> dict:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.r,
         "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": sorted(config.target_modules), "bias": "none",
-        "use_rslora": config.use_rslora, "use_dora": False, "fan_in_fan_out": False,
+        "use_rslora": config.use_rslora, "use_dora": False,
+        "fan_in_fan_out": config.fan_in_fan_out,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         "base_model_name_or_path": base_model_name_or_path, "revision": None,
@@ -210,7 +222,7 @@ def read_peft_config(directory: str | Path) -> LoRAConfig:
     Raises:
         ModelLoadError: no directory / config, invalid JSON, not a LoRA adapter, or an
             unsupported option (DoRA, trained biases, per-module rank/alpha patterns,
-            ``modules_to_save``, ``fan_in_fan_out``, LoRA bias), naming the fix.
+            ``modules_to_save``, LoRA bias), naming the fix.
     """
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
@@ -228,8 +240,7 @@ def read_peft_config(directory: str | Path) -> LoRAConfig:
                    "lora_bias": bool(raw.get("lora_bias")),
                    "modules_to_save": bool(raw.get("modules_to_save")),
                    "rank_pattern": bool(raw.get("rank_pattern")),
-                   "alpha_pattern": bool(raw.get("alpha_pattern")),
-                   "fan_in_fan_out": bool(raw.get("fan_in_fan_out"))}
+                   "alpha_pattern": bool(raw.get("alpha_pattern"))}
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ModelLoadError(f"adapter {directory} uses {', '.join(bad)}, which lmforge does not "
@@ -240,7 +251,8 @@ def read_peft_config(directory: str | Path) -> LoRAConfig:
     targets = tuple(SUPPORTED_TARGETS) if isinstance(targets, str) else tuple(targets)
     config = LoRAConfig(r=raw.get("r", 8), lora_alpha=raw.get("lora_alpha", 8),
                         lora_dropout=raw.get("lora_dropout", 0.0) or 0.0,
-                        target_modules=targets, use_rslora=bool(raw.get("use_rslora")))
+                        target_modules=targets, use_rslora=bool(raw.get("use_rslora")),
+                        fan_in_fan_out=bool(raw.get("fan_in_fan_out")))
     try:
         config.validate()
     except ValueError as e:

@@ -2,8 +2,9 @@
 
 The model files know nothing of LoRA. ``LoRAManager`` swaps each target linear of the served
 model for a ``MultiLoRALinear`` (``lora_targets``: a module named as a PEFT target, ``q_proj`` ...
-``down_proj``, or a fused layer the model lists in ``fused_parts``), as ``packing.py`` and
-``quant.py`` swap in their layers; a model family gets multi-LoRA by naming its projections so.
+``down_proj`` or GPT's ``c_attn``, ``c_proj``, ``c_fc``, or a fused layer the model lists in
+``fused_parts``), as ``packing.py`` and ``quant.py`` swap in their layers; a model family
+gets multi-LoRA by naming its projections so.
 The served model is fused (q|k|v, gate|up) and its linears may be prepacked bf16 or 4-bit, so the
 wrapper takes whatever linear is there and adds each adapter's update to the rows (tokens) of
 that adapter only, into the output slice of the projection it targets.

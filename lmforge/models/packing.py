@@ -56,17 +56,11 @@ def _cpu_packs_bf16() -> bool:
     return True
 
 
-def pack_llama_(model: nn.Module) -> None:
-    """Pack every linear layer of a LlamaForCausalLM in place (inference only).
-
-    The vocabulary projection gets a packed copy; the embedding keeps its own weight.
-    """
-    pack_linears_(model.model.layers)
-    model.lm_head = PackedLinear(model.lm_head)
-
-
 def pack_linears_(module: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` under ``module`` (or ``module`` itself) by a PackedLinear.
+
+    On a whole model this packs the LM head too; a head tied to the embedding gets a packed
+    copy, and the embedding keeps its own weight.
 
     Returns:
         the module, or its replacement when ``module`` itself is an ``nn.Linear``.

@@ -11,7 +11,8 @@ from lmforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConf
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.request import SamplingParams
 
-FAMILIES = ["tiny_llama_dir", "tiny_llama3_dir", "tiny_qwen2_dir"]
+FAMILIES = ["tiny_llama_dir", "tiny_llama3_dir", "tiny_qwen2_dir", "tiny_gpt2_dir",
+            "tiny_gpt1_dir"]
 
 
 def teacher_forced_logits(engine: LLMEngine, prompt: list[int], continuation: list[int]):

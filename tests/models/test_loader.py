@@ -22,12 +22,13 @@ def test_missing_path_names_the_accepted_forms(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path, tiny_llama_dir):
-    model_dir = tmp_path / "gpt2ish"
+    model_dir = tmp_path / "bertish"
     shutil.copytree(tiny_llama_dir, model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"] = ["BertForMaskedLM"]
     (model_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ModelLoadError, match="unsupported architecture.*GPT2LMHeadModel"):
+    with pytest.raises(ModelLoadError, match="unsupported architecture.*BertForMaskedLM.*"
+                                             "GPT2LMHeadModel"):
         load_model(ModelConfig(model=str(model_dir)))
 
 
