@@ -1,6 +1,7 @@
 """The ``lmforge`` command line (click): ``main`` and its commands, one module per group.
 
-``serve`` and ``batches run`` run the engine in this process (``serve.py``, ``batches.py``); every other command
+``serve`` and ``batches run`` run the engine in this process (``serve.py``, ``batches.py``),
+``tokenizer train`` trains one (``tokenizer.py``); every other command
 is a few lines over ``lmforge.client`` against a running server (``common.py`` holds what they
 share: ``--base-url``/``--api-key``, errors that say what to run next, tables and ``--json``).
 """
@@ -15,6 +16,7 @@ from lmforge.cli.files import files
 from lmforge.cli.fine_tune import fine_tune
 from lmforge.cli.models import models
 from lmforge.cli.serve import serve
+from lmforge.cli.tokenizer import tokenizer
 
 
 @click.group()
@@ -27,5 +29,5 @@ def main() -> None:
     """
 
 
-for _command in (serve, chat, complete, models, files, batches, fine_tune):
+for _command in (serve, chat, complete, models, files, batches, fine_tune, tokenizer):
     main.add_command(_command)
