@@ -374,3 +374,10 @@ def test_files_and_functions_stay_small(path):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not long, f"{path}: {', '.join(long)}"
+
+
+def test_test_file_names_are_unique():
+    """The test directories are not packages, so pytest imports each test file by its bare name:
+    two files of one name in different directories fail the whole collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
