@@ -283,6 +283,10 @@ class AsyncEngine:
         """The registered LoRA adapters' names, sorted (a copy: the loop thread owns them)."""
         return sorted(self.engine.loras.registered)
 
+    def has_lora(self, name: str) -> bool:
+        """Whether an adapter of that name is registered (a dict read, no copy)."""
+        return name in self.engine.loras.registered
+
     def lora_directory(self, name: str) -> str:
         """The directory a registered adapter was loaded from.
 

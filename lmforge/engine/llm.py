@@ -97,7 +97,10 @@ class LLM:
                     results[out.request_id].add(out)
                     num_done += out.finished
                     bar.update(int(out.finished))
-        return [GenerationOutput(ids, r.text, r.token_ids, r.finish_reason, r.num_cached_tokens,
-                                 r.logprobs if params.logprobs is not None else None,
-                                 r.prompt_logprobs)
-                for ids, r in ((ids, results[rid]) for rid, ids in zip(rids, prompt_ids))]
+        outputs = []
+        for rid, ids in zip(rids, prompt_ids):
+            r = results[rid]
+            outputs.append(GenerationOutput(
+                ids, r.text, r.token_ids, r.finish_reason, r.num_cached_tokens,
+                r.logprobs if params.logprobs is not None else None, r.prompt_logprobs))
+        return outputs

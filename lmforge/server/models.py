@@ -89,7 +89,7 @@ def resolve_model(engine: AsyncEngine, model: str) -> str | None:
     """
     if model == engine.model_name:
         return None
-    if model in engine.lora_names():
+    if engine.has_lora(model):
         return model
     raise ModelNotFoundError(f"The model `{model}` does not exist.", param="model")
 
