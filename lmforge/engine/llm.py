@@ -51,6 +51,13 @@ class LLM:
         """Generate for all prompts in continuous batches; results in prompt order.
 
         ``lora``: an adapter registered with ``self.engine.add_lora`` (None = the base model).
+
+        Raises (all ``ValueError`` subclasses, before anything runs; the checks of seed 001's
+        ``GPT.generate``, with OpenAI's ranges where they differ):
+            ContextLengthExceededError: a prompt plus ``max_tokens`` longer than the context.
+            InvalidRequestError: from ``SamplingParams``: ``temperature`` < 0 (0 is greedy, as
+                ``do_sample=False``), ``top_k`` < 0 (0 or -1 disables it), ``top_p`` outside
+                (0, 1]; an empty prompt or a token outside the vocabulary.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -87,8 +94,13 @@ class LLM:
              lora: str | None = None) -> list[GenerationOutput]:
         engine = self.engine
         rids = [f"offline-{next(self._ids)}" for _ in prompt_ids]
-        for rid, ids in zip(rids, prompt_ids):
-            engine.add_request(rid, ids, params, lora=lora)
+        for n, (rid, ids) in enumerate(zip(rids, prompt_ids)):
+            try:
+                engine.add_request(rid, ids, params, lora=lora)
+            except Exception:  # a bad prompt: none of the list runs, nothing is left queued
+                for queued in rids[:n]:
+                    engine.abort_request(queued)
+                raise
         results = {rid: CompletionOutput() for rid in rids}
         num_done = 0
         with tqdm(total=len(rids), desc="Generating", unit="req", disable=not use_tqdm) as bar:

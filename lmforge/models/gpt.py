@@ -15,11 +15,16 @@ paged KV cache (``lmforge.models.attention``); a token's position comes from the
 swap its linears from outside by name.
 
 HF stores GPT's projections as ``Conv1D`` with (in, out) weights; ours are ``nn.Linear`` with
-(out, in) weights, so ``gpt_state_dict_from_hf`` transposes them once at load.
+(out, in) weights: ``models/gpt_hf.py`` converts checkpoints both ways.
+
+Training (``lmforge pretrain``) uses the same classes: ``GPTConfig.dropout`` adds HF's embedding
+and residual dropout (``embd_pdrop``, ``resid_pdrop``; attention probabilities are never dropped,
+``attn_pdrop`` 0) and ``init_weights_`` is GPT-2's initialization.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,38 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import ModelLoadError
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_head, num_slots, head_dim)
 
-# HF ``architectures`` entry -> our architecture name (HF's ``model_type``)
-GPT_ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "OpenAIGPTLMHeadModel": "openai-gpt"}
-
 # HF ``ACT2FN`` names -> functions. ``gelu_new`` is the tanh approximation both GPTs were trained
-# with; ``gelu`` is the exact erf form (GPT-1's ``afn: gelu`` means gelu_new, see gpt_config_from_hf)
+# with; ``gelu`` is the exact erf form (GPT-1's ``afn: gelu`` is gelu_new: gpt_hf.gpt_config_from_hf)
 ACTIVATIONS = {"gelu_new": partial(F.gelu, approximate="tanh"),
                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
                "gelu": F.gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu}
-
-# the Conv1D layers of a block: their HF weights are (in, out), transposed at load
-CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-
-# GGUF tensor name (llama.cpp's convert_hf_to_gguf.py, GPT2Model) -> ours ("{i}": block index).
-# llama.cpp already stores the Conv1D weights transposed, as (out, in): nothing to undo here
-GGUF_NAMES = {
-    "token_embd": "transformer.wte",
-    "position_embd": "transformer.wpe",
-    "output_norm": "transformer.ln_f",
-    "output": "lm_head",  # absent from newer conversions: the head is tied
-    "blk.{i}.attn_norm": "transformer.h.{i}.ln_1",
-    "blk.{i}.attn_qkv": "transformer.h.{i}.attn.c_attn",
-    "blk.{i}.attn_output": "transformer.h.{i}.attn.c_proj",
-    "blk.{i}.ffn_norm": "transformer.h.{i}.ln_2",
-    "blk.{i}.ffn_up": "transformer.h.{i}.mlp.c_fc",
-    "blk.{i}.ffn_down": "transformer.h.{i}.mlp.c_proj",
-}
-
 
 @dataclass
 class GPTConfig:
@@ -80,6 +62,10 @@ class GPTConfig:
     scale_attn_by_inverse_layer_idx: bool = False  # and / (layer index + 1) (GPT-2 option)
     tie_word_embeddings: bool = True
     architecture: str = "gpt2"  # "gpt2" (pre-norm, ln_f) or "openai-gpt" (post-norm)
+    # training only: embedding and residual dropout probability (HF's embd_pdrop, resid_pdrop).
+    # Checkpoints load with 0 whatever their config says: serving never drops
+    dropout: float = 0.0
+    initializer_range: float = 0.02  # std of the normal init (``init_weights_``)
 
     @property
     def pre_norm(self) -> bool:
@@ -114,6 +100,10 @@ class GPTConfig:
         return self.n_positions
 
 
+def _dropout(cfg: GPTConfig) -> nn.Module:
+    return nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+
+
 class GPTAttention(nn.Module):
     """Causal multi-head attention over the paged KV cache; q|k|v come out of one ``c_attn``."""
 
@@ -125,6 +115,7 @@ class GPTAttention(nn.Module):
             self.scale /= layer_idx + 1
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_dropout = _dropout(cfg)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
                 ) -> torch.Tensor:
@@ -135,7 +126,7 @@ class GPTAttention(nn.Module):
         write_kv(k_cache, meta.slot_mapping, k)
         write_kv(v_cache, meta.slot_mapping, v)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, H, D)
-        return self.c_proj(o.reshape(t, h * d))
+        return self.resid_dropout(self.c_proj(o.reshape(t, h * d)))
 
 
 class GPTMLP(nn.Module):
@@ -146,9 +137,10 @@ class GPTMLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, cfg.intermediate_size)
         self.c_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd)
         self.act = ACTIVATIONS[cfg.activation_function]
+        self.dropout = _dropout(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.act(self.c_fc(x)))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPTBlock(nn.Module):
@@ -178,11 +170,12 @@ class GPT2Model(nn.Module):
         super().__init__()
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = _dropout(cfg)
         self.h = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        x = self.wte(input_ids) + self.wpe(positions)  # (T, n_embd)
+        x = self.drop(self.wte(input_ids) + self.wpe(positions))  # (T, n_embd)
         for block, kv_cache in zip(self.h, kv_caches):
             x = block(x, kv_cache, meta)
         return self.ln_f(x)
@@ -196,10 +189,11 @@ class OpenAIGPTModel(nn.Module):
         super().__init__()
         self.tokens_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.positions_embed = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.drop = _dropout(cfg)
         self.h = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.n_layer))
 
     def forward(self, input_ids, positions, kv_caches, meta):
-        x = self.tokens_embed(input_ids) + self.positions_embed(positions)  # (T, n_embd)
+        x = self.drop(self.tokens_embed(input_ids) + self.positions_embed(positions))  # (T, n_embd)
         for block, kv_cache in zip(self.h, kv_caches):
             x = block(x, kv_cache, meta)
         return x
@@ -236,6 +230,23 @@ class GPTLMHeadModel(nn.Module):
         t = self.transformer
         return t.wte if isinstance(t, GPT2Model) else t.tokens_embed
 
+    @torch.no_grad()
+    def init_weights_(self) -> None:
+        """GPT-2's initialization (HF's ``GPT2PreTrainedModel._init_weights``): linear and
+        embedding weights ~ N(0, initializer_range), biases 0, LayerNorms (1, 0), and every
+        ``c_proj`` (the layers that add into the residual stream) ~ N(0, initializer_range /
+        sqrt(2 * n_layer)) (Radford et al. 2019, sec. 2.3). Uses torch's global RNG."""
+        std = self.config.initializer_range
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scaled = name.endswith("c_proj")
+                module.weight.normal_(0.0, std / math.sqrt(2 * self.config.n_layer) if scaled
+                                      else std)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                module.bias.zero_()
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+
     def fuse_projections_(self) -> None:
         """Nothing to fuse (``c_attn`` is q|k|v already); the loader calls it for every family."""
 
@@ -245,73 +256,3 @@ class GPTLMHeadModel(nn.Module):
     def kv_cache_shape(self, num_slots: int) -> tuple[int, int, int]:
         """Shape of one layer's K (or V) cache: (n_head, num_slots, head_dim), head-major."""
         return self.config.n_head, num_slots, self.config.head_dim
-
-
-# --- loading Hugging Face checkpoints -------------------------------------------------------
-
-def gpt_config_from_hf(hf: dict, architecture: str) -> GPTConfig:
-    """GPTConfig from an HF ``config.json`` dict of a GPT-2 or OpenAI GPT (GPT-1) checkpoint.
-
-    Raises:
-        ModelLoadError: an activation outside ``ACTIVATIONS``, or cross-attention layers.
-    """
-    if architecture == "openai-gpt":
-        afn = hf.get("afn", "gelu")
-        # modeling_openai.ACT_FNS maps "gelu" to gelu_new (the tanh form GPT-1 was trained with)
-        activation = "gelu_new" if afn == "gelu" else afn
-        n_inner = None  # GPT-1's MLP is always 4 * n_embd
-    else:
-        activation, n_inner = hf.get("activation_function", "gelu_new"), hf.get("n_inner")
-    if activation not in ACTIVATIONS:
-        raise ModelLoadError(f"activation {activation!r} of this {architecture} checkpoint is not "
-                             f"supported; supported: {', '.join(ACTIVATIONS)}")
-    if hf.get("add_cross_attention"):
-        raise ModelLoadError("GPT-2 checkpoints with cross-attention (add_cross_attention) are "
-                             "encoder-decoder parts, not causal LMs; use a plain GPT2LMHeadModel")
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], n_positions=hf.get("n_positions", 1024),
-        n_embd=hf["n_embd"], n_layer=hf["n_layer"], n_head=hf["n_head"], n_inner=n_inner,
-        activation_function=activation,
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        scale_attn_weights=hf.get("scale_attn_weights", True),
-        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True), architecture=architecture)
-
-
-def gpt_state_dict_from_hf(state_dict: dict[str, torch.Tensor], config: GPTConfig
-                           ) -> dict[str, torch.Tensor]:
-    """HF GPT weights -> ours: Conv1D (in, out) weights transposed to nn.Linear's (out, in).
-
-    Also accepts the original checkpoints saved from the trunk alone (``h.0.attn.c_attn.weight``,
-    no ``transformer.`` prefix), and drops what is not a weight: the causal-mask buffers
-    ``attn.bias`` / ``attn.masked_bias`` that old GPT-2 files carry, and a tied ``lm_head``.
-    """
-    out = {}
-    for name, w in state_dict.items():
-        if not name.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + name
-        if name.endswith((".attn.bias", ".attn.masked_bias")):
-            continue
-        if name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if name.endswith(tuple(f"{layer}.weight" for layer in CONV1D_LAYERS)):
-            w = w.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
-        out[name] = w
-    return out
-
-
-def gpt_config_from_gguf(field, tensor_names: set[str]) -> GPTConfig:
-    """GPTConfig of a ``general.architecture = gpt2`` GGUF (llama.cpp's converter writes GPT-2's
-    hyperparameters as ``gpt2.*`` keys; the activation is gelu_new, the only one it converts).
-
-    Args:
-        field: ``field(key, default)`` -> a metadata value of the file.
-        tensor_names: the file's tensor names; an ``output.weight`` means an untied head.
-    """
-    return GPTConfig(
-        vocab_size=field("gpt2.vocab_size") or len(field("tokenizer.ggml.tokens")),
-        n_positions=field("gpt2.context_length", 1024), n_embd=field("gpt2.embedding_length"),
-        n_layer=field("gpt2.block_count"), n_head=field("gpt2.attention.head_count"),
-        n_inner=field("gpt2.feed_forward_length"),
-        layer_norm_epsilon=field("gpt2.attention.layer_norm_epsilon", 1e-5),
-        tie_word_embeddings="output.weight" not in tensor_names, architecture="gpt2")

@@ -20,11 +20,10 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
-from lmforge.models.gpt import GGUF_NAMES as GPT_GGUF_NAMES
-from lmforge.models.gpt import (
+from lmforge.models.gpt import GPTConfig, GPTLMHeadModel
+from lmforge.models.gpt_hf import GGUF_NAMES as GPT_GGUF_NAMES
+from lmforge.models.gpt_hf import (
     GPT_ARCHITECTURES,
-    GPTConfig,
-    GPTLMHeadModel,
     gpt_config_from_gguf,
     gpt_config_from_hf,
     gpt_state_dict_from_hf,

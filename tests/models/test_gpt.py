@@ -22,7 +22,8 @@ from lmforge.engine.llm import LLM
 from lmforge.engine.llm_engine import LLMEngine
 from lmforge.engine.request import SamplingParams
 from lmforge.errors import ModelLoadError
-from lmforge.models.gpt import GPTConfig, GPTLMHeadModel, gpt_state_dict_from_hf
+from lmforge.models.gpt import GPTConfig, GPTLMHeadModel
+from lmforge.models.gpt_hf import gpt_state_dict_from_hf
 from lmforge.models.loader import build_model, hf_config, load_model
 from lmforge.models.lora import LoRAConfig, inject_lora, load_peft_adapter, save_peft_adapter
 from lmforge.models.multi_lora import lora_targets
