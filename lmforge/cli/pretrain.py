@@ -80,6 +80,9 @@ def pretrain(config: str | None, **settings) -> None:
         result = run_pretrain(config_file=config, **settings)
     except LMForgeError as e:
         raise click.UsageError(e.message) from e
+    except KeyboardInterrupt:  # before the loop (tokenizing) or a second Ctrl-C in it
+        click.echo("interrupted; run the same command again to continue", err=True)
+        raise SystemExit(130) from None
     margin = result.unigram_entropy - result.val_loss
     click.echo(f"{'interrupted' if result.interrupted else 'trained'}: {result.steps} steps, "
                f"{result.tokens:,} tokens, {result.num_parameters / 1e6:.2f}M parameters, "

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 # Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
 # 54-88 vs 131-137 us per layer at 1 sequence, 107 vs 179 at 4, about even at 8 and behind
-# from 16 on (benchmarks/kernels.py, two runs)
+# from 16 on (benchmarks/cpu_kernels.py, two runs)
 SDPA_FP32_MAX_DECODES = 4
 
 
@@ -93,7 +93,7 @@ def gather_blocks(cache: torch.Tensor, rows: torch.Tensor, block_size: int) -> t
         ``index_select`` is 2-3x faster than advanced indexing; gathering per slot from a
         slot-major cache is faster still (84 vs 122 us per layer at 16 x 130 tokens), but its
         K/V then need a copy each for the matmuls, and the whole decode attention is slower:
-        1.2-1.3x at 16 sequences, 1.7-5x at 64 in two runs of ``benchmarks/kernels.py``.
+        1.2-1.3x at 16 sequences, 1.7-5x at 64 in two runs of ``benchmarks/cpu_kernels.py``.
     """
     n_kv, num_slots, head_dim = cache.shape
     flat = cache.view(n_kv * (num_slots // block_size), block_size * head_dim)
@@ -142,7 +142,7 @@ def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     vd = gather_blocks(v_cache, meta.decode_rows, meta.block_size).view(shape)
     if q.dtype == torch.float32 or nd <= SDPA_FP32_MAX_DECODES:
         # SDPA's fp32 kernel is the fastest for fp32, and for a few bf16 sequences even with
-        # the casts (benchmarks/kernels.py)
+        # the casts (benchmarks/cpu_kernels.py)
         return F.scaled_dot_product_attention(
             q.float().unsqueeze(2), kd.float(), vd.float(),  # (Bd, H | n_kv, 1 | L, D)
             attn_mask=meta.decode_bias, scale=scale,
@@ -179,7 +179,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     Two batched matmuls over (sequence, kv head) pairs, for bf16/fp16 batches of more than
     ``SDPA_FP32_MAX_DECODES`` sequences: PyTorch's bf16 SDPA on CPU is 2-6x slower than this for
     single queries at 4-64 sequences, and casting to fp32 for its fp32 kernel pays only for a few
-    sequences (``benchmarks/kernels.py``). The scale, the cast to fp32 and the padding bias are
+    sequences (``benchmarks/cpu_kernels.py``). The scale, the cast to fp32 and the padding bias are
     one ``torch.add``; sequence-major K/V make the query and output reshapes free.
 
     Args:

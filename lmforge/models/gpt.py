@@ -211,6 +211,8 @@ class GPTLMHeadModel(nn.Module):
     # HF's checkpoint stores Conv1D layers, so PEFT marks adapters for it ``fan_in_fan_out``; the
     # LoRA A (r, in) and B (out, r) are shaped as for a Linear either way (peft's lora.Linear)
     fan_in_fan_out = True
+    # LoRA's targets when a fine-tuning job names none: every linear of a block (as QLoRA)
+    default_lora_targets = ("c_attn", "c_proj", "c_fc")
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()

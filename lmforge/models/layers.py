@@ -20,7 +20,7 @@ class RMSNorm(nn.Module):
     mean(x^2), so LayerNorm's one fused kernel (float32 statistics for bf16 input) gives exactly
     the RMS normalization. PyTorch's ``F.rms_norm`` is not one kernel on the CPU (a pow, mean,
     rsqrt, mul chain after casting to float32). Timed inside a 16-sequence decode step (cold
-    caches) it takes 40 instead of 60 us per call; hot in ``benchmarks/kernels.py`` it is 1.3x
+    caches) it takes 40 instead of 60 us per call; hot in ``benchmarks/cpu_kernels.py`` it is 1.3x
     faster at 1 row, even at 16 and 1.4x slower at 512 (prefill), which costs <1% of a prefill.
     """
 
@@ -64,7 +64,7 @@ def concat_linears(*linears: nn.Linear) -> nn.Linear:
     A projection split into fewer, wider matmuls: on the CPU each call costs ~17 us before any
     arithmetic, and SmolLM2's 210 linear layers per step become 120; the whole stack in prepacked
     bf16 takes 17.1 instead of 19.9 ms at 16 rows, 11.0 instead of 13.9 at 4
-    (``benchmarks/kernels.py``).
+    (``benchmarks/cpu_kernels.py``).
     The result has no gradient; the model keeps the unfused layers for training.
     """
     first = linears[0]
@@ -145,7 +145,7 @@ class RotaryEmbedding(nn.Module):
     Rotate-half pairs dim i with dim i + D/2: ``[x1 cos - x2 sin, x2 cos + x1 sin]``. The tables
     hold ``cos = [cos, cos]`` and ``sin = [-sin, sin]`` over the full head_dim, so the rotation
     is ``x * cos + roll(x, D/2) * sin``, computed in float32: three kernels instead of seven,
-    1.2-1.3x faster than the halves formula from 1 to 512 tokens (``benchmarks/kernels.py``).
+    1.2-1.3x faster than the halves formula from 1 to 512 tokens (``benchmarks/cpu_kernels.py``).
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float,

@@ -128,6 +128,10 @@ class LlamaForCausalLM(nn.Module):
     sample, so the vocabulary projection is not paid for every prefill token.
     """
 
+    # LoRA's targets when a fine-tuning job names none: every linear of a block (as QLoRA)
+    default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                            "down_proj")
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg

@@ -51,8 +51,9 @@ class LoRAConfig:
     r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
-                                       "gate_proj", "up_proj", "down_proj")
+    # None = the model family's ``default_lora_targets`` (every linear of a block: Llama's seven
+    # projections, GPT's c_attn, c_proj, c_fc), filled in by ``inject_lora``
+    target_modules: tuple[str, ...] | None = None
     use_rslora: bool = False
     fan_in_fan_out: bool = False
 
@@ -69,6 +70,8 @@ class LoRAConfig:
             raise ValueError(f"lora_alpha ({self.lora_alpha}) must be positive, e.g. 2 * r")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout ({self.lora_dropout}) must be in [0, 1), e.g. 0.05")
+        if self.target_modules is None:  # the model's default, resolved by inject_lora
+            return
         self.target_modules = tuple(self.target_modules)
         bad = [t for t in self.target_modules if t not in SUPPORTED_TARGETS]
         if not self.target_modules or bad:
@@ -116,7 +119,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     ``LoRALinear``, in place, and freeze every other parameter.
 
     Works on the unfused model (HF names, ``model.layers.0.self_attn.q_proj``): call it before
-    ``fuse_projections_``, never after.
+    ``fuse_projections_``, never after. ``config.target_modules`` None becomes the model's
+    ``default_lora_targets`` (written back into ``config``).
 
     Returns:
         the replaced modules' names, in model order.
@@ -124,6 +128,8 @@ def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     Raises:
         ValueError: an invalid config, or no module matches ``target_modules``.
     """
+    if config.target_modules is None:
+        config.target_modules = tuple(model.default_lora_targets)
     config.validate()
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.rpartition(".")[2] in

@@ -3,7 +3,7 @@
 ``F.linear`` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on every call.
 Doing that reorder once at load time (what PyTorch's inductor does for CPU linears, through
 ``torch.ops.mkldnn._reorder_linear_weight`` and ``_linear_pointwise``) gives bit-identical results
-and is 2-3x faster for the small batches of decoding (``benchmarks/kernels.py``: 576x1536 at 1 row,
+and is 2-3x faster for the small batches of decoding (``benchmarks/cpu_kernels.py``: 576x1536 at 1 row,
 158 -> 57-93 us; the 49152-wide vocabulary projection, 3.8 -> 1.1-1.3 ms).
 
 Packing replaces each ``nn.Linear`` by a ``PackedLinear`` under the same name, after the loader

@@ -14,7 +14,7 @@ dimension, so both block types map onto it exactly: ``scale = d`` and ``zero = 8
 
 The kernel wins only at a few rows: a stack of SmolLM2's linear layers (fused as the engine runs
 them) takes 4.3 ms at 1 row against 13.4 ms for prepacked bf16, 6.8 vs 11.0 ms at 4 rows, 11.6
-vs 13.6 ms at 8, and loses from 12 rows on (17.9 vs 14.9 ms; ``benchmarks/kernels.py``). ``Int4DecodeLinear`` therefore keeps both: the 4-bit weights for up
+vs 13.6 ms at 8, and loses from 12 rows on (17.9 vs 14.9 ms; ``benchmarks/cpu_kernels.py``). ``Int4DecodeLinear`` therefore keeps both: the 4-bit weights for up
 to ``max_rows`` rows and the dense bf16 layer for prefills and large batches.
 """
 

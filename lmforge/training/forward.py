@@ -60,6 +60,8 @@ def causal_lm_logits(model: LlamaForCausalLM, input_ids: torch.Tensor,
     # every layer writes the same scratch: the attention reads this batch's own K/V, never it
     kv_caches = [scratch] * model.config.num_hidden_layers
     hidden = model(flat_ids, positions, kv_caches, packed_metadata(lengths, input_ids.device))
+    if attention_mask is None:  # no padding: the flat batch is the (B, T) batch row after row
+        return model.compute_logits(hidden.view(b, t, -1))
     padded = hidden.new_zeros(b, t, hidden.shape[-1])
     padded[mask] = hidden  # (B, T, hidden), zeros on padding
     return model.compute_logits(padded)

@@ -95,3 +95,12 @@ def test_bad_settings_are_usage_errors(plays, tmp_path):
     assert result.exit_code == 2 and "multiple of n_head" in result.output
     result = CliRunner().invoke(main, ["pretrain", "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "at least one text file" in result.output
+
+
+def test_a_yaml_config_gives_what_the_command_line_leaves_out(plays, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n" + "".join(f"  - {p}\n" for p in plays) +
+                      "n-embd: 30\nn_head: 4\n")
+    result = CliRunner().invoke(main, ["pretrain", "--config", str(config), "--out",
+                                       str(tmp_path / "o")])
+    assert result.exit_code == 2 and "n_embd (30) must be a multiple of n_head (4)" in result.output

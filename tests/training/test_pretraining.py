@@ -141,3 +141,15 @@ def test_an_interrupted_run_resumes_on_the_uninterrupted_loss_curve(tmp_path, pl
 def _losses(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_a_given_tokenizer_is_used_and_saved_with_the_model(tmp_path, plays):
+    from transformers import AutoTokenizer
+
+    from lmforge.training.bpe import train_bpe_tokenizer
+    train_bpe_tokenizer(plays, tmp_path / "tok", vocab_size=300, show_progress=False)
+    settings = {**TINY, "vocab_size": 999}  # ignored: the tokenizer is given
+    result = pretrain(train=plays, out=str(tmp_path / "run"), tokenizer=str(tmp_path / "tok"),
+                      max_steps=2, show_progress=False, **settings)
+    assert len(AutoTokenizer.from_pretrained(result.out)) == 300
+    assert json.loads((result.out / "config.json").read_text())["vocab_size"] == 300

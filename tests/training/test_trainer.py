@@ -156,3 +156,16 @@ def test_config_and_schedule():
 def test_max_seq_len_beyond_the_model_is_refused(tiny_llama_dir, train_file, tmp_path):
     with pytest.raises(InvalidRequestError, match="exceeds the model's context"):
         train(_load(tiny_llama_dir), train_file, None, _config(max_seq_len=4096), tmp_path)
+
+
+def test_a_gpt_base_trains_with_its_familys_default_targets(tiny_gpt2_dir, train_file, tmp_path):
+    """No target_modules: GPT's c_attn, c_proj and c_fc get adapters (Llama's seven names would
+    match nothing in a GPT), saved for PEFT with fan_in_fan_out, and the loss falls."""
+    loaded = load_model(ModelConfig(model=str(tiny_gpt2_dir), dtype="float32"), for_training=True)
+    events = []
+    result = train(loaded, train_file, None, _config(lora=LoRAConfig(r=4, lora_alpha=8)),
+                   tmp_path / "out", on_event=events.append)
+    evals = [e.eval_loss for e in events if isinstance(e, StepEvent) and e.eval_loss is not None]
+    assert evals[-1] < evals[0] - 1.0
+    config, _ = load_peft_adapter(result.best_checkpoint)
+    assert set(config.target_modules) == {"c_attn", "c_proj", "c_fc"} and config.fan_in_fan_out

@@ -72,7 +72,8 @@ class PretrainConfig:
     @classmethod
     def from_sources(cls, yaml_file: str | Path | None = None, **overrides: Any
                      ) -> PretrainConfig:
-        """The YAML file's keys (dashes or underscores), then every override that is not None.
+        """The YAML file's keys (dashes or underscores), then every override that is not None
+        or empty.
 
         Raises:
             InvalidRequestError: an unreadable file, an unknown key, or a value ``validate``
@@ -81,7 +82,7 @@ class PretrainConfig:
         values: dict[str, Any] = {}
         if yaml_file is not None:
             values = _read_yaml(Path(yaml_file))
-        values.update({k: v for k, v in overrides.items() if v is not None and v != ()})
+        values.update({k: v for k, v in overrides.items() if v not in (None, (), [])})
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:

@@ -89,6 +89,17 @@ def pretrain(config: PretrainConfig | None = None, /, *, config_file: str | Path
     return _Run(config, show_progress).run()
 
 
+def next_token_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                    amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token, a scalar) of ``x`` (B, T) int64 against its
+    targets ``y`` (B, T), with autocast to ``amp_dtype`` (None = none) on the model's device."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                        enabled=amp_dtype is not None):
+        logits = causal_lm_logits(model, x)  # (B, T, V) float32
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
 class _Run:
     def __init__(self, config: PretrainConfig, show_progress: bool):
         self.config, self.show = config, show_progress
@@ -102,6 +113,7 @@ class _Run:
         self.state = RunState(horizon=config.horizon_steps, identity=config.identity())
         self.resumed_from = self._resume()
         self.stop_requested = False
+        self.validated: tuple[int, float] = (-1, math.nan)  # (step, validation loss)
         self.metrics = self.out / "metrics.jsonl"
         self._truncate_metrics()
 
@@ -119,9 +131,7 @@ class _Run:
         if not self._done():
             with self._stop_on_sigint():
                 loss = self._loop()
-        val_loss = self._evaluate()
-        self._log({"step": self.state.step, "val_loss": val_loss,
-                   "val_perplexity": math.exp(val_loss)})
+        val_loss = self._validate()  # the final step's, unless the loop just measured it
         self._save()
         return PretrainResult(
             out=self.out, steps=self.state.step, tokens=self.state.tokens,
@@ -179,11 +189,7 @@ class _Run:
         return total
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x, y = x.to(self.device), y.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits = causal_lm_logits(self.model, x)  # (B, T, V) float32
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return next_token_loss(self.model, x.to(self.device), y.to(self.device), self.amp_dtype)
 
     def _after_step(self, loss: float, seconds: float, bar: tqdm) -> None:
         c, s = self.config, self.state
@@ -194,8 +200,7 @@ class _Run:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_s:,.0f}")
         bar.update(1)
         if s.step % c.eval_interval == 0:
-            val = self._evaluate()
-            self._log({"step": s.step, "val_loss": val, "val_perplexity": math.exp(val)})
+            val = self._validate()
             self._say(f"step {s.step}: validation loss {val:.3f}, perplexity {math.exp(val):.1f}")
             self._chart()
         if s.step % c.checkpoint_interval == 0:
@@ -211,6 +216,14 @@ class _Run:
         remaining = c.max_minutes * 60 - self.state.elapsed_s - seconds
         return max(first + CALIBRATION_STEPS + 1,
                    first + CALIBRATION_STEPS + int(remaining / per_step))
+
+    def _validate(self) -> float:
+        """The validation loss at this step, measured and logged once per step."""
+        if self.validated[0] != self.state.step:
+            val = self._evaluate()
+            self._log({"step": self.state.step, "val_loss": val, "val_perplexity": math.exp(val)})
+            self.validated = (self.state.step, val)
+        return self.validated[1]
 
     @torch.no_grad()
     def _evaluate(self) -> float:

@@ -17,7 +17,7 @@ shapes (576 hidden, 9 query / 3 KV heads of 64, 1536 MLP, 30 layers):
 6. ``rms_norm`` and ``rope``: the float32 chains of the reference formulas vs ours (RoPE on q
    and k heads that the fused projection already put side by side; the reference concatenates).
 
-    python benchmarks/kernels.py [--out benchmarks/results/kernels.json]
+    python benchmarks/cpu_kernels.py [--out benchmarks/results/kernels.json]
 
 Timings on a shared 2-core VM move by 10% between runs; compare rows of one run.
 """
