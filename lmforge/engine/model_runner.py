@@ -18,11 +18,11 @@ from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.request import Request
 from lmforge.engine.scheduler import SchedulerOutput
 from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
-from lmforge.models.llama import LlamaForCausalLM
+from lmforge.models.interface import CausalLM
 from lmforge.models.multi_lora import LoRAManager
 
 
-def num_kv_blocks(model: LlamaForCausalLM, cache: CacheConfig) -> int:
+def num_kv_blocks(model: CausalLM, cache: CacheConfig) -> int:
     """Blocks that fit in ``cache.kv_cache_memory_mb`` (unless ``cache.num_blocks`` is set)."""
     if cache.num_blocks is not None:
         return cache.num_blocks
@@ -59,7 +59,7 @@ class ModelRunner:
             which rows use which adapter.
     """
 
-    def __init__(self, model: LlamaForCausalLM, block_manager: BlockManager, num_blocks: int,
+    def __init__(self, model: CausalLM, block_manager: BlockManager, num_blocks: int,
                  block_size: int, loras: LoRAManager | None = None):
         self.model = model
         self.loras = loras

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
-from lmforge.models.llama import KVCache, LlamaForCausalLM
+from lmforge.models.interface import CausalLM, KVCache
 
 MAX_EMBEDDING_INPUTS = 2048  # prompts per request, the OpenAI API's limit
 
@@ -94,7 +94,7 @@ class EmbeddingTask:
     Constructing a task runs no torch op; call ``step()`` only on the thread that runs the model.
     """
 
-    def __init__(self, model: LlamaForCausalLM, prompts: list[list[int]], block_size: int,
+    def __init__(self, model: CausalLM, prompts: list[list[int]], block_size: int,
                  max_piece_tokens: int):
         self.model = model
         self.prompts = prompts

@@ -131,6 +131,7 @@ class LlamaForCausalLM(nn.Module):
     # LoRA's targets when a fine-tuning job names none: every linear of a block (as QLoRA)
     default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                             "down_proj")
+    fan_in_fan_out = False  # HF's Llama layers are nn.Linear
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()

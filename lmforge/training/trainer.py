@@ -1,4 +1,4 @@
-"""One fine-tuning loop for every training method: LoRA on our own LlamaForCausalLM (the class the
+"""One fine-tuning loop for every training method: LoRA on our own model classes (the ones the
 engine serves).
 
 A method (``methods.get_method(config.method)``; ``"sft"``, supervised fine-tuning, for now) gives
