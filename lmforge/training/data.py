@@ -86,7 +86,7 @@ def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
             whole file, an undecodable file or fewer than ``min_rows`` rows (default:
             ``MIN_ROWS`` for JSONL, OpenAI's rule, and ``CSV_MIN_ROWS`` for LLM Engine's CSV).
     """
-    is_csv, rows = _read_rows(Path(path), param)
+    is_csv, rows = read_rows(Path(path), param)
     if min_rows is None:
         min_rows = CSV_MIN_ROWS if is_csv else MIN_ROWS
     if len(rows) < min_rows:
@@ -217,7 +217,7 @@ def _row_kind(row: dict, line: int, param: str) -> str:
                     "and 'completion' (or 'response')", line=line, param=param)
 
 
-def _read_rows(path: Path, param: str) -> tuple[bool, list[tuple[int, dict]]]:
+def read_rows(path: Path, param: str) -> tuple[bool, list[tuple[int, dict]]]:
     """(whether the file is CSV, [(1-based line, row object)] of each non-blank JSONL line or
     CSV record)."""
     try:

@@ -1,8 +1,8 @@
 """Pure loss functions of the training methods: tensors in, a tensor out, no model, no state.
 
 A training method is a collator plus one of these (TRL's shape): ``sft_loss`` for supervised
-fine-tuning, ``sequence_logps`` for the preference methods (DPO compares the summed log-probs of
-chosen and rejected completions under the policy and the reference model).
+fine-tuning; ``sequence_logps`` and ``dpo_loss`` for the preference methods (DPO compares the
+summed log-probs of chosen and rejected completions under the policy and the reference model).
 
 Shapes: ``logits`` (B, T, V) are the model's outputs at every position of a (B, T) batch;
 ``labels`` (B, T) are the input ids with ``IGNORE_INDEX`` (-100) wherever no loss is taken
@@ -12,6 +12,8 @@ modelling; Hugging Face's ``ForCausalLMLoss`` does the same).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -94,3 +96,65 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor,
                           targets.reshape(-1), reduction="none") * mask.reshape(-1)
     count = num_items if num_items is not None else int(mask.sum())
     return nll.sum() / max(count, 1)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A preference loss per pair and TRL's reward metrics (all (B,) float32).
+
+    ``chosen_rewards`` / ``rejected_rewards`` are DPO's implicit rewards
+    ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Rafailov et al. 2023, sec. 5), detached: what
+    TRL logs as ``rewards/chosen`` and ``rewards/rejected``; their difference is
+    ``rewards/margins`` and ``chosen > rejected`` is ``rewards/accuracies``.
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+             beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> PreferenceLoss:
+    """DPO and its variants on the summed log-probs of each pair's completions, (B,) each.
+
+    With ``h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)`` (the log-ratio
+    margin) and ``e = label_smoothing``, the per-pair loss is, as TRL's ``DPOTrainer``:
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023, eq. 7; with e > 0 conservative DPO):
+      ``-(1 - e) * log(sigmoid(beta * h)) - e * log(sigmoid(-beta * h))``; log 2 when the
+      policy equals the reference.
+    - ``robust`` (Chowdhury et al. 2024, "Provably Robust DPO"), unbiased under label noise e:
+      ``(-(1 - e) * log(sigmoid(beta * h)) + e * log(sigmoid(-beta * h))) / (1 - 2 e)``.
+    - ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - beta * h)``.
+    - ``ipo`` (Azar et al. 2023, eq. 17): ``(h - 1 / (2 beta)) ** 2``; IPO is defined on
+      log-probs averaged over the completion's tokens (TRL's choice), which the caller passes.
+
+    Raises:
+        ValueError: an unknown ``loss_type``, ``beta`` <= 0, or ``label_smoothing`` outside
+            [0, 0.5) (and e > 0 for hinge or ipo, which do not use it).
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; one of {', '.join(DPO_LOSS_TYPES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5 or (label_smoothing and loss_type in ("hinge", "ipo")):
+        raise ValueError(f"label_smoothing must be in [0, 0.5) and applies to sigmoid and robust "
+                         f"only, got {label_smoothing} with {loss_type}")
+    chosen_ratio = policy_chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = policy_rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_ratio - rejected_ratio
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - e) * F.logsigmoid(beta * h) - e * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - e) * F.logsigmoid(beta * h) + e * F.logsigmoid(-beta * h)) / (1 - 2 * e)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    return PreferenceLoss(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())

@@ -2,11 +2,13 @@
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from lmforge.training.losses import (
     IGNORE_INDEX,
+    dpo_loss,
     selective_log_softmax,
     sequence_logps,
     sft_loss,
@@ -81,3 +83,55 @@ def test_sequence_logps_by_hand():
     logps, mask = token_logps(logits, labels)
     assert mask.tolist() == [[True, True], [False, True]]
     assert logps[1, 0] == 0
+
+
+# --- preference losses: each checked against its naive formula, pair by pair ------------------
+
+def _naive(h: float, beta: float, loss_type: str, e: float) -> float:
+    def log_sigmoid(x):
+        return -math.log1p(math.exp(-x))
+    if loss_type == "sigmoid":
+        return -(1 - e) * log_sigmoid(beta * h) - e * log_sigmoid(-beta * h)
+    if loss_type == "robust":
+        return (-(1 - e) * log_sigmoid(beta * h) + e * log_sigmoid(-beta * h)) / (1 - 2 * e)
+    if loss_type == "hinge":
+        return max(0.0, 1 - beta * h)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("loss_type,e", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.0),
+                                         ("robust", 0.2), ("hinge", 0.0), ("ipo", 0.0)])
+def test_dpo_losses_equal_their_naive_formulas(loss_type, e):
+    torch.manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(16) * 5 - 20 for _ in range(4))
+    out = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=loss_type, label_smoothing=e)
+    expected = [_naive(float((a - c) - (b - d)), 0.3, loss_type, e)
+                for a, b, c, d in zip(pc, pr, rc, rr)]
+    torch.testing.assert_close(out.losses, torch.tensor(expected), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.chosen_rewards, 0.3 * (pc - rc))
+    torch.testing.assert_close(out.rejected_rewards, 0.3 * (pr - rr))
+
+
+def test_dpo_loss_is_log_2_while_the_policy_is_the_reference():
+    logps = torch.tensor([-12.5, -40.0, -3.25])
+    out = dpo_loss(logps, logps - 2, logps, logps - 2)
+    torch.testing.assert_close(out.losses, torch.full((3,), math.log(2)), atol=1e-6, rtol=0)
+    assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected():
+    chosen = torch.tensor([-10.0], requires_grad=True)
+    rejected = torch.tensor([-10.0], requires_grad=True)
+    out = dpo_loss(chosen, rejected, torch.tensor([-10.0]), torch.tensor([-10.0]), beta=0.1)
+    out.losses.sum().backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()  # descent raises chosen, lowers rejected
+    assert not out.chosen_rewards.requires_grad
+
+
+@pytest.mark.parametrize("kwargs", [{"loss_type": "kto"}, {"beta": 0.0},
+                                    {"label_smoothing": 0.5},
+                                    {"loss_type": "hinge", "label_smoothing": 0.1}])
+def test_bad_dpo_settings_are_refused(kwargs):
+    x = torch.zeros(2)
+    with pytest.raises(ValueError):
+        dpo_loss(x, x, x, x, **kwargs)
