@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -86,23 +86,36 @@ def read_examples(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *,
             whole file, an undecodable file or fewer than ``min_rows`` rows (default:
             ``MIN_ROWS`` for JSONL, OpenAI's rule, and ``CSV_MIN_ROWS`` for LLM Engine's CSV).
     """
+    kind, rows = uniform_rows(path, _row_kind, min_rows=min_rows, param=param)
+    examples = []
+    for line, row in rows:
+        prompt, completion = (chat_to_ids(row["messages"], tokenizer, line, param)
+                              if kind == "chat" else text_to_ids(row, tokenizer, line, param))
+        examples.append(_fit(prompt, completion, line, max_seq_len, param))
+    return examples
+
+
+def uniform_rows(path: str | Path, kind_of: Callable[[dict, int, str], str], *,
+                 min_rows: int | None, param: str) -> tuple[str, list[tuple[int, dict]]]:
+    """(the format, [(1-based line, row)]) of a file whose rows all have its first row's format,
+    ``kind_of(row, line, param)``; what every training method's reader starts with.
+
+    Raises:
+        DataError: an unreadable file, a row in another format than the first (naming both), or
+            fewer than ``min_rows`` rows (None: ``MIN_ROWS`` for JSONL, ``CSV_MIN_ROWS`` for CSV).
+    """
     is_csv, rows = read_rows(Path(path), param)
     if min_rows is None:
         min_rows = CSV_MIN_ROWS if is_csv else MIN_ROWS
     if len(rows) < min_rows:
         raise DataError(f"the file has {len(rows)} example(s); at least {min_rows} are needed",
                         param=param)
-    kind = _row_kind(rows[0][1], rows[0][0], param)
-    examples = []
+    kind = kind_of(rows[0][1], rows[0][0], param)
     for line, row in rows:
-        if _row_kind(row, line, param) != kind:
-            raise DataError(f"row is in the {_row_kind(row, line, param)} format, but the file "
-                            f"starts in the {kind} format; use one format per file",
-                            line=line, param=param)
-        prompt, completion = (chat_to_ids(row["messages"], tokenizer, line, param)
-                              if kind == "chat" else text_to_ids(row, tokenizer, line, param))
-        examples.append(_fit(prompt, completion, line, max_seq_len, param))
-    return examples
+        if (other := kind_of(row, line, param)) != kind:
+            raise DataError(f"row is in the {other} format, but the file starts in the {kind} "
+                            "format; use one format per file", line=line, param=param)
+    return kind, rows
 
 
 def split_holdout(examples: Sequence[Row], seed: int,

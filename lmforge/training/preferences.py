@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.tokenizer import Tokenizer
-from lmforge.training.data import MIN_ROWS, DataError, chat_to_ids, read_rows, text_to_ids
+from lmforge.training.data import MIN_ROWS, DataError, chat_to_ids, text_to_ids, uniform_rows
 
 
 @dataclass(frozen=True)
@@ -53,18 +53,10 @@ def read_preferences(path: str | Path, tokenizer: Tokenizer, max_seq_len: int, *
             before their last message, a prompt of ``max_seq_len`` tokens or more; or, for the
             whole file, fewer than ``min_rows`` rows (default ``MIN_ROWS``, OpenAI's 10).
     """
-    _, rows = read_rows(Path(path), param)
-    min_rows = MIN_ROWS if min_rows is None else min_rows
-    if len(rows) < min_rows:
-        raise DataError(f"the file has {len(rows)} example(s); at least {min_rows} are needed",
-                        param=param)
-    kind = _kind(rows[0][1], rows[0][0], param)
+    kind, rows = uniform_rows(path, _kind, min_rows=MIN_ROWS if min_rows is None else min_rows,
+                              param=param)
     pairs = []
     for line, row in rows:
-        if _kind(row, line, param) != kind:
-            raise DataError(f"row is in the {_kind(row, line, param)} format, but the file starts "
-                            f"in the {kind} format; use one format per file", line=line,
-                            param=param)
         prompt, chosen, rejected = READERS[kind](row, tokenizer, line, param)
         pairs.append(_fit(prompt, chosen, rejected, line, max_seq_len, param))
     return pairs
