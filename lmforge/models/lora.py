@@ -15,12 +15,14 @@ Two parts here (serving many adapters in one batch is ``models/multi_lora.py``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +103,7 @@ class LoRALinear(nn.Module):
                              else nn.Identity())
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        self.enabled = True  # False: the base layer alone (``lora_disabled``)
 
     @property
     def in_features(self) -> int:
@@ -111,7 +114,24 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         return self.base(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its base: every ``LoRALinear`` computes its base layer alone inside the
+    block (PEFT's ``disable_adapter``). DPO's reference model is the policy with its adapter
+    off, so no second copy of the weights is needed."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def inject_lora(model: nn.Module, config: LoRAConfig) -> list[str]:

@@ -57,6 +57,7 @@ from lmforge.training.events import (
     StepEvent,
     TrainingEvent,
 )
+from lmforge.training.losses import DPO_LOSS_TYPES
 from lmforge.training.methods import MicroBatch, TrainingMethod, get_method
 
 STATE_FILE = "trainer_state.pt"  # written last: a checkpoint without it is incomplete
@@ -82,6 +83,10 @@ class TrainingConfig:
     seed: int = 0  # LoRA init, shuffling, the validation hold-out
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = "cpu"
+    # DPO's (method "dpo"; OpenAI's method.dpo.hyperparameters.beta, TRL's DPOConfig names)
+    beta: float = 0.1  # strength of the KL penalty to the reference model
+    dpo_loss_type: str = "sigmoid"  # losses.DPO_LOSS_TYPES
+    label_smoothing: float = 0.0  # share of preference labels assumed flipped (sigmoid, robust)
 
     @property
     def peak_learning_rate(self) -> float:
@@ -99,6 +104,10 @@ class TrainingConfig:
             ("max_grad_norm", self.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
             ("max_seq_len", self.max_seq_len >= 2, "at least 2"),
+            ("beta", self.beta > 0, "positive, e.g. 0.1"),
+            ("dpo_loss_type", self.dpo_loss_type in DPO_LOSS_TYPES,
+             f"one of {', '.join(DPO_LOSS_TYPES)}"),
+            ("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
         ]
         for name, ok, want in checks:
             if not ok:
@@ -282,7 +291,7 @@ class _Loop:
         total = 0.0
         for batch in batches:
             batch = batch.to(self.device)
-            summed, _ = self.method.loss(self.model, batch)
+            summed, _ = self.method.loss(self.model, batch, self.config)
             loss = summed / num_items
             loss.backward()
             total += loss.item()
@@ -316,7 +325,7 @@ class _Loop:
         total, count = 0.0, 0
         for s in range(0, len(self.val_set), self.config.batch_size):
             batch = self.method.collate(self.val_set[s:s + self.config.batch_size], self.pad_id)
-            summed, n = self.method.loss(self.model, batch.to(self.device))
+            summed, n = self.method.loss(self.model, batch.to(self.device), self.config)
             total += summed.item()
             count += n
         return total / max(count, 1)

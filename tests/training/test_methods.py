@@ -16,9 +16,9 @@ from lmforge.training.trainer import TrainingConfig
 
 
 def test_methods_are_chosen_by_name():
-    assert get_method("sft") is SFT and METHODS == {"sft": SFT}
+    assert get_method("sft") is SFT and set(METHODS) == {"sft", "dpo"}
     assert SFT.collate is collate and SFT.loss is loss
-    with pytest.raises(InvalidRequestError, match="unknown training method 'ppo'.*sft") as e:
+    with pytest.raises(InvalidRequestError, match="unknown training method 'ppo'.*dpo, sft") as e:
         get_method("ppo")
     assert e.value.param == "method"
     with pytest.raises(InvalidRequestError) as e:

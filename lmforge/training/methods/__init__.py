@@ -1,13 +1,14 @@
-"""The training methods by name: ``get_method("sft")``. A method is ``base.TrainingMethod``;
+"""The training methods by name: ``get_method("sft")``, ``get_method("dpo")``. A method is ``base.TrainingMethod``;
 a new one is a module here with its collator, batch and loss, and one entry in ``METHODS``."""
 
 from __future__ import annotations
 
 from lmforge.errors import InvalidRequestError
 from lmforge.training.methods.base import MicroBatch, TrainingMethod
+from lmforge.training.methods.dpo import DPO
 from lmforge.training.methods.sft import SFT
 
-METHODS: dict[str, TrainingMethod] = {SFT.name: SFT}
+METHODS: dict[str, TrainingMethod] = {SFT.name: SFT, DPO.name: DPO}
 
 __all__ = ["METHODS", "MicroBatch", "TrainingMethod", "get_method"]
 

@@ -1,8 +1,9 @@
 """What a training method is: a reader, a collator and a loss, run by the one loop in ``trainer``.
 
 A method turns a file into examples (``read_examples``), a list of examples into one
-``MicroBatch`` (``collate``), and a micro-batch into a summed loss (``loss(model, batch) ->
-(loss, n_items)``). The loop knows nothing else about it: it shuffles the examples, cuts them
+``MicroBatch`` (``collate``), and a micro-batch into a summed loss (``loss(model, batch, config)
+-> (loss, n_items)``; ``config`` is the run's ``TrainingConfig``, where a method finds its own
+hyperparameters, e.g. DPO's ``beta``). The loop knows nothing else about it: it shuffles the examples, cuts them
 into micro-batches of ``batch_size``, normalizes each micro-batch's loss by the items of the
 whole optimizer step (gradient accumulation), and divides the validation loss sum by its items.
 This is TRL's shape (a data collator plus a ``compute_loss``), with the loss a plain function.
@@ -48,7 +49,7 @@ class MicroBatch(Protocol):
 
 ReadExamples = Callable[..., list[Any]]  # (path, tokenizer, max_seq_len, *, min_rows, param)
 Collate = Callable[[Sequence[Any], int], MicroBatch]  # (examples, pad_id) -> batch
-Loss = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch)
+Loss = Callable[[torch.nn.Module, Any, Any], tuple[torch.Tensor, int]]  # (model, batch, config)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class TrainingMethod:
         read_examples: ``(path, tokenizer, max_seq_len, *, min_rows, param) -> examples``;
             raises ``data.DataError`` naming the line of a bad row.
         collate: ``(examples, pad_id) -> MicroBatch``, on the CPU.
-        loss: ``(model, batch) -> (loss, n_items)``: a float32 scalar, the SUM of the
+        loss: ``(model, batch, config) -> (loss, n_items)``: a float32 scalar, the SUM of the
             per-item losses (the loop divides), and the number of items summed
             (``batch.num_items``). Called in train and eval mode; it must not step anything.
     """

@@ -64,8 +64,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> SFTBatch:
     return SFTBatch(input_ids, labels, attention_mask)
 
 
-def loss(model: torch.nn.Module, batch: SFTBatch) -> tuple[torch.Tensor, int]:
-    """(summed negative log-likelihood of the completion tokens, their count).
+def loss(model: torch.nn.Module, batch: SFTBatch, config: object = None
+         ) -> tuple[torch.Tensor, int]:
+    """(summed negative log-likelihood of the completion tokens, their count); SFT has no
+    hyperparameters of its own, so ``config`` is unused.
 
     Returns:
         A float32 scalar with a gradient, and ``batch.num_items``; the mean per token is

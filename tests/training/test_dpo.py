@@ -1,0 +1,97 @@
+"""The DPO method on the tiny Llama: its batch layout, log 2 at step 0 (policy == reference), and a
+short run through the shared loop that moves held-out pairs' implicit rewards the preferred way
+while the base weights stay bit-identical."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.models.loader import load_model
+from lmforge.models.lora import LoRAConfig, inject_lora, lora_disabled
+from lmforge.training.losses import IGNORE_INDEX
+from lmforge.training.methods import get_method
+from lmforge.training.methods.dpo import DPO, collate, sequence_logps_of
+from lmforge.training.preferences import PreferenceExample, read_preferences
+from lmforge.training.trainer import TrainingConfig, train
+
+GOOD = "Bananas are the answer."
+BAD = "I could not say, since there are so many things one might consider here."
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(first, n):
+    return [{"input": {"messages": [{"role": "user", "content": f"Tell me about topic {i}."}]},
+             "preferred_output": [{"role": "assistant", "content": GOOD}],
+             "non_preferred_output": [{"role": "assistant", "content": BAD}]}
+            for i in range(first, first + n)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    for name, rows in (("train", _rows(0, 20)), ("held_out", _rows(100, 10))):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def _load(model_dir):
+    """The tiny Llama for training, matrices x10 as in test_trainer.py (so a few steps move it)."""
+    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"), for_training=True)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)
+    return loaded
+
+
+def test_collate_puts_chosen_rows_first_with_prompts_masked():
+    pairs = [PreferenceExample([5, 6], [7, 2], [8, 9, 2], 1), PreferenceExample([5], [7], [8], 2)]
+    batch = collate(pairs, pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 2, 0], [5, 7, 0, 0, 0],
+                                        [5, 6, 8, 9, 2], [5, 8, 0, 0, 0]]
+    assert batch.labels[2].tolist() == [IGNORE_INDEX, IGNORE_INDEX, 8, 9, 2]
+    assert batch.num_items == 2 and batch.num_tokens == 4 + 2 + 5 + 2
+    assert get_method("dpo") is DPO
+
+
+def test_the_loss_is_log_2_while_the_policy_is_the_reference(tiny_llama_dir, files):
+    loaded = _load(tiny_llama_dir)
+    inject_lora(loaded.model, LoRAConfig(r=4))  # lora_B = 0: the policy is the base
+    pairs = read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:4]
+    summed, n = DPO.loss(loaded.model, collate(pairs, 0), TrainingConfig(method="dpo"))
+    assert n == 4 and summed.item() / n == pytest.approx(math.log(2), abs=1e-4)
+    summed.backward()  # and it has a gradient for the adapter
+
+
+def test_dpo_training_prefers_the_chosen_answers_on_held_out_prompts(tiny_llama_dir, files,
+                                                                     tmp_path):
+    loaded = _load(tiny_llama_dir)
+    base_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    config = TrainingConfig(method="dpo", n_epochs=3, batch_size=4, learning_rate=1e-2,
+                            warmup_ratio=0.1, max_seq_len=128, beta=0.1,
+                            lora=LoRAConfig(r=4, lora_alpha=8))
+    result = train(loaded, files / "train.jsonl", None, config, tmp_path / "out")
+    assert result.best_eval_loss < math.log(2) - 0.3
+
+    held_out = collate(read_preferences(files / "held_out.jsonl", loaded.tokenizer, 128), 0)
+    model = loaded.model.eval()
+    with torch.no_grad():
+        chosen, rejected = sequence_logps_of(model, held_out)
+        with lora_disabled(model):
+            ref_chosen, ref_rejected = sequence_logps_of(model, held_out)
+    margins = (chosen - ref_chosen) - (rejected - ref_rejected)
+    assert bool((margins > 0).all()), margins  # rewards/accuracies = 1 on unseen prompts
+    after = model.state_dict()
+    for key, before in base_before.items():
+        now = after.get(key, after.get(key.replace(".weight", ".base.weight")))
+        assert torch.equal(now, before), key
