@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.models.loader import load_model
 from lmforge.models.lora import LoRAConfig, inject_lora, lora_disabled
 from lmforge.training.losses import IGNORE_INDEX
 from lmforge.training.methods import get_method
@@ -21,12 +19,7 @@ GOOD = "Bananas are the answer."
 BAD = "I could not say, since there are so many things one might consider here."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(first, n):
@@ -44,16 +37,6 @@ def files(tmp_path_factory):
     return root
 
 
-def _load(model_dir):
-    """The tiny Llama for training, matrices x10 as in test_trainer.py (so a few steps move it)."""
-    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"), for_training=True)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.dim() == 2:
-                p.mul_(10.0)
-    return loaded
-
-
 def test_collate_puts_chosen_rows_first_with_prompts_masked():
     pairs = [PreferenceExample([5, 6], [7, 2], [8, 9, 2], 1), PreferenceExample([5], [7], [8], 2)]
     batch = collate(pairs, pad_id=0)
@@ -64,8 +47,9 @@ def test_collate_puts_chosen_rows_first_with_prompts_masked():
     assert get_method("dpo") is DPO
 
 
-def test_the_loss_is_log_2_while_the_policy_is_the_reference(tiny_llama_dir, files):
-    loaded = _load(tiny_llama_dir)
+def test_the_loss_is_log_2_while_the_policy_is_the_reference(load_scaled, tiny_llama_dir,
+                                                                files):
+    loaded = load_scaled(tiny_llama_dir)
     inject_lora(loaded.model, LoRAConfig(r=4))  # lora_B = 0: the policy is the base
     pairs = read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:4]
     summed, n = DPO.loss(loaded.model, collate(pairs, 0), TrainingConfig(method="dpo"))
@@ -73,9 +57,10 @@ def test_the_loss_is_log_2_while_the_policy_is_the_reference(tiny_llama_dir, fil
     summed.backward()  # and it has a gradient for the adapter
 
 
-def test_dpo_training_prefers_the_chosen_answers_on_held_out_prompts(tiny_llama_dir, files,
+def test_dpo_training_prefers_the_chosen_answers_on_held_out_prompts(load_scaled, tiny_llama_dir,
+                                                                     files,
                                                                      tmp_path):
-    loaded = _load(tiny_llama_dir)
+    loaded = load_scaled(tiny_llama_dir)
     base_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     config = TrainingConfig(method="dpo", n_epochs=3, batch_size=4, learning_rate=1e-2,
                             warmup_ratio=0.1, max_seq_len=128, beta=0.1,

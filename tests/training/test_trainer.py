@@ -16,15 +16,7 @@ from lmforge.training.trainer import TrainingConfig, cosine_with_warmup, train
 ANSWER = "Bananas are the answer."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: at these tiny shapes a second thread only adds synchronization, and
-    on a loaded 2-core machine each parallel region waits for a descheduled thread (10x slower
-    steps measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +37,9 @@ def _config(**kw):
     return TrainingConfig(**base)
 
 
-def _load(model_dir):
-    """The tiny Llama for training, its matrices scaled x10 (init std 0.2): at std 0.02 its
-    logits stay within about +-1 (tied embeddings), and no adapter moves the loss far from
-    ln(vocab); at 0.2 a few steps teach it the fixed answer."""
-    loaded = load_model(ModelConfig(model=str(model_dir), dtype="float32"), for_training=True)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.dim() == 2:
-                p.mul_(10.0)
-    return loaded
-
-
-def test_training_learns_the_adapter_and_leaves_the_base(tiny_llama_dir, train_file, tmp_path):
-    loaded = _load(tiny_llama_dir)
+def test_training_learns_the_adapter_and_leaves_the_base(load_scaled, tiny_llama_dir, train_file,
+                                                        tmp_path):
+    loaded = load_scaled(tiny_llama_dir)
     base_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     events = []
     result = train(loaded, train_file, None, _config(), tmp_path / "out", on_event=events.append)
@@ -100,13 +81,14 @@ def test_training_learns_the_adapter_and_leaves_the_base(tiny_llama_dir, train_f
         assert torch.equal(now, before), key
 
 
-def test_best_checkpoint_is_the_lowest_validation_loss(tiny_llama_dir, train_file, tmp_path,
+def test_best_checkpoint_is_the_lowest_validation_loss(load_scaled, tiny_llama_dir, train_file,
+                                                       tmp_path,
                                                       monkeypatch):
     from lmforge.training import trainer
 
     scripted = iter([3.0, 1.0, 2.0])
     monkeypatch.setattr(trainer._Loop, "evaluate", lambda self: next(scripted))
-    result = train(_load(tiny_llama_dir), train_file, None, _config(), tmp_path)
+    result = train(load_scaled(tiny_llama_dir), train_file, None, _config(), tmp_path)
     assert result.best_eval_loss == 1.0 and result.best_checkpoint == tmp_path / "checkpoint-6"
     # kept: the best (the result) and the last (to resume from)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-9"]
@@ -115,19 +97,20 @@ def test_best_checkpoint_is_the_lowest_validation_loss(tiny_llama_dir, train_fil
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
 
 
-def test_stop_then_resume_continues_from_the_checkpoint(tiny_llama_dir, train_file, tmp_path):
+def test_stop_then_resume_continues_from_the_checkpoint(load_scaled, tiny_llama_dir, train_file,
+                                                        tmp_path):
     config = _config(n_epochs=2)
     full = []
-    train(_load(tiny_llama_dir), train_file, None, config, tmp_path / "full",
+    train(load_scaled(tiny_llama_dir), train_file, None, config, tmp_path / "full",
           on_event=full.append)
     polls = iter(range(100))
-    stopped = train(_load(tiny_llama_dir), train_file, None, config, tmp_path / "run",
+    stopped = train(load_scaled(tiny_llama_dir), train_file, None, config, tmp_path / "run",
                     should_stop=lambda: next(polls) >= 4)  # after step 4, in epoch 2
     assert stopped.stopped and stopped.steps == 4
     assert stopped.best_checkpoint.name == "checkpoint-3"
 
     resumed = []
-    result = train(_load(tiny_llama_dir), train_file, None, config, tmp_path / "run",
+    result = train(load_scaled(tiny_llama_dir), train_file, None, config, tmp_path / "run",
                    on_event=resumed.append)
     steps = [e for e in resumed if isinstance(e, StepEvent)]
     assert [e.step for e in steps] == [4, 5, 6]  # step 4 was never checkpointed: redone
@@ -153,9 +136,10 @@ def test_config_and_schedule():
     assert cosine_with_warmup(10, 2, 10) == 0.0
 
 
-def test_max_seq_len_beyond_the_model_is_refused(tiny_llama_dir, train_file, tmp_path):
+def test_max_seq_len_beyond_the_model_is_refused(load_scaled, tiny_llama_dir, train_file,
+                                                 tmp_path):
     with pytest.raises(InvalidRequestError, match="exceeds the model's context"):
-        train(_load(tiny_llama_dir), train_file, None, _config(max_seq_len=4096), tmp_path)
+        train(load_scaled(tiny_llama_dir), train_file, None, _config(max_seq_len=4096), tmp_path)
 
 
 def test_a_gpt_base_trains_with_its_familys_default_targets(tiny_gpt2_dir, train_file, tmp_path):

@@ -1,9 +1,9 @@
 """A pretraining run's checkpoints: ``<out>/checkpoints/step-<N>.pt``, written atomically.
 
 One file holds the model's state dict, the optimizer's, and the run state (step, elapsed
-seconds, the schedule's horizon, the settings that identify the run). It is written to a temporary
-name and renamed, so a ``kill -9`` at any moment leaves either the old checkpoint or the new
-one, never half of one; the newest ``KEEP`` are kept. The data order and dropout masks are
+seconds, the schedule's horizon; what identifies the run is ``pretrain_run.json``, checked
+before). It is written to a temporary name and renamed, so a ``kill -9`` at any moment leaves
+either the old checkpoint or the new one, never half of one; the newest ``KEEP`` are kept. The data order and dropout masks are
 functions of ``(seed, step)`` (``tokens.TokenStream``), so nothing else is needed to resume.
 """
 
@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
 import torch
 
 KEEP = 2  # checkpoints kept (the newest); older ones are deleted after each save
@@ -29,7 +27,6 @@ class RunState:
     elapsed_s: float = 0.0  # wall-clock seconds spent in the training loop, all invocations
     horizon: int | None = None  # the step the learning-rate schedule ends at, once known
     tokens: int = 0  # training tokens seen
-    identity: dict[str, Any] = field(default_factory=dict)  # PretrainConfig.identity()
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -64,11 +61,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model.load_state_dict(data["model"])
     optimizer.load_state_dict(data["optimizer"])
     return RunState(**data["state"])
-
-
-def read_run_state(path: Path) -> RunState:
-    """The run state of a checkpoint, without building a model."""
-    return RunState(**torch.load(path, map_location="cpu", weights_only=True)["state"])
 
 
 def _checkpoints(directory: Path) -> list[Path]:

@@ -110,7 +110,7 @@ class _Run:
         self.data = prepare_data(config, self.out, self.tokenizer, self.eot, show_progress)
         self.model = build_model(config, len(self.tokenizer), self.device)
         self.optimizer = build_optimizer(config, self.model)
-        self.state = RunState(horizon=config.horizon_steps, identity=config.identity())
+        self.state = RunState(horizon=config.horizon_steps)
         self.resumed_from = self._resume()
         self.stop_requested = False
         self.validated: tuple[int, float] = (-1, math.nan)  # (step, validation loss)
