@@ -1,6 +1,7 @@
 """``lmforge fine-tune ...``: LoRA fine-tuning jobs, over ``lmforge.client.FineTune``::
 
     lmforge fine-tune create --training data.jsonl --suffix pirate --n-epochs 3 --follow
+    lmforge fine-tune create --method dpo --beta 0.1 --training prefs.jsonl --follow
     lmforge fine-tune events ftjob-abc123 --follow
     lmforge chat --model ft:smollm2-135m-instruct:pirate:ftjob-abc123
 
@@ -42,6 +43,8 @@ _HYPERPARAMETERS = (
     ("--lora-alpha", "lora_alpha", float, "LoRA alpha (the update is scaled by alpha / r)."),
     ("--learning-rate", "learning_rate", float, "Base learning rate of AdamW (default 2e-4)."),
     ("--max-seq-len", "max_seq_len", int, "Tokens per example; longer ones are cut at the end."),
+    ("--beta", "beta", float, "DPO: strength of the pull towards the reference model "
+     "(default 0.1)."),
 )
 
 
@@ -76,15 +79,21 @@ def _follow_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--validation-file", default=None, help="An uploaded file of purpose fine-tune.")
 @click.option("--suffix", default=None, help="Part of the model name: ft:<base>:<suffix>:<job>.")
 @click.option("--seed", type=int, default=None, help="For a reproducible run (default: random).")
+@click.option("--method", type=click.Choice(["supervised", "sft", "dpo"]), default="supervised",
+              show_default=True, help="supervised (SFT) on examples, or dpo on preference "
+              "pairs (--training holds chosen/rejected rows).")
 @_hyperparameter_options
 @_follow_options
 @json_option
 @api_options
 def create(model: str | None, training_path: Path | None, training_file: str | None,
            validation_path: Path | None, validation_file: str | None, suffix: str | None,
-           seed: int | None, follow: bool, poll: float, as_json: bool,
+           seed: int | None, method: str, follow: bool, poll: float, as_json: bool,
            **hyperparameters: Any) -> None:
     """Start a fine-tuning job and print it (with --follow: follow it to the end)."""
+    method = "supervised" if method == "sft" else method
+    if hyperparameters.get("beta") is not None and method != "dpo":
+        raise click.UsageError("--beta is a DPO hyperparameter: add --method dpo")
     if (training_file is None) == (training_path is None):
         raise click.UsageError("give exactly one of --training and --training-file")
     if validation_file is not None and validation_path is not None:
@@ -92,7 +101,8 @@ def create(model: str | None, training_path: Path | None, training_file: str | N
     given = {k: v for k, v in hyperparameters.items() if v is not None}
     job = FineTune.create(model or base_model(), training_path or training_file,
                           validation_path or validation_file, hyperparameters=given,
-                          suffix=suffix, **({"seed": seed} if seed is not None else {}))
+                          suffix=suffix, method=method,
+                          **({"seed": seed} if seed is not None else {}))
     if follow:
         _follow(job.id, poll, as_json)
     else:
@@ -160,7 +170,7 @@ def _event_line(event: LLMFineTuneEvent) -> str:
 
 class _LossBar:
     """``FineTune.wait``'s ``on_event``: message events as lines, metrics events (step, train
-    loss, eval loss, learning rate) as a tqdm bar, all on stderr."""
+    loss, eval loss, DPO's reward accuracy, learning rate) as a tqdm bar, all on stderr."""
 
     def __init__(self, bar: tqdm):
         self.bar = bar
@@ -181,6 +191,8 @@ class _LossBar:
             parts.append(f"train_loss={data['train_loss']:.4f}")
         if self.eval_loss is not None:
             parts.append(f"eval_loss={self.eval_loss:.4f}")
+        if data.get("rewards/accuracies") is not None:
+            parts.append(f"reward_acc={data['rewards/accuracies']:.2f}")
         if data.get("learning_rate") is not None:
             parts.append(f"lr={data['learning_rate']:.2e}")
         return " ".join(parts)

@@ -44,7 +44,7 @@ class FineTune:
                validation_file: str | os.PathLike[str] | None = None,
                hyperparameters: dict[str, Any] | None = None,
                wandb_config: dict[str, Any] | None = None, suffix: str | None = None,
-               **extra: Any) -> CreateFineTuneResponse:
+               method: str = "supervised", **extra: Any) -> CreateFineTuneResponse:
         """Start a job that fine-tunes ``model`` on ``training_file``.
 
         Args:
@@ -52,7 +52,10 @@ class FineTune:
             training_file: a file ID (``File.upload``) or the path of a local file, which is
                 uploaded first (purpose ``fine-tune``). Rows are OpenAI chat JSONL
                 (``{"messages": [...]}``), prompt/completion JSONL, or a CSV with ``prompt`` and
-                ``response`` columns (LLM Engine's format); at least 10 rows (2 in a CSV).
+                ``response`` columns (LLM Engine's format); at least 10 rows (2 in a CSV). For
+                ``method="dpo"``: preference pairs (OpenAI's ``input`` /
+                ``preferred_output`` / ``non_preferred_output``, TRL's ``prompt`` / ``chosen``
+                / ``rejected``, or Anyscale's ``chosen`` / ``rejected`` conversations).
             validation_file: the same, for the validation loss (default: 10% held out).
             hyperparameters: LLM Engine's ``lr``, ``epochs``, ``warmup_ratio``,
                 ``weight_decay``, and the server's own names (``n_epochs``, ``batch_size``,
@@ -63,6 +66,9 @@ class FineTune:
                 ``integrations``; an lmforge server has none (its job events carry the
                 metrics) and answers 400 unless this is None.
             suffix: part of the new model's name (letters, digits, ``_.-``; 64 at most).
+            method: ``"supervised"`` (SFT) or ``"dpo"`` (preference pairs; OpenAI's
+                ``method.type``); DPO's hyperparameters add ``beta`` (default 0.1),
+                ``loss_type`` and ``label_smoothing``.
             **extra: more job fields (``seed``, ``metadata``).
 
         Returns:
@@ -75,7 +81,7 @@ class FineTune:
         """
         body = {"model": model, "training_file": _file_id(training_file), "suffix": suffix,
                 "validation_file": None if validation_file is None else _file_id(validation_file),
-                "method": {"type": "supervised", "supervised": {
+                "method": {"type": method, method: {
                     "hyperparameters": _hyperparameters(hyperparameters or {})}},
                 "integrations": None if wandb_config is None else [
                     {"type": "wandb", "wandb": wandb_config}]}

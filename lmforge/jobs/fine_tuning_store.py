@@ -24,6 +24,7 @@ from lmforge.jobs.store import Store, new_id
 from lmforge.protocol.statuses import FineTuningStatus
 
 _JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
+OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 @dataclass
@@ -48,6 +49,17 @@ class JobRecord:
     created_at: int
     finished_at: int | None
     rank: int
+
+    @property
+    def method_type(self) -> str:
+        """OpenAI's method type: ``"supervised"`` (also for jobs stored without one) or
+        ``"dpo"``."""
+        return (self.method or {}).get("type", "supervised")
+
+    @property
+    def method_hyperparameters(self) -> list[str]:
+        """The hyperparameters OpenAI shows for the method: its three, and DPO's ``beta``."""
+        return [*OPENAI_HYPERPARAMETERS, *(["beta"] if self.method_type == "dpo" else [])]
 
 
 @dataclass

@@ -33,9 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LMForgeError
-from lmforge.jobs.fine_tuning_store import FineTuningStore, JobRecord
+from lmforge.jobs.fine_tuning_store import (
+    OPENAI_HYPERPARAMETERS,
+    FineTuningStore,
+    JobRecord,
+)
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
+from lmforge.protocol.fine_tuning import TRAINING_METHODS
 from lmforge.protocol.statuses import FineTuningStatus
 from lmforge.training.events import (
     CheckpointEvent,
@@ -48,7 +53,6 @@ from lmforge.training.hyperparameters import auto_hyperparameters
 
 logger = logging.getLogger(__name__)
 RESULTS_PURPOSE = "fine-tune-results"
-OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 # what "auto" meant before validation resolved it: only a job validated by an older lmforge still
 # holds "auto" here, and a resumed run must keep the settings it started with
 _UNRESOLVED_DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
@@ -60,19 +64,27 @@ def fine_tuned_model_name(job: JobRecord) -> str:
     return ":".join(["ft", job.model, *([job.suffix] if job.suffix else []), job.id])
 
 
-def resolve_hyperparameters(requested: dict[str, Any], n_examples: int
+def resolve_hyperparameters(requested: dict[str, Any], n_examples: int, method: str = "supervised"
                             ) -> tuple[dict[str, Any], int]:
-    """``requested`` with OpenAI's three as numbers, and the optimizer steps they make.
+    """``requested`` with OpenAI's three (and a DPO job's ``beta``) as numbers, and the
+    optimizer steps they make.
 
     Absent and ``"auto"`` ones come from ``training.hyperparameters.auto_hyperparameters`` for
     ``n_examples`` training examples; given ones are kept, and a given ``learning_rate`` makes
-    an auto multiplier 1.
+    an auto multiplier 1. An auto ``beta`` is ``TrainingConfig``'s (0.1, the DPO paper's and
+    TRL's).
     """
+    from lmforge.training.trainer import TrainingConfig
+
     given = {k: None if requested.get(k, "auto") == "auto" else requested[k]
              for k in OPENAI_HYPERPARAMETERS}
     resolved = auto_hyperparameters(n_examples, **given,
                                     learning_rate_given="learning_rate" in requested)
-    return requested | {k: getattr(resolved, k) for k in OPENAI_HYPERPARAMETERS}, resolved.steps
+    numbers = {k: getattr(resolved, k) for k in OPENAI_HYPERPARAMETERS}
+    if method == "dpo":
+        beta = requested.get("beta", "auto")
+        numbers["beta"] = TrainingConfig.beta if beta == "auto" else beta
+    return requested | numbers, resolved.steps
 
 
 def training_config(job: JobRecord) -> Any:
@@ -89,8 +101,10 @@ def training_config(job: JobRecord) -> Any:
         lora["target_modules"] = tuple(lora["target_modules"])
     plain = {k: hp.get(k, _UNRESOLVED_DEFAULTS.get(k)) for k in (
         "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "warmup_ratio",
-        "weight_decay", "max_seq_len")}
+        "weight_decay", "max_seq_len", "beta", "label_smoothing")}
+    plain["dpo_loss_type"] = hp.get("loss_type")
     return TrainingConfig(seed=job.seed, lora=LoRAConfig(**lora),
+                          method=TRAINING_METHODS[job.method_type],
                           **{k: v for k, v in plain.items() if v is not None})
 
 
@@ -154,19 +168,21 @@ class FineTuningWorker(PollingWorker):
         except OSError:
             await self._fail(job, "invalid_file", "the file was deleted", "training_file")
             return False
-        hyperparameters, steps = resolve_hyperparameters(job.hyperparameters, n_examples)
+        hyperparameters, steps = resolve_hyperparameters(job.hyperparameters, n_examples,
+                                                         job.method_type)
         if not await asyncio.to_thread(self.jobs.transition, job.id, FineTuningStatus.QUEUED,
                                        hyperparameters=hyperparameters):
             return False  # cancelled meanwhile
         job.hyperparameters = hyperparameters
         peak = training_config(job).peak_learning_rate
+        shown = job.method_hyperparameters
         message = "Hyperparameters resolved: " + ", ".join(
-            f"{k}={hyperparameters[k]}" for k in OPENAI_HYPERPARAMETERS) + (
+            f"{k}={hyperparameters[k]}" for k in shown) + (
             f" (peak learning rate {peak:.3g}); {steps} optimizer steps on {n_examples} "
             "training examples")
         logger.info("fine-tuning job %s: %s", job.id, message)
         await asyncio.to_thread(self.jobs.add_event, job.id, message, data={
-            **{k: hyperparameters[k] for k in OPENAI_HYPERPARAMETERS},
+            **{k: hyperparameters[k] for k in shown},
             "learning_rate": peak, "steps": steps, "n_examples": n_examples})
         await self._event(job, "Files validated; the job is queued")
         return True
@@ -243,7 +259,8 @@ class FineTuningWorker(PollingWorker):
             case CheckpointEvent():
                 self.jobs.add_checkpoint(job.id, event.step, {
                     "step": event.step, "train_loss": event.train_loss,
-                    "valid_loss": event.eval_loss, "full_valid_loss": event.eval_loss},
+                    "valid_loss": event.eval_loss, "full_valid_loss": event.eval_loss,
+                    **{f"eval_{k}": v for k, v in event.eval_metrics.items()}},
                     str(event.path))
             case ResumeEvent():
                 message = _resume_message(event)
@@ -297,29 +314,44 @@ def _resume_message(event: ResumeEvent) -> str:
 
 def _metrics_message(event: StepEvent) -> str:
     text = f"Step {event.step}: training loss={event.train_loss:.4f}"
+    if "rewards/accuracies" in event.metrics:
+        text += f", reward accuracy={event.metrics['rewards/accuracies']:.2f}"
     if event.eval_loss is not None:
         text += f", validation loss={event.eval_loss:.4f}"
+    if event.eval_metrics and "rewards/accuracies" in event.eval_metrics:
+        text += f", validation reward accuracy={event.eval_metrics['rewards/accuracies']:.2f}"
     return text
 
 
 def _metrics_data(event: StepEvent) -> dict[str, Any]:
-    """The ``data`` of a ``metrics`` job event: step, epoch, train_loss, learning_rate, and
-    eval_loss only on the step that ends an epoch."""
+    """The ``data`` of a ``metrics`` job event: step, epoch, train_loss, learning_rate, the
+    method's metrics under their names (DPO: TRL's ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``), and
+    only on the step that ends an epoch eval_loss and the metrics on the validation set
+    (``eval_rewards/chosen``, ..., TRL's names)."""
     data: dict[str, Any] = {"step": event.step, "epoch": event.epoch,
-                            "train_loss": event.train_loss, "learning_rate": event.learning_rate}
+                            "train_loss": event.train_loss, "learning_rate": event.learning_rate,
+                            **event.metrics}
     if event.eval_loss is not None:
         data["eval_loss"] = event.eval_loss
+    data |= {f"eval_{k}": v for k, v in (event.eval_metrics or {}).items()}
     return data
 
 
 def _results_csv(metrics: list[StepEvent]) -> bytes:
-    """OpenAI's result file: one row per step (step, train_loss, valid_loss, learning_rate)."""
+    """OpenAI's result file: one row per step (step, epoch, train_loss, valid_loss,
+    learning_rate), then the method's metrics and their validation values, if any."""
+    names = list(dict.fromkeys(k for m in metrics for k in m.metrics))
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate"])
+    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate", *names,
+                     *(f"valid_{k}" for k in names)])
     for m in metrics:
+        evaluated = m.eval_metrics or {}
         writer.writerow([m.step, m.epoch, m.train_loss,
-                         "" if m.eval_loss is None else m.eval_loss, m.learning_rate])
+                         "" if m.eval_loss is None else m.eval_loss, m.learning_rate,
+                         *(m.metrics.get(k, "") for k in names),
+                         *(evaluated.get(k, "") for k in names)])
     return out.getvalue().encode()
 
 

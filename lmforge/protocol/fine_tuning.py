@@ -5,7 +5,8 @@ OpenAI's ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_mult
 number or ``"auto"``) may come at the top level (the older form) or under ``method.supervised``;
 lmforge adds the LoRA and optimizer settings to the same object (``lora_r``, ``lora_alpha``,
 ``lora_dropout``, ``target_modules``, ``learning_rate``, ``warmup_ratio``, ``weight_decay``,
-``max_seq_len``). ``resolved()`` gives one flat dict with ``"auto"`` left as it is: the fine-tune
+``max_seq_len``). A DPO job (``method={"type": "dpo", "dpo": {"hyperparameters": {...}}}``)
+adds ``beta`` (and TRL's ``loss_type`` and ``label_smoothing``). ``resolved()`` gives one flat dict with ``"auto"`` left as it is: the fine-tune
 worker picks those from the number of training examples when it validates the files
 (``training.hyperparameters.auto_hyperparameters``) and stores the numbers in the job.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from lmforge.errors import InvalidRequestError
 from lmforge.protocol.base import RequestModel, ResponseModel
@@ -56,13 +57,40 @@ class Hyperparameters(RequestModel):
                                       param="hyperparameters.learning_rate_multiplier")
 
 
+class DpoHyperparameters(Hyperparameters):
+    """``method.dpo.hyperparameters``: OpenAI's ``beta`` besides the three, and TRL's loss
+    variants (``loss_type``: sigmoid, ipo, hinge, robust; ``label_smoothing``)."""
+
+    beta: float | Literal["auto"] | None = None
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] | None = None
+    label_smoothing: float | None = Field(default=None, ge=0, lt=0.5)
+
+    def check(self) -> None:
+        super().check()
+        if isinstance(self.beta, float) and not 0 < self.beta <= 2:
+            raise InvalidRequestError(f"beta must be in (0, 2], got {self.beta}",
+                                      param="method.dpo.hyperparameters.beta")
+
+
 class SupervisedMethod(RequestModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoMethod(RequestModel):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(RequestModel):
-    type: Literal["supervised"]  # dpo comes with the preference issue
+    """OpenAI's ``method``: ``{"type": "supervised" | "dpo", "<type>": {"hyperparameters":
+    {...}}}``."""
+
+    type: Literal["supervised", "dpo"]
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+
+# OpenAI's method type -> lmforge's training method (``training.methods.METHODS``)
+TRAINING_METHODS = {"supervised": "sft", "dpo": "dpo"}
 
 
 class FineTuningJobCreate(RequestModel):
@@ -78,19 +106,36 @@ class FineTuningJobCreate(RequestModel):
     metadata: dict[str, str] | None = None
     integrations: list[dict[str, Any]] | None = None
 
+    @property
+    def method_type(self) -> str:
+        """OpenAI's method type: ``"supervised"`` unless ``method`` says otherwise."""
+        return self.method.type if self.method else "supervised"
+
     def resolved(self) -> dict[str, Any]:
         """The hyperparameters from both places, flat (``method``'s win), Nones dropped.
 
         Raises:
-            InvalidRequestError: integrations (not offered), or a hyperparameter out of range.
+            InvalidRequestError: integrations (not offered); a hyperparameter out of range;
+                top-level ``hyperparameters`` or ``method.supervised`` on a DPO job (OpenAI's
+                rule: its hyperparameters go in ``method.dpo``), or ``method.dpo`` on a
+                supervised one.
         """
         if self.integrations:
             raise InvalidRequestError("integrations (wandb) are not supported by lmforge; the "
                                       "job's events carry its metrics", param="integrations")
+        kind = self.method_type
+        if kind == "dpo" and self.hyperparameters is not None:
+            raise InvalidRequestError("a DPO job takes its hyperparameters in "
+                                      "method.dpo.hyperparameters, not at the top level",
+                                      param="hyperparameters")
+        method = self.method
+        other = "supervised" if kind == "dpo" else "dpo"
+        if method is not None and getattr(method, other) is not None:
+            raise InvalidRequestError(f"method.{other} does not go with method.type {kind!r}",
+                                      param=f"method.{other}")
+        own = getattr(method, kind) if method is not None else None
         merged: dict[str, Any] = {}
-        for source in (self.hyperparameters,
-                       self.method.supervised.hyperparameters
-                       if self.method and self.method.supervised else None):
+        for source in (self.hyperparameters, own.hyperparameters if own else None):
             if source is not None:
                 source.check()
                 merged |= source.model_dump(exclude_none=True)
@@ -159,6 +204,10 @@ class FineTuningJobEventList(ResponseModel):
 
 
 class CheckpointMetrics(ResponseModel):
+    """OpenAI's checkpoint metrics, and a method's own (DPO: ``eval_rewards/accuracies``, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
     step: float | None = None
     train_loss: float | None = None
     valid_loss: float | None = None

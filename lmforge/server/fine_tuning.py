@@ -62,8 +62,7 @@ async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJ
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = await asyncio.to_thread(
         jobs.add_job, body.model, body.training_file, body.validation_file, body.suffix, seed,
-        hyperparameters, body.method.model_dump(exclude_none=True) if body.method else None,
-        body.metadata)
+        hyperparameters, {"type": body.method_type}, body.metadata)
     await asyncio.to_thread(jobs.add_event, job.id, f"Created fine-tuning job: {job.id}")
     worker = getattr(request.app.state, "fine_tuning_worker", None)
     if worker is not None:
@@ -124,8 +123,12 @@ async def list_checkpoints(job_id: str, request: Request, after: str | None = No
 
 
 def job_object(job: JobRecord) -> FineTuningJob:
-    """The OpenAI job object of a stored job."""
+    """The OpenAI job object of a stored job; ``method`` echoes the method's hyperparameters
+    (``"auto"`` until the files are validated, then the numbers used)."""
     hp = job.hyperparameters
+    kind = job.method_type
+    method = {"type": kind, kind: {"hyperparameters": {
+        k: hp.get(k, "auto") for k in job.method_hyperparameters}}}
     return FineTuningJob(
         id=job.id, created_at=job.created_at, model=job.model, seed=job.seed,
         status=job.status,  # type: ignore[arg-type]
@@ -135,7 +138,7 @@ def job_object(job: JobRecord) -> FineTuningJob:
             "n_epochs", "batch_size", "learning_rate_multiplier") if k in hp}),
         result_files=job.result_files or [], trained_tokens=job.trained_tokens,
         training_file=job.training_file, validation_file=job.validation_file,
-        metadata=job.metadata, method=job.method, suffix=job.suffix)
+        metadata=job.metadata, method=method, suffix=job.suffix)
 
 
 def event_object(event: EventRecord) -> FineTuningJobEvent:
@@ -150,8 +153,7 @@ def checkpoint_object(job: JobRecord, checkpoint: CheckpointRecord) -> FineTunin
     return FineTuningJobCheckpoint(
         id=checkpoint.id, created_at=checkpoint.created_at, fine_tuned_model_checkpoint=name,
         fine_tuning_job_id=job.id, step_number=checkpoint.step_number,
-        metrics=CheckpointMetrics(**{k: v for k, v in checkpoint.metrics.items()
-                                     if k in CheckpointMetrics.model_fields}))
+        metrics=CheckpointMetrics(**checkpoint.metrics))
 
 
 def _jobs(request: Request) -> FineTuningStore:

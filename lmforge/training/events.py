@@ -11,7 +11,7 @@ No torch here: the jobs worker imports this module without loading the training 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -24,6 +24,9 @@ class StepEvent:
     train_loss: float  # the step's mean loss per item (SFT: per completion token)
     learning_rate: float  # the rate the step used (before the scheduler moved it)
     eval_loss: float | None = None  # mean validation loss per item; set on an epoch's last step
+    # the method's own metrics, means per item (DPO: TRL's "rewards/chosen", ...); empty for SFT
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] | None = None  # the same on the validation set, with eval_loss
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class CheckpointEvent:
     path: Path  # ``<output_dir>/checkpoint-<step>``: a PEFT adapter + ``trainer_state.pt``
     train_loss: float  # the last step's training loss
     eval_loss: float  # the mean validation loss per item at this checkpoint
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # the method's, on validation
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,16 @@ from lmforge.training.data import MIN_ROWS, DataError, chat_to_ids, text_to_ids,
 
 @dataclass(frozen=True)
 class PreferenceExample:
-    """One pair: the shared prompt's ids and each answer's (never empty)."""
+    """One pair: the shared prompt's ids and each answer's (never empty), and the reference
+    model's log-probs of the two answers once the DPO method's reference pass computed them."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]  # the preferred answer (TRL's "chosen")
     rejected_ids: list[int]  # the non-preferred one (TRL's "rejected")
     line: int  # 1-based line of the row in its file
     truncated: bool = False  # an answer was cut to max_seq_len
+    ref_chosen_logp: float | None = None  # log pi_ref(chosen | prompt), nats
+    ref_rejected_logp: float | None = None  # log pi_ref(rejected | prompt), nats
 
     @property
     def num_tokens(self) -> int:

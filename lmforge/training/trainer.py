@@ -32,7 +32,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ from lmforge.config import ModelConfig
 from lmforge.errors import InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
 from lmforge.models.lora import (
-    LoRAConfig,
     inject_lora,
     load_lora_state_dict_,
     load_peft_adapter,
@@ -57,67 +56,12 @@ from lmforge.training.events import (
     StepEvent,
     TrainingEvent,
 )
-from lmforge.training.losses import DPO_LOSS_TYPES
 from lmforge.training.methods import MicroBatch, TrainingMethod, get_method
+from lmforge.training.training_config import TrainingConfig
 
 STATE_FILE = "trainer_state.pt"  # written last: a checkpoint without it is incomplete
 
 Rows = Sequence[Any] | str | Path  # the method's examples, or a file to read them from
-
-
-@dataclass
-class TrainingConfig:
-    """Hyperparameters of one LoRA fine-tuning run (OpenAI's fine-tuning names where they
-    exist)."""
-
-    method: str = "sft"  # the training method, by name (``methods.METHODS``)
-    n_epochs: int = 3
-    batch_size: int = 8  # examples per micro-batch
-    learning_rate: float = 2e-4  # base learning rate of AdamW
-    learning_rate_multiplier: float = 1.0  # OpenAI's: the peak rate is learning_rate * this
-    warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up linearly
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay on the LoRA weights
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
-    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    max_seq_len: int = 1024  # tokens per example; longer rows are cut from the end
-    seed: int = 0  # LoRA init, shuffling, the validation hold-out
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    device: str = "cpu"
-    # DPO's (method "dpo"; OpenAI's method.dpo.hyperparameters.beta, TRL's DPOConfig names)
-    beta: float = 0.1  # strength of the KL penalty to the reference model
-    dpo_loss_type: str = "sigmoid"  # losses.DPO_LOSS_TYPES
-    label_smoothing: float = 0.0  # share of preference labels assumed flipped (sigmoid, robust)
-
-    @property
-    def peak_learning_rate(self) -> float:
-        return self.learning_rate * self.learning_rate_multiplier
-
-    def validate(self) -> None:
-        """Raises InvalidRequestError naming the field (as ``param``) and its valid range."""
-        checks = [
-            ("n_epochs", self.n_epochs >= 1, "at least 1"),
-            ("batch_size", self.batch_size >= 1, "at least 1"),
-            ("learning_rate", self.learning_rate > 0, "positive, e.g. 2e-4"),
-            ("learning_rate_multiplier", self.learning_rate_multiplier > 0, "positive"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            ("weight_decay", self.weight_decay >= 0, "at least 0"),
-            ("max_grad_norm", self.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
-            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
-            ("max_seq_len", self.max_seq_len >= 2, "at least 2"),
-            ("beta", self.beta > 0, "positive, e.g. 0.1"),
-            ("dpo_loss_type", self.dpo_loss_type in DPO_LOSS_TYPES,
-             f"one of {', '.join(DPO_LOSS_TYPES)}"),
-            ("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
-        ]
-        for name, ok, want in checks:
-            if not ok:
-                raise InvalidRequestError(f"{name} ({getattr(self, name)}) must be {want}",
-                                          param=name)
-        get_method(self.method)
-        try:
-            self.lora.validate()
-        except ValueError as e:
-            raise InvalidRequestError(str(e), param="lora") from None
 
 
 @dataclass
@@ -130,6 +74,20 @@ class TrainingResult:
     trained_tokens: int  # prompt + completion tokens of every example trained on, all epochs
     steps: int  # optimizer steps done, resumed ones included
     stopped: bool = False  # should_stop() ended the run early
+
+
+_BAR_METRICS = ("rewards/accuracies",)  # shown on the progress bar beside the loss
+
+
+class _Sums(dict):
+    """Metric sums over micro-batches (``LossOutput.metrics``), and their means per item."""
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self[name] = self.get(name, 0.0) + value
+
+    def means(self, num_items: int) -> dict[str, float]:
+        return {name: total / max(num_items, 1) for name, total in self.items()}
 
 
 @dataclass
@@ -185,6 +143,14 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
     _check_context(config, loaded)
     train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
+    if method.prepare is not None:  # e.g. DPO's reference log-probs, on the base alone
+        cache = Path(output_dir) / "prepared"
+        if not resume:
+            shutil.rmtree(cache, ignore_errors=True)
+        train_set = method.prepare(loaded.model, train_set, config, pad_token_id(loaded),
+                                   cache / "train.pt", emit)
+        val_set = method.prepare(loaded.model, val_set, config, pad_token_id(loaded),
+                                 cache / "valid.pt", emit)
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -193,6 +159,12 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         checkpoint = loop.restore_last_checkpoint()
         emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
     return loop.run(should_stop or (lambda: False))
+
+
+def pad_token_id(loaded: LoadedModel) -> int:
+    """The id that pads micro-batches: the tokenizer's pad token, else its eos, else 0."""
+    hf = loaded.tokenizer.hf
+    return hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
 
 
 def _check_context(config: TrainingConfig, loaded: LoadedModel) -> None:
@@ -228,8 +200,7 @@ class _Loop:
         self.train_set, self.val_set, self.output_dir, self.emit = (
             train_set, val_set, output_dir, emit)
         self.params = params
-        hf = loaded.tokenizer.hf
-        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
+        self.pad_id = pad_token_id(loaded)
         micro = math.ceil(len(train_set) / config.batch_size)
         self.steps_per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
         self.total_steps = self.steps_per_epoch * config.n_epochs
@@ -253,10 +224,12 @@ class _Loop:
                     if should_stop():
                         self.message(f"Stopped at step {self.state.step}")
                         return self.result(stopped=True)
-                    train_loss, lr = self.optimizer_step(step_batches)
+                    train_loss, lr, metrics = self.optimizer_step(step_batches)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{train_loss:.4f}")
-                    self.emit_metrics(epoch, train_loss, lr, last=self.state.step
+                    bar.set_postfix(loss=f"{train_loss:.4f}", **{
+                        k.rpartition("/")[2]: f"{v:.3g}" for k, v in metrics.items()
+                        if k in _BAR_METRICS})
+                    self.emit_metrics(epoch, train_loss, lr, metrics, last=self.state.step
                                       == (epoch + 1) * self.steps_per_epoch)
         self.message(f"Done: the best checkpoint is {self.state.best_checkpoint} "
                      f"(validation loss {self.state.best_eval_loss:.4f})")
@@ -277,24 +250,27 @@ class _Loop:
         done = self.state.step - epoch * self.steps_per_epoch
         return steps[done:]
 
-    def optimizer_step(self, batches: list[MicroBatch]) -> tuple[float, float]:
+    def optimizer_step(self, batches: list[MicroBatch]
+                       ) -> tuple[float, float, dict[str, float]]:
         """Forward/backward every micro-batch, clip, step.
 
         Each micro-batch's summed loss is divided by the items of the whole step, so the
         step's gradient is that of one big batch (every item weighs the same).
 
         Returns:
-            (the step's mean loss per item, the learning rate it used).
+            (the step's mean loss per item, the learning rate it used, the method's metrics as
+            means per item).
         """
         self.model.train()
         num_items = max(sum(b.num_items for b in batches), 1)
-        total = 0.0
+        total, metrics = 0.0, _Sums()
         for batch in batches:
             batch = batch.to(self.device)
-            summed, _ = self.method.loss(self.model, batch, self.config)
-            loss = summed / num_items
+            out = self.method.loss(self.model, batch, self.config)
+            loss = out.loss / num_items
             loss.backward()
             total += loss.item()
+            metrics.add(out.metrics)
             self.state.trained_tokens += batch.num_tokens
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
@@ -303,32 +279,36 @@ class _Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        return total, lr
+        return total, lr, metrics.means(num_items)
 
-    def emit_metrics(self, epoch: int, train_loss: float, lr: float, last: bool) -> None:
+    def emit_metrics(self, epoch: int, train_loss: float, lr: float, metrics: dict[str, float],
+                     last: bool) -> None:
         """The step's ``StepEvent``; after an epoch's last step, evaluate and checkpoint first,
         and follow it with the ``CheckpointEvent``."""
         if not last:
-            self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr))
+            self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr, metrics=metrics))
             return
-        eval_loss = self.evaluate()
+        eval_loss, eval_metrics = self.evaluate()
         self.state.epoch = epoch + 1
         directory = self.save_checkpoint(eval_loss)
-        self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr, eval_loss))
+        self.emit(StepEvent(self.state.step, epoch + 1, train_loss, lr, eval_loss, metrics,
+                            eval_metrics))
         self.emit(CheckpointEvent(self.state.step, self.state.epoch, directory, train_loss,
-                                  eval_loss))
+                                  eval_loss, eval_metrics))
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per item over the validation set (dropout off)."""
+    def evaluate(self) -> tuple[float, dict[str, float]]:
+        """Mean loss per item over the validation set (dropout off), and the method's metrics
+        as means per item."""
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, metrics = 0.0, 0, _Sums()
         for s in range(0, len(self.val_set), self.config.batch_size):
             batch = self.method.collate(self.val_set[s:s + self.config.batch_size], self.pad_id)
-            summed, n = self.method.loss(self.model, batch.to(self.device), self.config)
-            total += summed.item()
-            count += n
-        return total / max(count, 1)
+            out = self.method.loss(self.model, batch.to(self.device), self.config)
+            total += out.loss.item()
+            count += out.num_items
+            metrics.add(out.metrics)
+        return total / max(count, 1), metrics.means(count)
 
     # --- checkpoints -------------------------------------------------------------------------
 

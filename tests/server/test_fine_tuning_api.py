@@ -57,7 +57,8 @@ BAD = [
     ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
     ({"hyperparameters": {"lora_r": 0}}, 400, "hyperparameters.lora_r"),
     ({"hyperparameters": {"bogus": 1}}, 400, "hyperparameters.bogus"),
-    ({"method": {"type": "dpo"}}, 400, "method.type"),
+    ({"method": {"type": "reinforcement"}}, 400, "method.type"),
+    ({"method": {"type": "dpo"}, "hyperparameters": {"n_epochs": 1}}, 400, "hyperparameters"),
     ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, 400, "integrations"),
 ]
 

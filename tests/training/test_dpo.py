@@ -52,7 +52,8 @@ def test_the_loss_is_log_2_while_the_policy_is_the_reference(load_scaled, tiny_l
     loaded = load_scaled(tiny_llama_dir)
     inject_lora(loaded.model, LoRAConfig(r=4))  # lora_B = 0: the policy is the base
     pairs = read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:4]
-    summed, n = DPO.loss(loaded.model, collate(pairs, 0), TrainingConfig(method="dpo"))
+    summed, n, metrics = DPO.loss(loaded.model, collate(pairs, 0), TrainingConfig(method="dpo"))
+    assert metrics["rewards/margins"] == pytest.approx(0, abs=1e-4) and metrics["rewards/accuracies"] == 0
     assert n == 4 and summed.item() / n == pytest.approx(math.log(2), abs=1e-4)
     summed.backward()  # and it has a gradient for the adapter
 

@@ -44,7 +44,8 @@ def test_sft_loss_is_the_sum_over_completion_tokens_and_their_count(tiny_llama_d
     model = load_model(ModelConfig(model=str(tiny_llama_dir), dtype="float32"),
                        for_training=True).model
     batch = collate([Example([5, 6, 9], [7, 8, 2], 1), Example([5], [8, 2], 2)], pad_id=0)
-    summed, n = loss(model, batch)
+    summed, n, metrics = loss(model, batch)
+    assert metrics == {}
     assert n == batch.num_items == 5 and summed.dtype == torch.float32
     logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)
     assert torch.equal(summed, sft_loss(logits, batch.labels, num_items=1))

@@ -87,7 +87,7 @@ def test_best_checkpoint_is_the_lowest_validation_loss(load_scaled, tiny_llama_d
     from lmforge.training import trainer
 
     scripted = iter([3.0, 1.0, 2.0])
-    monkeypatch.setattr(trainer._Loop, "evaluate", lambda self: next(scripted))
+    monkeypatch.setattr(trainer._Loop, "evaluate", lambda self: (next(scripted), {}))
     result = train(load_scaled(tiny_llama_dir), train_file, None, _config(), tmp_path)
     assert result.best_eval_loss == 1.0 and result.best_checkpoint == tmp_path / "checkpoint-6"
     # kept: the best (the result) and the last (to resume from)

@@ -2,10 +2,13 @@
 
 A method turns a file into examples (``read_examples``), a list of examples into one
 ``MicroBatch`` (``collate``), and a micro-batch into a summed loss (``loss(model, batch, config)
--> (loss, n_items)``; ``config`` is the run's ``TrainingConfig``, where a method finds its own
-hyperparameters, e.g. DPO's ``beta``). The loop knows nothing else about it: it shuffles the examples, cuts them
-into micro-batches of ``batch_size``, normalizes each micro-batch's loss by the items of the
-whole optimizer step (gradient accumulation), and divides the validation loss sum by its items.
+-> LossOutput(loss, num_items, metrics)``; ``config`` is the run's ``TrainingConfig``, where a
+method finds its own hyperparameters, e.g. DPO's ``beta``). The loop knows nothing else about
+it: it shuffles the examples, cuts them into micro-batches of ``batch_size``, normalizes each
+micro-batch's loss by the items of the whole optimizer step (gradient accumulation), and divides
+the validation loss sum, and every metric's sum, by its items. A method that needs a pass over
+its data before training (DPO's reference log-probs) gives ``prepare``; the loop calls it once
+per dataset before the adapter is added, and the method keeps what it computed with the run.
 This is TRL's shape (a data collator plus a ``compute_loss``), with the loss a plain function.
 
 A loss takes everything it needs from the model and the batch. A method whose loss needs more
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -47,9 +50,18 @@ class MicroBatch(Protocol):
         ...
 
 
+class LossOutput(NamedTuple):
+    """What a method's ``loss`` returns for one micro-batch."""
+
+    loss: torch.Tensor  # float32 scalar: the SUM of the per-item losses (the loop divides)
+    num_items: int  # the items summed (``batch.num_items``)
+    metrics: dict[str, float] = {}  # more per-item quantities, summed over the items (floats)
+
+
 ReadExamples = Callable[..., list[Any]]  # (path, tokenizer, max_seq_len, *, min_rows, param)
 Collate = Callable[[Sequence[Any], int], MicroBatch]  # (examples, pad_id) -> batch
-Loss = Callable[[torch.nn.Module, Any, Any], tuple[torch.Tensor, int]]  # (model, batch, config)
+Loss = Callable[[torch.nn.Module, Any, Any], LossOutput]  # (model, batch, config)
+Prepare = Callable[..., list[Any]]  # (model, examples, config, pad_id, cache, emit) -> examples
 
 
 @dataclass(frozen=True)
@@ -61,13 +73,20 @@ class TrainingMethod:
         read_examples: ``(path, tokenizer, max_seq_len, *, min_rows, param) -> examples``;
             raises ``data.DataError`` naming the line of a bad row.
         collate: ``(examples, pad_id) -> MicroBatch``, on the CPU.
-        loss: ``(model, batch, config) -> (loss, n_items)``: a float32 scalar, the SUM of the
-            per-item losses (the loop divides), and the number of items summed
-            (``batch.num_items``). Called in train and eval mode; it must not step anything.
+        loss: ``(model, batch, config) -> LossOutput``: the SUM of the per-item losses (the
+            loop divides), the number of items summed (``batch.num_items``) and the sums of
+            the method's metrics (logged under their names, e.g. TRL's ``rewards/chosen``).
+            Called in train and eval mode; it must not step anything.
+        prepare: None, or ``(model, examples, config, pad_id, cache, emit) -> examples``: a
+            pass over one dataset before training, on the base model (no adapter yet), whose
+            result the method stores in ``cache`` (a file path in the run's directory) and
+            reads back instead of recomputing when the run resumes; ``emit`` takes
+            ``events.MessageEvent``s.
     """
 
     name: str
     read_examples: ReadExamples
     collate: Collate
     loss: Loss
+    prepare: Prepare | None = None
 

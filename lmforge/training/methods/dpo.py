@@ -5,33 +5,51 @@ The examples are ``preferences.PreferenceExample`` pairs (``preferences.read_pre
 ``collate`` pads every pair's two sequences into one batch, chosen rows first
 (``[chosen; rejected]``, split with ``.chunk(2)``), with SFT's right padding and prompt masking;
 ``loss`` sums ``losses.dpo_loss`` over the pairs (``config.beta``, ``config.dpo_loss_type``,
-``config.label_smoothing``). The reference model is the policy with its LoRA adapter switched
-off (``models.lora.lora_disabled``): the same weights, no second copy. Its log-probs come from
-the batch when they were computed ahead of training (TRL's ``precompute_ref_log_probs``), else
-from a no-grad forward here. Log-probs are summed over the answer's tokens (averaged for IPO,
-as TRL does), the prompt masked.
+``config.label_smoothing``) and TRL's metrics (``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``).
+
+The reference model is the base the adapter is trained on: the same weights, no second copy.
+``prepare`` computes its log-probs of every pair once, before training (TRL's
+``precompute_ref_log_probs``; the seed's "reference model log-probability calculation" apart from
+training), with the training forward under ``no_grad`` in eval mode, longest pairs first in
+batches of ``REFERENCE_BATCH_PAIRS``, and saves them in the run's directory, so a run that
+resumes after a restart reads them back (``benchmarks/dpo.py`` measures this path against the
+serving engine's prompt-logprob path). Pairs without them (a caller's own examples) get them
+from a no-grad forward with the adapter switched off (``models.lora.lora_disabled``) inside
+``loss``. Log-probs are summed over the answer's tokens (averaged for IPO, as TRL does), the
+prompt masked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lmforge.models.lora import lora_disabled
 from lmforge.training.data import Example
+from lmforge.training.events import MessageEvent
 from lmforge.training.forward import causal_lm_logits
 from lmforge.training.losses import dpo_loss, sequence_logps
 from lmforge.training.methods import sft
-from lmforge.training.methods.base import TrainingMethod
+from lmforge.training.methods.base import LossOutput, TrainingMethod
 from lmforge.training.preferences import PreferenceExample, read_preferences
+
+REFERENCE_BATCH_PAIRS = 8  # pairs per no-grad forward of the reference pass
 
 
 @dataclass
 class DPOBatch:
     """B pairs as 2B right-padded rows, chosen first: tensors (2B, T); the reference log-probs
-    (B,) each when computed ahead, else None."""
+    (B,) float32 each when computed ahead, else None."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor  # the answers' ids; IGNORE_INDEX on prompts and padding
@@ -57,11 +75,16 @@ class DPOBatch:
 
 def collate(examples: Sequence[PreferenceExample], pad_id: int) -> DPOBatch:
     """Pad ``examples`` into one ``DPOBatch``: rows 0..B-1 are prompt + chosen, rows B..2B-1
-    prompt + rejected, padded on the right as ``methods.sft.collate`` pads."""
+    prompt + rejected, padded on the right as ``methods.sft.collate`` pads; the reference
+    log-probs come along when every pair has them."""
     rows = ([Example(e.prompt_ids, e.chosen_ids, e.line) for e in examples]
             + [Example(e.prompt_ids, e.rejected_ids, e.line) for e in examples])
     padded = sft.collate(rows, pad_id)
-    return DPOBatch(padded.input_ids, padded.labels, padded.attention_mask)
+    batch = DPOBatch(padded.input_ids, padded.labels, padded.attention_mask)
+    if all(e.ref_chosen_logp is not None for e in examples):
+        batch.ref_chosen_logps = torch.tensor([e.ref_chosen_logp for e in examples])
+        batch.ref_rejected_logps = torch.tensor([e.ref_rejected_logp for e in examples])
+    return batch
 
 
 def sequence_logps_of(model: torch.nn.Module, batch: DPOBatch, average: bool = False
@@ -71,8 +94,9 @@ def sequence_logps_of(model: torch.nn.Module, batch: DPOBatch, average: bool = F
     return sequence_logps(logits, batch.labels, average=average).chunk(2)
 
 
-def loss(model: torch.nn.Module, batch: DPOBatch, config) -> tuple[torch.Tensor, int]:
-    """(the DPO losses summed over the pairs, the number of pairs).
+def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
+    """The DPO losses summed over the pairs, the number of pairs, and TRL's metrics summed over
+    the pairs.
 
     ``config``: the run's ``TrainingConfig`` (``beta``, ``dpo_loss_type``, ``label_smoothing``).
     """
@@ -85,7 +109,76 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> tuple[torch.Tensor,
             ref_chosen, ref_rejected = sequence_logps_of(model, batch, average)
     out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                    loss_type=config.dpo_loss_type, label_smoothing=config.label_smoothing)
-    return out.losses.sum(), batch.num_items
+    margins = out.chosen_rewards - out.rejected_rewards
+    metrics = {"rewards/chosen": out.chosen_rewards.sum().item(),
+               "rewards/rejected": out.rejected_rewards.sum().item(),
+               "rewards/accuracies": (margins > 0).float().sum().item(),
+               "rewards/margins": margins.sum().item(),
+               "logps/chosen": chosen.detach().sum().item(),
+               "logps/rejected": rejected.detach().sum().item()}
+    return LossOutput(out.losses.sum(), batch.num_items, metrics)
 
 
-DPO = TrainingMethod(name="dpo", read_examples=read_preferences, collate=collate, loss=loss)
+def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, pad_id: int,
+            cache: Path, emit: Callable[[MessageEvent], None]) -> list[PreferenceExample]:
+    """``examples`` with the reference model's log-probs (``ref_chosen_logp``,
+    ``ref_rejected_logp``), read from ``cache`` when it holds them for exactly these token ids
+    and this loss type, else computed (``reference_logps``) and saved there (a temporary file,
+    then a rename). ``model`` is the reference: the base, before the adapter is added (or the
+    policy; the adapter is switched off)."""
+    average = config.dpo_loss_type == "ipo"
+    key = fingerprint(examples, average)
+    saved = torch.load(cache, weights_only=True) if cache.is_file() else None
+    if saved is not None and saved.get("fingerprint") == key:
+        logps = saved["logps"]
+        emit(MessageEvent(f"Reference log-probs of {len(examples)} pairs read from {cache.name} "
+                          "(computed before a restart, not again)"))
+    else:
+        start = time.perf_counter()
+        logps = reference_logps(model, examples, pad_id, average)
+        seconds = time.perf_counter() - start
+        tokens = sum(e.num_tokens for e in examples)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"fingerprint": key, "logps": logps}, cache.with_suffix(".tmp"))
+        os.replace(cache.with_suffix(".tmp"), cache)
+        emit(MessageEvent(f"Reference log-probs of {len(examples)} pairs computed in "
+                          f"{seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"))
+    return [dataclasses.replace(e, ref_chosen_logp=float(c), ref_rejected_logp=float(r))
+            for e, (c, r) in zip(examples, logps.tolist(), strict=True)]
+
+
+@torch.no_grad()
+def reference_logps(model: torch.nn.Module, examples: Sequence[PreferenceExample], pad_id: int,
+                    average: bool = False) -> torch.Tensor:
+    """Answer log-probs of every pair under ``model`` with any LoRA adapter off, in eval mode:
+    (N, 2) float32, column 0 the chosen answer's, column 1 the rejected's, rows in the order of
+    ``examples``. Batches of ``REFERENCE_BATCH_PAIRS``, longest pairs first (least padding)."""
+    order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
+    out = torch.empty(len(examples), 2)
+    was_training = model.training
+    model.eval()
+    try:
+        with lora_disabled(model):
+            for s in tqdm(range(0, len(order), REFERENCE_BATCH_PAIRS), desc="Reference log-probs",
+                          unit="batch"):
+                rows = order[s:s + REFERENCE_BATCH_PAIRS]
+                batch = collate([dataclasses.replace(examples[i], ref_chosen_logp=None)
+                                 for i in rows], pad_id)
+                device = next(model.parameters()).device
+                chosen, rejected = sequence_logps_of(model, batch.to(device), average)
+                out[rows] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def fingerprint(examples: Sequence[PreferenceExample], average: bool) -> str:
+    """A hash of the pairs' token ids and the averaging: what the saved log-probs are of."""
+    digest = hashlib.sha256(json.dumps(average).encode())
+    for e in examples:
+        digest.update(json.dumps([e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    return digest.hexdigest()
+
+
+DPO = TrainingMethod(name="dpo", read_examples=read_preferences, collate=collate, loss=loss,
+                     prepare=prepare)

@@ -18,7 +18,7 @@ import torch
 from lmforge.training.data import Example, read_examples
 from lmforge.training.forward import causal_lm_logits
 from lmforge.training.losses import IGNORE_INDEX, sft_loss
-from lmforge.training.methods.base import TrainingMethod
+from lmforge.training.methods.base import LossOutput, TrainingMethod
 
 
 @dataclass
@@ -64,17 +64,16 @@ def collate(examples: Sequence[Example], pad_id: int) -> SFTBatch:
     return SFTBatch(input_ids, labels, attention_mask)
 
 
-def loss(model: torch.nn.Module, batch: SFTBatch, config: object = None
-         ) -> tuple[torch.Tensor, int]:
-    """(summed negative log-likelihood of the completion tokens, their count); SFT has no
-    hyperparameters of its own, so ``config`` is unused.
+def loss(model: torch.nn.Module, batch: SFTBatch, config: object = None) -> LossOutput:
+    """(summed negative log-likelihood of the completion tokens, their count, no metrics); SFT
+    has no hyperparameters of its own, so ``config`` is unused.
 
     Returns:
         A float32 scalar with a gradient, and ``batch.num_items``; the mean per token is
-        ``loss / n_items``, which equals ``sft_loss(logits, batch.labels)``.
+        ``loss / num_items``, which equals ``sft_loss(logits, batch.labels)``.
     """
     logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (B, T, V)
-    return sft_loss(logits, batch.labels, num_items=1), batch.num_items  # num_items=1: the sum
+    return LossOutput(sft_loss(logits, batch.labels, num_items=1), batch.num_items)  # the sum
 
 
 SFT = TrainingMethod(name="sft", read_examples=read_examples, collate=collate, loss=loss)
