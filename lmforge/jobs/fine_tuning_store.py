@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from lmforge.jobs.schema import (
@@ -25,6 +26,8 @@ from lmforge.protocol.statuses import FineTuningStatus
 
 _JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+CHECKPOINT_TAG = "ckpt-step-"  # a checkpoint's model: <fine-tuned model>:ckpt-step-<step>
+WORK_DIR = "fine_tunes"  # <home>/fine_tunes/<job id>: a job's checkpoints and prepared data
 
 
 @dataclass
@@ -55,6 +58,17 @@ class JobRecord:
         """OpenAI's method type: ``"supervised"`` (also for jobs stored without one) or
         ``"dpo"``."""
         return (self.method or {}).get("type", "supervised")
+
+    @property
+    def model_name(self) -> str:
+        """The name its result is served as: ``ft:<base>:<suffix>:<job id>`` (without a
+        suffix ``ft:<base>:<job id>``); set as ``fine_tuned_model`` when the job succeeds."""
+        return ":".join(["ft", self.model, *([self.suffix] if self.suffix else []), self.id])
+
+    def checkpoint_model(self, step: int) -> str:
+        """The name the checkpoint after optimizer step ``step`` is served as (OpenAI's):
+        ``<model_name>:ckpt-step-<step>``."""
+        return f"{self.model_name}:{CHECKPOINT_TAG}{step}"
 
     @property
     def method_hyperparameters(self) -> list[str]:
@@ -135,9 +149,13 @@ class FineTuningStore:
                 FINE_TUNING_JOBS.c.rank)).all()
         return [_job(r) for r in rows]
 
-    def unserve(self, fine_tuned_model: str) -> str | None:
+    def work_dir(self, job_id: str) -> Path:
+        """Where the job trains: its checkpoints (each a servable adapter) and prepared data."""
+        return self.store.home / WORK_DIR / job_id
+
+    def unserve(self, fine_tuned_model: str) -> JobRecord | None:
         """Stop serving a fine-tuned model at start-up (``DELETE /v1/models``): its job keeps
-        its record but loses ``adapter_path``, which is returned (None: no such job)."""
+        its record but loses ``adapter_path``; returns the job as it was (None: no such job)."""
         with self.db.begin() as conn:
             row = conn.execute(FINE_TUNING_JOBS.select().where(
                 FINE_TUNING_JOBS.c.fine_tuned_model == fine_tuned_model)).first()
@@ -145,7 +163,28 @@ class FineTuningStore:
                 return None
             conn.execute(FINE_TUNING_JOBS.update().where(FINE_TUNING_JOBS.c.id == row.id)
                          .values(adapter_path=None))
-        return row.adapter_path
+        return _job(row)
+
+    def checkpoint_of(self, model: str) -> CheckpointRecord | None:
+        """The checkpoint served as ``model`` (``JobRecord.checkpoint_model``), if any."""
+        fine_tuned, tag, step = model.rpartition(":" + CHECKPOINT_TAG)
+        if not tag or not step.isdigit():
+            return None
+        with self.db.connect() as conn:
+            row = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.fine_tuned_model == fine_tuned)).first()
+        if row is None:
+            return None
+        return next((c for c in self.all_checkpoints(row.id) if c.step_number == int(step)),
+                    None)
+
+    def all_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """A job's checkpoints, oldest first."""
+        with self.db.connect() as conn:
+            rows = conn.execute(FINE_TUNING_CHECKPOINTS.select().where(
+                FINE_TUNING_CHECKPOINTS.c.job_id == job_id).order_by(
+                FINE_TUNING_CHECKPOINTS.c.rank)).all()
+        return [_checkpoint(r) for r in rows]
 
     def transition(self, job_id: str, status: FineTuningStatus, **values: Any) -> bool:
         """Move a job to ``status`` if its current status may precede it (``FINE_TUNING_FROM``),
@@ -199,8 +238,7 @@ class FineTuningStore:
         query = FINE_TUNING_CHECKPOINTS.select().where(
             FINE_TUNING_CHECKPOINTS.c.job_id == job_id)
         rows, more = self.store.page(FINE_TUNING_CHECKPOINTS, query, limit, after, "desc")
-        return [CheckpointRecord(**{f.name: getattr(r, f.name) for f in fields(
-            CheckpointRecord)} | {"metrics": json.loads(r.metrics)}) for r in rows], more
+        return [_checkpoint(r) for r in rows], more
 
 
 def _dumps(value: Any) -> str | None:
@@ -219,3 +257,8 @@ def _event(row: Any) -> EventRecord:
     values = {f.name: getattr(row, f.name) for f in fields(EventRecord)}
     values["data"] = json.loads(values["data"]) if values["data"] else None
     return EventRecord(**values)
+
+
+def _checkpoint(row: Any) -> CheckpointRecord:
+    return CheckpointRecord(**{f.name: getattr(row, f.name) for f in fields(CheckpointRecord)}
+                            | {"metrics": json.loads(row.metrics)})

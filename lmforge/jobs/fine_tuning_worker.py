@@ -12,8 +12,9 @@ hyperparameters from the number of training examples (``training.hyperparameters
 then shows numbers, and an event and a log line say what was picked. Its events (messages, and
 metrics per optimizer step) and checkpoints (one per epoch) go to the store as they happen. On
 success the best checkpoint (lowest validation loss) is copied to ``<home>/adapters/<job id>``
-and registered with the engine as ``ft:<base>:<suffix>:<job id>``; at start-up the adapters of
-all succeeded jobs are registered again. A job that was ``running`` when the server stopped
+and registered with the engine as ``ft:<base>:<suffix>:<job id>``, and every checkpoint as
+``ft:<base>:<suffix>:<job id>:ckpt-step-<step>`` (kept until the job's model is deleted); at
+start-up the adapters of all succeeded jobs are registered again. A job that was ``running`` when the server stopped
 continues from its last checkpoint (``training.trainer.train(resume=True)``) in
 ``<home>/fine_tunes/<job id>``, or from step 1 if none was saved; an event and a log line say
 which.
@@ -57,11 +58,6 @@ RESULTS_PURPOSE = "fine-tune-results"
 # holds "auto" here, and a resumed run must keep the settings it started with
 _UNRESOLVED_DEFAULTS = {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 1.0}
 _CANCEL_CHECK_S = 1.0  # how often the training thread reads the job's status
-
-
-def fine_tuned_model_name(job: JobRecord) -> str:
-    """``ft:<base>:<suffix>:<job id>`` (``ft:<base>:<job id>`` without a suffix)."""
-    return ":".join(["ft", job.model, *([job.suffix] if job.suffix else []), job.id])
 
 
 def resolve_hyperparameters(requested: dict[str, Any], n_examples: int, method: str = "supervised"
@@ -120,18 +116,36 @@ class FineTuningWorker(PollingWorker):
     def __init__(self, store: Store, engine: Any, poll_s: float = 1.0):
         super().__init__(poll_s)
         self.store, self.jobs, self.engine = store, FineTuningStore(store), engine
-        self.work_dir = store.home / "fine_tunes"
         self.adapter_dir = store.home / "adapters"
         self._shutdown = threading.Event()  # read by the training thread
         self._registered = False
 
     async def register_adapters(self) -> None:
-        """Serve the adapters of every succeeded job (at start-up); a missing one is logged."""
+        """Serve the adapters of every succeeded job and of its checkpoints (at start-up); a
+        missing job adapter is logged, a checkpoint deleted on its own is skipped."""
         for job in await asyncio.to_thread(self.jobs.succeeded_jobs):
             try:
                 await self.engine.add_lora(job.fine_tuned_model, job.adapter_path)
             except LMForgeError as e:
                 logger.error("cannot serve %s (%s): %s", job.fine_tuned_model, job.id, e.message)
+                continue
+            await self._serve_checkpoints(job)
+
+    async def _serve_checkpoints(self, job: JobRecord) -> None:
+        """Serve each checkpoint of a finished job as ``job.checkpoint_model(step)`` (OpenAI's
+        checkpoints are models), without its resume state, which a finished job never reads."""
+        from lmforge.training.trainer import STATE_FILE
+
+        for checkpoint in await asyncio.to_thread(self.jobs.all_checkpoints, job.id):
+            path = Path(checkpoint.path)
+            if not path.is_dir():
+                continue  # deleted on its own (DELETE /v1/models/<checkpoint>)
+            (path / STATE_FILE).unlink(missing_ok=True)
+            name = job.checkpoint_model(checkpoint.step_number)
+            try:
+                await self.engine.add_lora(name, str(path))
+            except LMForgeError as e:
+                logger.error("cannot serve checkpoint %s: %s", name, e.message)
 
     async def stop(self) -> None:
         self._shutdown.set()  # a training thread stops at its next step; it resumes on restart
@@ -234,7 +248,7 @@ class FineTuningWorker(PollingWorker):
             result = await asyncio.to_thread(
                 train, self.engine.config.model.model,
                 self.store.path(job.training_file), validation, config,
-                self.work_dir / job.id, on_event=on_event, should_stop=should_stop,
+                self.jobs.work_dir(job.id), on_event=on_event, should_stop=should_stop,
                 resume=resumed)
         except LMForgeError as e:
             await self._fail(job, "training_failed", e.message, e.param)
@@ -271,7 +285,7 @@ class FineTuningWorker(PollingWorker):
                 self.jobs.add_event(job.id, message)
 
     async def _succeed(self, job: JobRecord, result: Any, metrics: list[StepEvent]) -> None:
-        name = fine_tuned_model_name(job)
+        name = job.model_name
         target = self.adapter_dir / job.id
         await asyncio.to_thread(_replace_dir, Path(result.best_checkpoint), target)
         results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
@@ -281,7 +295,9 @@ class FineTuningWorker(PollingWorker):
                                    fine_tuned_model=name, adapter_path=str(target),
                                    trained_tokens=result.trained_tokens,
                                    result_files=[results.id]):
-            await self._event(job, f"The job has successfully completed: {name} is served")
+            await self._serve_checkpoints(job)
+            await self._event(job, f"The job has successfully completed: {name} is served, "
+                              "and each checkpoint as <model>:ckpt-step-<step>")
         else:  # cancelled at the very end: do not serve it
             await self.engine.remove_lora(name)
 

@@ -149,7 +149,7 @@ def event_object(event: EventRecord) -> FineTuningJobEvent:
 
 
 def checkpoint_object(job: JobRecord, checkpoint: CheckpointRecord) -> FineTuningJobCheckpoint:
-    name = f"{job.fine_tuned_model or 'ft:' + job.model}:ckpt-step-{checkpoint.step_number}"
+    name = job.checkpoint_model(checkpoint.step_number)
     return FineTuningJobCheckpoint(
         id=checkpoint.id, created_at=checkpoint.created_at, fine_tuned_model_checkpoint=name,
         fine_tuning_job_id=job.id, step_number=checkpoint.step_number,

@@ -126,7 +126,9 @@ async def download_adapter(model_id: str, request: Request) -> Response:
 
 @router.delete("/v1/models/{model_id:path}")
 async def delete_model(model_id: str, request: Request) -> ModelDeleted:
-    """Delete a fine-tuned model or LoRA adapter (OpenAI: "Delete a fine-tuned model").
+    """Delete a fine-tuned model or LoRA adapter (OpenAI: "Delete a fine-tuned model"). A
+    fine-tuning job's model goes with its checkpoints' models and files; a checkpoint's model
+    alone goes with its own files.
 
     Raises:
         InvalidRequestError: the base model (400). ModelNotFoundError: an unknown id (404).
@@ -137,9 +139,16 @@ async def delete_model(model_id: str, request: Request) -> ModelDeleted:
         raise InvalidRequestError(f"`{model_id}` is the base model and cannot be deleted; only "
                                   "fine-tuned models and LoRA adapters can", param="model")
     await engine.remove_lora(name)
-    adapter = await asyncio.to_thread(FineTuningStore(request.app.state.store).unserve, name)
-    if adapter is not None:  # the job's own copy under $LMFORGE_HOME/adapters
-        await asyncio.to_thread(shutil.rmtree, adapter, True)
+    jobs = FineTuningStore(request.app.state.store)
+    job = await asyncio.to_thread(jobs.unserve, name)
+    if job is not None:  # a job's model: its copy under $LMFORGE_HOME/adapters, its checkpoints
+        for checkpoint in await asyncio.to_thread(jobs.all_checkpoints, job.id):
+            await engine.remove_lora(job.checkpoint_model(checkpoint.step_number))
+        for directory in (job.adapter_path, jobs.work_dir(job.id)):
+            if directory:
+                await asyncio.to_thread(shutil.rmtree, directory, True)
+    elif (checkpoint := await asyncio.to_thread(jobs.checkpoint_of, name)) is not None:
+        await asyncio.to_thread(shutil.rmtree, checkpoint.path, True)
     return ModelDeleted(id=name)
 
 

@@ -14,7 +14,8 @@ evaluates the mean validation loss per item and writes a checkpoint
 ``output_dir/checkpoint-<step>``: a PEFT adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``) plus ``trainer_state.pt`` (optimizer, scheduler, step, best so
 far) for resuming. The result is the checkpoint with the lowest validation loss (LLM Engine's
-rule); the others but the last are deleted.
+rule); every checkpoint's adapter is kept (OpenAI serves each checkpoint as a model), and only
+the newest keeps its resume state.
 
 The caller gets ``on_event(event)`` callbacks with the dataclasses of ``events``: a
 ``StepEvent`` after every optimizer step (with ``eval_loss`` after the last step of an epoch,
@@ -323,15 +324,17 @@ class _Loop:
                     "scheduler": self.scheduler.state_dict(),
                     "rng": torch.get_rng_state()}, tmp)
         os.replace(tmp, directory / STATE_FILE)
-        self.prune_checkpoints(keep={directory, Path(self.state.best_checkpoint)})
+        self.drop_older_states(directory)
         self.message(f"Epoch {self.state.epoch}: validation loss {eval_loss:.4f}, checkpoint "
                      f"{directory.name}")
         return directory
 
-    def prune_checkpoints(self, keep: set[Path]) -> None:
+    def drop_older_states(self, newest: Path) -> None:
+        """Delete the resume state (optimizer moments: twice the adapter) of every checkpoint
+        but ``newest``; their adapters stay, each a model of its own (OpenAI's checkpoints)."""
         for path in self.output_dir.glob("checkpoint-*"):
-            if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+            if path != newest:
+                (path / STATE_FILE).unlink(missing_ok=True)
 
     def restore_last_checkpoint(self) -> str | None:
         """Continue after the last complete checkpoint in output_dir; returns its name (None:

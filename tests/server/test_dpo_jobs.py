@@ -86,6 +86,12 @@ def test_a_dpo_job_reports_trl_metrics_and_its_model_is_served(tiny_llama_dir, t
         header = client.files.content(job.result_files[0]).read().decode().splitlines()[0]
         assert header.startswith("step,epoch,train_loss,valid_loss,learning_rate,rewards/chosen")
         assert job.fine_tuned_model == f"ft:{base}:prefs:{job.id}"
+        served = {m.id for m in client.models.list().data}
+        assert {c.fine_tuned_model_checkpoint for c in checkpoints} == {
+            f"{job.fine_tuned_model}:ckpt-step-{s}" for s in (6, 12)} < served
+        first = checkpoints[-1].fine_tuned_model_checkpoint  # newest first: step 6
+        assert client.models.delete(first).deleted  # a checkpoint alone
+        assert first not in {m.id for m in client.models.list().data}
         answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=3,
                                                 temperature=0, messages=[
                                                     {"role": "user", "content": "Question 99?"}])

@@ -91,7 +91,15 @@ def test_a_job_trains_and_its_model_is_served_at_once_and_after_a_restart(tiny_l
             time.sleep(0.1)
         assert client.chat.completions.create(model=job.fine_tuned_model, max_tokens=2, messages=[
             {"role": "user", "content": "hi"}]).choices
+        # each checkpoint is a model too (OpenAI's), kept until the job's model is deleted
+        names = [c.fine_tuned_model_checkpoint
+                 for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+        assert names == [f"{job.fine_tuned_model}:ckpt-step-{s}" for s in (6, 3)]
+        for name in names:
+            assert client.completions.create(model=name, prompt="hi", max_tokens=2).model == name
         assert client.models.delete(job.fine_tuned_model).deleted
+        assert {m.id for m in client.models.list().data} == {base}
+        assert not (home / "fine_tunes" / job.id).exists()
     with batch_server(tiny_llama_dir, home) as client:  # deleted stays deleted
         time.sleep(1.5)  # the worker's first pass registers what is left
         assert {m.id for m in client.models.list().data} == {base}

@@ -11,7 +11,7 @@ from lmforge.errors import InvalidRequestError
 from lmforge.models.loader import load_model
 from lmforge.models.lora import LoRAConfig, LoRALinear, load_peft_adapter
 from lmforge.training.events import CheckpointEvent, MessageEvent, ResumeEvent, StepEvent
-from lmforge.training.trainer import TrainingConfig, cosine_with_warmup, train
+from lmforge.training.trainer import STATE_FILE, TrainingConfig, cosine_with_warmup, train
 
 ANSWER = "Bananas are the answer."
 
@@ -67,7 +67,10 @@ def test_training_learns_the_adapter_and_leaves_the_base(load_scaled, tiny_llama
         assert c.path == tmp_path / "out" / f"checkpoint-{c.step}"
 
     assert result.best_eval_loss == min(evals)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-9"]
+    kept = sorted((tmp_path / "out").glob("checkpoint-*/*"))  # every adapter; the last's state
+    assert [str(p.relative_to(tmp_path / "out")) for p in kept if p.name == STATE_FILE] == [
+        f"checkpoint-9/{STATE_FILE}"]
+    assert sum(p.name == "adapter_model.safetensors" for p in kept) == 3
     config, weights = load_peft_adapter(result.best_checkpoint)
     assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj", "down_proj"}
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
@@ -90,8 +93,9 @@ def test_best_checkpoint_is_the_lowest_validation_loss(load_scaled, tiny_llama_d
     monkeypatch.setattr(trainer._Loop, "evaluate", lambda self: (next(scripted), {}))
     result = train(load_scaled(tiny_llama_dir), train_file, None, _config(), tmp_path)
     assert result.best_eval_loss == 1.0 and result.best_checkpoint == tmp_path / "checkpoint-6"
-    # kept: the best (the result) and the last (to resume from)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-6", "checkpoint-9"]
+    # every checkpoint is kept, a model of its own
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        "checkpoint-3", "checkpoint-6", "checkpoint-9"]
     config, weights = load_peft_adapter(result.best_checkpoint)
     assert config.r == 4 and set(config.target_modules) == {"q_proj", "v_proj", "down_proj"}
     assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
