@@ -2,6 +2,7 @@
 
     lmforge fine-tune create --training data.jsonl --suffix pirate --n-epochs 3 --follow
     lmforge fine-tune create --method dpo --beta 0.1 --training prefs.jsonl --follow
+    lmforge fine-tune run dpo.yaml     # offline, in this process, from an Anyscale llmforge YAML
     lmforge fine-tune events ftjob-abc123 --follow
     lmforge chat --model ft:smollm2-135m-instruct:pirate:ftjob-abc123
 
@@ -107,6 +108,41 @@ def create(model: str | None, training_path: Path | None, training_file: str | N
         _follow(job.id, poll, as_json)
     else:
         show(job, as_json)
+
+
+@fine_tune.command("run")
+@click.argument("config_file", metavar="CONFIG.yaml",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def run(config_file: Path) -> None:
+    """Fine-tune offline, in this process, from an Anyscale llmforge YAML (seed 002's keys:
+    model_id, train_path, valid_path, task, context_length, learning_rate, num_epochs,
+    preference_tuning_config.beta, lora_config, ...; see lmforge/training/llmforge_config.py).
+    Writes OUTPUT_DIR/checkpoints/ and the best PEFT adapter in OUTPUT_DIR/adapter; a rerun
+    resumes after the last checkpoint."""
+    from lmforge.errors import LMForgeError
+    from lmforge.training.events import MessageEvent
+    from lmforge.training.llmforge_config import read_llmforge_config
+    from lmforge.training.trainer import export_adapter, train
+
+    try:
+        plan = read_llmforge_config(config_file)
+    except LMForgeError as e:
+        raise click.UsageError(f"{config_file}: {e.message}") from None
+    for note in plan.notes:
+        click.echo(note, err=True)
+
+    def on_event(event: Any) -> None:
+        if isinstance(event, MessageEvent) and event.message:
+            tqdm.write(event.message, file=sys.stderr)
+
+    try:
+        result = train(plan.model, plan.train_path, plan.valid_path, plan.config,
+                       plan.output_dir / "checkpoints", on_event=on_event, resume=True)
+    except LMForgeError as e:
+        raise click.ClickException(e.message) from None
+    target = plan.output_dir / "adapter"
+    export_adapter(result.best_checkpoint, target)
+    click.echo(f"{target} (validation loss {result.best_eval_loss:.4f}, {result.steps} steps)")
 
 
 @fine_tune.command("get")

@@ -27,7 +27,6 @@ import csv
 import functools
 import io
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -285,9 +284,11 @@ class FineTuningWorker(PollingWorker):
                 self.jobs.add_event(job.id, message)
 
     async def _succeed(self, job: JobRecord, result: Any, metrics: list[StepEvent]) -> None:
+        from lmforge.training.trainer import export_adapter
+
         name = job.model_name
         target = self.adapter_dir / job.id
-        await asyncio.to_thread(_replace_dir, Path(result.best_checkpoint), target)
+        await asyncio.to_thread(export_adapter, Path(result.best_checkpoint), target)
         results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
                                           f"{job.id}_results.csv", RESULTS_PURPOSE)
         await self.engine.add_lora(name, str(target))
@@ -369,16 +370,3 @@ def _results_csv(metrics: list[StepEvent]) -> bytes:
                          *(m.metrics.get(k, "") for k in names),
                          *(evaluated.get(k, "") for k in names)])
     return out.getvalue().encode()
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Copy the checkpoint ``source`` to ``target`` through a temporary sibling, then rename
-    (never partial). Only the adapter goes: the trainer's resume state (optimizer moments,
-    twice the adapter's size) stays behind, so a model download holds the PEFT files alone."""
-    from lmforge.training.trainer import STATE_FILE
-
-    temp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(temp, ignore_errors=True)
-    shutil.copytree(source, temp, ignore=shutil.ignore_patterns(STATE_FILE))
-    shutil.rmtree(target, ignore_errors=True)
-    temp.rename(target)

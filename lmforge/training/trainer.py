@@ -303,8 +303,9 @@ class _Loop:
         as means per item."""
         self.model.eval()
         total, count, metrics = 0.0, 0, _Sums()
-        for s in range(0, len(self.val_set), self.config.batch_size):
-            batch = self.method.collate(self.val_set[s:s + self.config.batch_size], self.pad_id)
+        size = self.config.eval_batch_size or self.config.batch_size
+        for s in range(0, len(self.val_set), size):
+            batch = self.method.collate(self.val_set[s:s + size], self.pad_id)
             out = self.method.loss(self.model, batch.to(self.device), self.config)
             total += out.loss.item()
             count += out.num_items
@@ -365,3 +366,14 @@ class _Loop:
         best = self.state.best_checkpoint
         return TrainingResult(Path(best) if best else None, self.state.best_eval_loss,
                               self.state.trained_tokens, self.state.step, stopped)
+
+
+def export_adapter(checkpoint: Path, target: Path) -> None:
+    """Copy the PEFT adapter of ``checkpoint`` to ``target`` through a temporary sibling, then
+    rename (never partial). Only the adapter goes: the resume state (optimizer moments, twice
+    the adapter's size) stays behind, so ``target`` holds the PEFT files alone."""
+    temp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    shutil.copytree(checkpoint, temp, ignore=shutil.ignore_patterns(STATE_FILE))
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)

@@ -19,6 +19,7 @@ class TrainingConfig:
     method: str = "sft"  # the training method, by name (``methods.METHODS``)
     n_epochs: int = 3
     batch_size: int = 8  # examples per micro-batch
+    eval_batch_size: int | None = None  # examples per validation batch; None = batch_size
     learning_rate: float = 2e-4  # base learning rate of AdamW
     learning_rate_multiplier: float = 1.0  # OpenAI's: the peak rate is learning_rate * this
     warmup_ratio: float = 0.03  # share of the optimizer steps spent warming up linearly
@@ -33,6 +34,7 @@ class TrainingConfig:
     beta: float = 0.1  # strength of the KL penalty to the reference model
     dpo_loss_type: str = "sigmoid"  # losses.DPO_LOSS_TYPES
     label_smoothing: float = 0.0  # share of preference labels assumed flipped (sigmoid, robust)
+    rpo_alpha: float = 0.0  # weight of the chosen answers' mean token NLL added to the loss (RPO)
 
     @property
     def peak_learning_rate(self) -> float:
@@ -43,6 +45,8 @@ class TrainingConfig:
         checks = [
             ("n_epochs", self.n_epochs >= 1, "at least 1"),
             ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1,
+             "at least 1"),
             ("learning_rate", self.learning_rate > 0, "positive, e.g. 2e-4"),
             ("learning_rate_multiplier", self.learning_rate_multiplier > 0, "positive"),
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
@@ -54,6 +58,7 @@ class TrainingConfig:
             ("dpo_loss_type", self.dpo_loss_type in DPO_LOSS_TYPES,
              f"one of {', '.join(DPO_LOSS_TYPES)}"),
             ("label_smoothing", 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+            ("rpo_alpha", self.rpo_alpha >= 0, "at least 0 (0 = plain DPO)"),
         ]
         for name, ok, want in checks:
             if not ok:

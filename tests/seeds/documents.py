@@ -226,3 +226,16 @@ def json_examples(text: str) -> list[object]:
             i = j
         i += 1
     return examples
+
+
+# --- 002: Anyscale's preference-tuning notebook ----------------------------------------------
+
+def printed_file(text: str, command: str) -> str:
+    """What the notebook's cell ``command`` (e.g. ``!cat configs/x.yaml``) printed: the text of
+    its stream output."""
+    notebook = json.loads(text)
+    for cell in notebook["cells"]:
+        if cell["cell_type"] == "code" and "".join(cell["source"]).strip() == command:
+            texts = [out["text"] for out in cell.get("outputs", []) if "text" in out]
+            return "".join(t if isinstance(t, str) else "".join(t) for t in texts)
+    raise LookupError(f"no cell runs {command!r}")

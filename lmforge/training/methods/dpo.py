@@ -38,7 +38,7 @@ from lmforge.models.lora import lora_disabled
 from lmforge.training.data import Example
 from lmforge.training.events import MessageEvent
 from lmforge.training.forward import causal_lm_logits
-from lmforge.training.losses import dpo_loss, sequence_logps
+from lmforge.training.losses import dpo_loss, sequence_logps, token_logps
 from lmforge.training.methods import sft
 from lmforge.training.methods.base import LossOutput, TrainingMethod
 from lmforge.training.preferences import PreferenceExample, read_preferences
@@ -101,7 +101,10 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
     ``config``: the run's ``TrainingConfig`` (``beta``, ``dpo_loss_type``, ``label_smoothing``).
     """
     average = config.dpo_loss_type == "ipo"
-    chosen, rejected = sequence_logps_of(model, batch, average)
+    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
+    token, mask = token_logps(logits, batch.labels)  # (2B, T-1) each
+    summed, count = token.sum(-1), mask.sum(-1).clamp(min=1)
+    chosen, rejected = (summed / count if average else summed).chunk(2)
     if batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None:
         ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
     else:
@@ -109,6 +112,10 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
             ref_chosen, ref_rejected = sequence_logps_of(model, batch, average)
     out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                    loss_type=config.dpo_loss_type, label_smoothing=config.label_smoothing)
+    losses = out.losses
+    if config.rpo_alpha:  # RPO (Pang et al. 2024): + alpha * the chosen answer's mean token NLL
+        chosen_nll = -(summed / count).chunk(2)[0]
+        losses = losses + config.rpo_alpha * chosen_nll
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {"rewards/chosen": out.chosen_rewards.sum().item(),
                "rewards/rejected": out.rejected_rewards.sum().item(),
@@ -116,7 +123,7 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
                "rewards/margins": margins.sum().item(),
                "logps/chosen": chosen.detach().sum().item(),
                "logps/rejected": rejected.detach().sum().item()}
-    return LossOutput(out.losses.sum(), batch.num_items, metrics)
+    return LossOutput(losses.sum(), batch.num_items, metrics)
 
 
 def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, pad_id: int,

@@ -1,0 +1,170 @@
+"""Anyscale's ``llmforge`` fine-tuning YAML (seed 002's ``mistral_dpo_summarization.yaml``) as one
+offline run: ``lmforge fine-tune run CONFIG.yaml``.
+
+Keys read (the seed's names):
+
+- ``model_id``: a local GGUF file or HF directory, or a model alias (``smollm2-135m-instruct``).
+- ``train_path``, ``valid_path`` (optional: 10% of the training rows are held out), local files.
+- ``task``: ``preference_tuning`` (DPO; the preference formats of ``training.preferences``) or
+  ``instruction_tuning`` (SFT; the formats of ``training.data``).
+- ``context_length`` (-> ``max_seq_len``), ``train_batch_size_per_device`` (-> ``batch_size``),
+  ``eval_batch_size_per_device`` (validation and reference batches), ``learning_rate``,
+  ``num_epochs``, ``gradient_accumulation_steps``, ``output_dir``, ``seed``.
+- ``preference_tuning_config.beta``; ``lora_config.r``, ``lora_alpha``, ``lora_dropout``,
+  ``target_modules`` (and PEFT's ``modules_to_save: []``, ``bias: none``, ``fan_in_fan_out:
+  false``, ``init_lora_weights: true``, the only values our LoRA has).
+- Accepted with no effect in one process, and said so: ``num_devices: 1``,
+  ``num_data_blocks_per_device``, ``no_gradient_checkpoint``, ``flash_attention_2``,
+  ``padding: longest`` (what the collators do).
+
+Keys that need a cluster (``num_devices`` above 1, ``deepspeed``, ``worker_resources``,
+``preference_tuning_config.logprob_processor_scaling_config``) are refused with a message naming
+the scale-out path, never ignored; so is any key not listed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import InvalidRequestError
+from lmforge.models.lora import LoRAConfig
+from lmforge.training.training_config import TrainingConfig
+
+TASKS = {"preference_tuning": "dpo", "instruction_tuning": "sft"}
+SCALE_OUT = ("needs a cluster; this run trains in one process. Remove it to train here, or scale "
+             "out with Ray (lmforge's scale-out path, not built yet)")
+_NO_EFFECT = {"num_data_blocks_per_device": "Ray Data's blocks: the data is read in-process",
+              "no_gradient_checkpoint": "gradient checkpointing is not used",
+              "flash_attention_2": "attention runs the engine's own kernels"}
+_PEFT_FIXED = {"modules_to_save": [], "bias": "none", "fan_in_fan_out": False,
+               "init_lora_weights": True}
+_PLAIN = {"context_length": "max_seq_len", "train_batch_size_per_device": "batch_size",
+          "eval_batch_size_per_device": "eval_batch_size", "learning_rate": "learning_rate",
+          "num_epochs": "n_epochs", "gradient_accumulation_steps": "gradient_accumulation_steps",
+          "seed": "seed"}
+_KNOWN = {"model_id", "train_path", "valid_path", "task", "output_dir", "num_devices",
+          "padding", "preference_tuning_config", "lora_config", "deepspeed",
+          "worker_resources", *_NO_EFFECT, *_PLAIN}
+
+
+@dataclass
+class FinetuneRun:
+    """One offline run read from an llmforge YAML: what to train, on what, into where."""
+
+    model: str
+    train_path: Path
+    valid_path: Path | None
+    output_dir: Path
+    config: TrainingConfig
+    notes: list[str] = field(default_factory=list)  # keys accepted with no effect, said so
+
+
+def read_llmforge_config(path: str | Path) -> FinetuneRun:
+    """Read and check ``path`` (module docstring); relative data paths are the YAML's folder's.
+
+    Raises:
+        InvalidRequestError: unreadable YAML, a missing required key (``model_id``,
+            ``train_path``, ``task``), an unknown key or task, a cluster key (``param`` names
+            it; the message names the scale-out path), or a value out of range
+            (``TrainingConfig.validate``).
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise InvalidRequestError(f"cannot read {path}: {e}", param="config") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequestError(f"{path} must hold a mapping of settings", param="config")
+    _refuse_cluster_keys(raw)
+    unknown = sorted(set(raw) - _KNOWN)
+    if unknown:
+        raise InvalidRequestError(f"unknown key(s) {', '.join(unknown)}; the keys are "
+                                  f"{', '.join(sorted(_KNOWN))}", param=unknown[0])
+    for key in ("model_id", "train_path", "task"):
+        if not raw.get(key):
+            raise InvalidRequestError(f"{key} is required", param=key)
+    if raw["task"] not in TASKS:
+        raise InvalidRequestError(f"task {raw['task']!r} is not one of {', '.join(TASKS)}"
+                                  + ("; pretraining from scratch is `lmforge pretrain`"
+                                     if raw["task"] == "causal_language_modeling" else ""),
+                                  param="task")
+    if raw.get("padding", "longest") != "longest":
+        raise InvalidRequestError("padding must be 'longest' (batches are padded to their "
+                                  "longest row)", param="padding")
+    config = _training_config(raw)
+    base = path.parent
+    notes = [f"{key}: no effect here ({why})" for key, why in _NO_EFFECT.items() if key in raw]
+    return FinetuneRun(model=_model(str(raw["model_id"]), base),
+                       train_path=base / raw["train_path"],
+                       valid_path=base / raw["valid_path"] if raw.get("valid_path") else None,
+                       output_dir=base / raw.get("output_dir", "output"), config=config,
+                       notes=notes)
+
+
+def _training_config(raw: dict[str, Any]) -> TrainingConfig:
+    values: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _PLAIN.items()
+                              if raw.get(theirs) is not None}
+    preference = raw.get("preference_tuning_config") or {}
+    unknown = sorted(set(preference) - {"beta"})
+    if unknown:
+        raise InvalidRequestError(f"unknown preference_tuning_config key(s) {', '.join(unknown)}",
+                                  param=f"preference_tuning_config.{unknown[0]}")
+    if "beta" in preference:
+        values["beta"] = preference["beta"]
+    config = TrainingConfig(method=TASKS[raw["task"]], lora=_lora(raw.get("lora_config") or {}),
+                            **{k: _number(k, v) for k, v in values.items()})
+    config.validate()
+    return config
+
+
+def _refuse_cluster_keys(raw: dict[str, Any]) -> None:
+    devices = raw.get("num_devices", 1)
+    if devices != 1:
+        raise InvalidRequestError(f"num_devices: {devices} {SCALE_OUT}", param="num_devices")
+    for key in ("deepspeed", "worker_resources"):
+        if raw.get(key):
+            raise InvalidRequestError(f"{key} {SCALE_OUT}", param=key)
+    if (raw.get("preference_tuning_config") or {}).get("logprob_processor_scaling_config"):
+        raise InvalidRequestError(
+            "preference_tuning_config.logprob_processor_scaling_config (reference log-probs on "
+            f"their own workers) {SCALE_OUT}; here they are computed once before training",
+            param="preference_tuning_config.logprob_processor_scaling_config")
+
+
+def _lora(raw: dict[str, Any]) -> LoRAConfig:
+    for key, only in _PEFT_FIXED.items():
+        if key in raw and raw[key] != only:
+            raise InvalidRequestError(f"lora_config.{key} must be {only!r} (lmforge's LoRA has "
+                                      "no other)", param=f"lora_config.{key}")
+    known = {"r", "lora_alpha", "lora_dropout", "target_modules", *_PEFT_FIXED}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown lora_config key(s) {', '.join(unknown)}",
+                                  param=f"lora_config.{unknown[0]}")
+    values = {k: raw[k] for k in ("r", "lora_alpha", "lora_dropout") if k in raw}
+    if raw.get("target_modules"):
+        values["target_modules"] = tuple(raw["target_modules"])
+    return LoRAConfig(**{k: _number(f"lora_config.{k}", v) if k != "target_modules" else v
+                         for k, v in values.items()})
+
+
+def _number(name: str, value: Any) -> Any:
+    """YAML reads ``5e-6`` as a string: numbers written so become floats."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidRequestError(f"{name} must be a number, got {value!r}",
+                                      param=name) from None
+    return value
+
+
+def _model(model_id: str, base: Path) -> str:
+    """A path relative to the YAML's folder when one exists there, else the id as given (an
+    absolute path or an alias)."""
+    local = base / model_id
+    return str(local) if local.exists() else model_id

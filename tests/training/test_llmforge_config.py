@@ -1,0 +1,55 @@
+"""Anyscale llmforge YAML -> one offline run: the seed's keys map to ``TrainingConfig``, keys that
+need a cluster and unknown keys are refused naming the key, no-effect keys are said."""
+
+import pytest
+import yaml
+
+from lmforge.errors import InvalidRequestError
+from lmforge.training.llmforge_config import read_llmforge_config
+
+BASE = {"model_id": "smollm2-135m-instruct", "train_path": "train.jsonl",
+        "task": "preference_tuning"}
+
+
+def read(tmp_path, **keys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(BASE | keys))
+    return read_llmforge_config(path)
+
+
+def test_the_seed_keys_map_to_the_training_config(tmp_path):
+    run = read(tmp_path, valid_path="v.jsonl", context_length=256, learning_rate="5e-6",
+               num_epochs=2, train_batch_size_per_device=2, eval_batch_size_per_device=4,
+               output_dir="o", num_devices=1, flash_attention_2=True, padding="longest",
+               preference_tuning_config={"beta": 0.01},
+               lora_config={"r": 4, "lora_alpha": 16, "lora_dropout": 0.05,
+                            "target_modules": ["q_proj"], "modules_to_save": [],
+                            "bias": "none"})
+    c = run.config
+    assert (c.method, c.max_seq_len, c.learning_rate, c.n_epochs, c.batch_size,
+            c.eval_batch_size, c.beta) == ("dpo", 256, 5e-6, 2, 2, 4, 0.01)
+    assert (c.lora.r, c.lora.lora_alpha, c.lora.target_modules) == (4, 16, ("q_proj",))
+    assert run.train_path == tmp_path / "train.jsonl" and run.output_dir == tmp_path / "o"
+    assert run.model == "smollm2-135m-instruct"
+    assert run.notes == ["flash_attention_2: no effect here (attention runs the engine's own "
+                         "kernels)"]
+    assert read(tmp_path, task="instruction_tuning").config.method == "sft"
+
+
+@pytest.mark.parametrize("keys, param, words", [
+    ({"num_devices": 2}, "num_devices", "needs a cluster"),
+    ({"deepspeed": {"config_path": "z3.json"}}, "deepspeed", "Ray"),
+    ({"worker_resources": {"accelerator_type:A10G": 1}}, "worker_resources", "one process"),
+    ({"preference_tuning_config": {"beta": 0.1, "logprob_processor_scaling_config": {
+        "concurrency": 2}}}, "preference_tuning_config.logprob_processor_scaling_config",
+     "computed once before training"),
+    ({"lora_config": {"bias": "all"}}, "lora_config.bias", "must be 'none'"),
+    ({"epochs": 3}, "epochs", "unknown key"),
+    ({"task": "causal_language_modeling"}, "task", "lmforge pretrain"),
+    ({"learning_rate": "fast"}, "learning_rate", "must be a number"),
+    ({"preference_tuning_config": {"beta": 0}}, "beta", "positive"),
+])
+def test_refused_keys_name_themselves(tmp_path, keys, param, words):
+    with pytest.raises(InvalidRequestError) as info:
+        read(tmp_path, **keys)
+    assert info.value.param == param and words in info.value.message
