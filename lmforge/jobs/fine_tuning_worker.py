@@ -96,7 +96,7 @@ def training_config(job: JobRecord) -> Any:
         lora["target_modules"] = tuple(lora["target_modules"])
     plain = {k: hp.get(k, _UNRESOLVED_DEFAULTS.get(k)) for k in (
         "n_epochs", "batch_size", "learning_rate_multiplier", "learning_rate", "warmup_ratio",
-        "weight_decay", "max_seq_len", "beta", "label_smoothing")}
+        "weight_decay", "max_seq_len", "beta", "label_smoothing", "rpo_alpha")}
     plain["dpo_loss_type"] = hp.get("loss_type")
     return TrainingConfig(seed=job.seed, lora=LoRAConfig(**lora),
                           method=TRAINING_METHODS[job.method_type],

@@ -59,11 +59,13 @@ class Hyperparameters(RequestModel):
 
 class DpoHyperparameters(Hyperparameters):
     """``method.dpo.hyperparameters``: OpenAI's ``beta`` besides the three, and TRL's loss
-    variants (``loss_type``: sigmoid, ipo, hinge, robust; ``label_smoothing``)."""
+    variants (``loss_type``: sigmoid, ipo, hinge, robust; ``label_smoothing``; ``rpo_alpha``,
+    the weight of the chosen answers' NLL added to the loss)."""
 
     beta: float | Literal["auto"] | None = None
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] | None = None
     label_smoothing: float | None = Field(default=None, ge=0, lt=0.5)
+    rpo_alpha: float | None = Field(default=None, ge=0)  # TRL's: + alpha * chosen NLL (RPO)
 
     def check(self) -> None:
         super().check()

@@ -110,27 +110,29 @@ def shakespeare_dialogue(cache: Path | None = None) -> list[tuple[str, str, str]
     return turns
 
 
-def concise_reply_preferences(turns: list[tuple[str, str, str]], limit: int | None = None
-                              ) -> list[dict]:
+def concise_reply_preferences(turns: list[tuple[str, str, str]], limit: int | None = None, *,
+                              max_cue_words: int = 40, max_first_words: int = 25,
+                              rejected_sentences: int = 4) -> list[dict]:
     """Preference rows (OpenAI's format) where the preferred reply is one sentence and the
     non-preferred one rambles: both are the start of the same real reply to ``cue``, its first
-    sentence against its first three or four. ``turns``: ``shakespeare_dialogue()`` or any
-    ``(source, cue, reply)`` triples; a turn is used when the cue has 3..40 words and the reply
-    at least three sentences, the first of 4..25 words. At most ``limit`` rows, in order.
+    sentence against its first ``rejected_sentences`` (at least 2). ``turns``:
+    ``shakespeare_dialogue()`` or any ``(source, cue, reply)`` triples; a turn is used when the
+    cue has 3..``max_cue_words`` words and the reply at least three sentences, the first of
+    4..``max_first_words`` words. At most ``limit`` rows, in order.
 
     A test can check the property on any answer with ``count_sentences(answer) == 1``.
     """
     rows: list[dict] = []
     for _, cue, reply in turns:
         sentences = split_sentences(reply)
-        if not 3 <= len(cue.split()) <= 40 or len(sentences) < 3:
+        if not 3 <= len(cue.split()) <= max_cue_words or len(sentences) < 3:
             continue
-        if not 4 <= len(sentences[0].split()) <= 25:
+        if not 4 <= len(sentences[0].split()) <= max_first_words:
             continue
+        rambling = " ".join(sentences[:max(2, rejected_sentences)])
         rows.append({"input": {"messages": [{"role": "user", "content": cue}]},
                      "preferred_output": [{"role": "assistant", "content": sentences[0]}],
-                     "non_preferred_output": [{"role": "assistant",
-                                               "content": " ".join(sentences[:4])}]})
+                     "non_preferred_output": [{"role": "assistant", "content": rambling}]})
         if limit is not None and len(rows) >= limit:
             break
     return rows

@@ -81,3 +81,14 @@ def test_dpo_training_prefers_the_chosen_answers_on_held_out_prompts(load_scaled
     for key, before in base_before.items():
         now = after.get(key, after.get(key.replace(".weight", ".base.weight")))
         assert torch.equal(now, before), key
+
+
+def test_rpo_adds_the_chosen_answers_mean_token_nll(load_scaled, tiny_llama_dir, files):
+    loaded = load_scaled(tiny_llama_dir)
+    inject_lora(loaded.model, LoRAConfig(r=4))
+    batch = collate(read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:3], 0)
+    plain = DPO.loss(loaded.model, batch, TrainingConfig(method="dpo")).loss
+    rpo = DPO.loss(loaded.model, batch, TrainingConfig(method="dpo", rpo_alpha=0.5)).loss
+    with torch.no_grad():
+        chosen_mean, _ = sequence_logps_of(loaded.model, batch, average=True)
+    torch.testing.assert_close(rpo, plain + 0.5 * (-chosen_mean).sum(), rtol=1e-5, atol=1e-5)
