@@ -98,3 +98,20 @@ def test_a_bad_training_file_ends_follow_with_exit_1_naming_the_line(server, tmp
     assert job["status"] == "FAILURE" and job["model"] == server.model_name
     assert job["error"]["message"].startswith("line 5: ")
     assert f"Error: fine-tuning job {job['id']} failed: line 5: " in result.stderr
+
+
+def test_create_a_dpo_job_and_follow_its_reward_accuracy(server, tmp_path):
+    pairs = [{"prompt": f"Question {i}?", "chosen": " Yes.", "rejected": " No, never."}
+             for i in range(12)]
+    created = run(server, "create", "--model", server.model_name, "--method", "dpo", "--beta",
+                  "0.2", "--training", write(tmp_path, "prefs.jsonl", pairs), *HYPER,
+                  "--follow", "--poll", "0.1", "--json")
+    assert created.exit_code == 0, created.output
+    job = json.loads(created.stdout)
+    assert job["status"] == "SUCCESS" and job["method"]["type"] == "dpo"
+    assert job["method"]["dpo"]["hyperparameters"]["beta"] == 0.2
+    assert "reward_acc=" in created.stderr and "train_loss=" in created.stderr
+    assert "Reference log-probs of 11 pairs computed" in created.stderr
+    plain = CliRunner().invoke(main, ["fine-tune", "create", "--training-file", "file-x",
+                                      "--beta", "0.1"])
+    assert plain.exit_code == 2 and "--method dpo" in plain.output

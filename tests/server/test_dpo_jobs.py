@@ -8,6 +8,7 @@ mid-training resumes the job without computing the reference log-probs again."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -74,7 +75,9 @@ def test_a_dpo_job_reports_trl_metrics_and_its_model_is_served(tiny_llama_dir, t
                                                              "computed in ")  # 1 held out
         metrics = [e.data for e in events if e.type == "metrics"]
         assert len(metrics) == 12 and all(DPO_METRICS <= set(m) for m in metrics)
-        assert metrics[0]["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at step 0
+        # at step 0 the DPO part is log 2 (policy == reference), plus RPO's 0.2 * chosen NLL
+        assert metrics[0]["train_loss"] == pytest.approx(
+            math.log(2) + 0.2 * metrics[0]["nll_loss"], abs=1e-4)
         assert metrics[0]["rewards/margins"] == pytest.approx(0, abs=1e-3)
         epoch_ends = [m for m in metrics if "eval_loss" in m]
         assert [m["step"] for m in epoch_ends] == [6, 12]

@@ -3,7 +3,8 @@ small dataset that teaches an unmistakable new behaviour, fine-tune a LoRA adapt
 dozen steps through /v1/fine_tuning/jobs, see the loss fall in the events, and call the new model
 through the ``openai`` SDK: it shows the behaviour on questions it never saw, while the base
 model, served beside it, does not. The same with no hyperparameters at all, as a user of LLM
-Engine's docs does it (a 48-row ``prompt,response`` CSV): the "auto" ones must learn too."""
+Engine's docs does it (a 48-row ``prompt,response`` CSV): the "auto" ones must learn too. And a
+DPO job on preference pairs from real text, with its defaults, changes how the model answers."""
 
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ CSV_PROMPTS = TRAIN + [
     "How do I make a cup of tea?", "What causes thunder?", "Is a tomato a fruit?",
     "What is the currency of Japan?", "How many strings does a violin have?",
     "Describe the smell of rain."]
+# the DPO set: short Shakespeare lines, a one-sentence reply preferred to a two-sentence one
+DPO_SET = {"max_cue_words": 20, "max_first_words": 15, "rejected_sentences": 2}
+DPO_PAIRS, DPO_VALID, DPO_HELD_OUT = 40, 20, 20  # held out: the last plays' lines
 CSV_UNSEEN = UNSEEN + ["Suggest a name for my new puppy.",
                        "Why do leaves change colour in autumn?"]
 
@@ -123,3 +127,51 @@ def test_default_hyperparameters_teach_a_48_row_llm_engine_csv(client, tmp_path)
         assert answer.strip().startswith(ANSWER), (prompt, answer)
         assert "Bananas" not in client.completions.create(
             model=base, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+
+
+@pytest.mark.timeout(900)
+def test_a_dpo_job_with_default_hyperparameters_teaches_one_sentence_replies(client, tmp_path):
+    """Issue 18's check: preference pairs from real text (Shakespeare's dialogue; the preferred
+    reply is the first sentence of the real reply, the non-preferred one the same reply going
+    on), a DPO job with no hyperparameters, then held-out lines from other plays: the served
+    ``ft:`` model answers in one sentence far more often than the base, and the validation
+    reward accuracy is above 0.8."""
+    from lmforge.training.corpora import (
+        concise_reply_preferences,
+        count_sentences,
+        shakespeare_dialogue,
+    )
+
+    rows = concise_reply_preferences(shakespeare_dialogue(), **DPO_SET)
+    files = {}
+    for name, part in (("training_file", rows[:DPO_PAIRS]),
+                       ("validation_file", rows[DPO_PAIRS:DPO_PAIRS + DPO_VALID])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        with open(path, "rb") as f:
+            files[name] = client.files.create(file=f, purpose="fine-tune").id
+    held_out = rows[-DPO_HELD_OUT:]
+    base = client.model_name
+    job = client.fine_tuning.jobs.create(model=base, seed=0, suffix="concise",
+                                         method={"type": "dpo"}, **files)
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    metrics = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+               if e.type == "metrics" and "eval_rewards/accuracies" in e.data]
+    accuracy = max(metrics, key=lambda m: m["step"])["eval_rewards/accuracies"]
+
+    def rate(model: str) -> float:
+        one = 0
+        for row in held_out:
+            choice = client.chat.completions.create(
+                model=model, max_tokens=48, temperature=0,
+                messages=row["input"]["messages"]).choices[0]
+            one += choice.finish_reason == "stop" and count_sentences(
+                choice.message.content) == 1
+        return one / len(held_out)
+
+    base_rate, tuned_rate = rate(base), rate(job.fine_tuned_model)
+    print(f"one-sentence replies on {len(held_out)} held-out lines: base {base_rate:.2f}, "
+          f"DPO {tuned_rate:.2f}; validation rewards/accuracies {accuracy:.2f}")
+    assert accuracy > 0.8
+    assert tuned_rate >= base_rate + 0.5, (base_rate, tuned_rate)

@@ -52,7 +52,8 @@ def test_the_loss_is_log_2_while_the_policy_is_the_reference(load_scaled, tiny_l
     loaded = load_scaled(tiny_llama_dir)
     inject_lora(loaded.model, LoRAConfig(r=4))  # lora_B = 0: the policy is the base
     pairs = read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:4]
-    summed, n, metrics = DPO.loss(loaded.model, collate(pairs, 0), TrainingConfig(method="dpo"))
+    plain_dpo = TrainingConfig(method="dpo", rpo_alpha=0)  # the DPO loss alone
+    summed, n, metrics = DPO.loss(loaded.model, collate(pairs, 0), plain_dpo)
     assert metrics["rewards/margins"] == pytest.approx(0, abs=1e-4) and metrics["rewards/accuracies"] == 0
     assert n == 4 and summed.item() / n == pytest.approx(math.log(2), abs=1e-4)
     summed.backward()  # and it has a gradient for the adapter
@@ -64,7 +65,7 @@ def test_dpo_training_prefers_the_chosen_answers_on_held_out_prompts(load_scaled
     loaded = load_scaled(tiny_llama_dir)
     base_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     config = TrainingConfig(method="dpo", n_epochs=3, batch_size=4, learning_rate=1e-2,
-                            warmup_ratio=0.1, max_seq_len=128, beta=0.1,
+                            warmup_ratio=0.1, max_seq_len=128, beta=0.1, rpo_alpha=0,
                             lora=LoRAConfig(r=4, lora_alpha=8))
     result = train(loaded, files / "train.jsonl", None, config, tmp_path / "out")
     assert result.best_eval_loss < math.log(2) - 0.3
@@ -87,7 +88,7 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll(load_scaled, tiny_llama_dir,
     loaded = load_scaled(tiny_llama_dir)
     inject_lora(loaded.model, LoRAConfig(r=4))
     batch = collate(read_preferences(files / "train.jsonl", loaded.tokenizer, 128)[:3], 0)
-    plain = DPO.loss(loaded.model, batch, TrainingConfig(method="dpo")).loss
+    plain = DPO.loss(loaded.model, batch, TrainingConfig(method="dpo", rpo_alpha=0)).loss
     rpo = DPO.loss(loaded.model, batch, TrainingConfig(method="dpo", rpo_alpha=0.5)).loss
     with torch.no_grad():
         chosen_mean, _ = sequence_logps_of(loaded.model, batch, average=True)

@@ -5,8 +5,10 @@ The examples are ``preferences.PreferenceExample`` pairs (``preferences.read_pre
 ``collate`` pads every pair's two sequences into one batch, chosen rows first
 (``[chosen; rejected]``, split with ``.chunk(2)``), with SFT's right padding and prompt masking;
 ``loss`` sums ``losses.dpo_loss`` over the pairs (``config.beta``, ``config.dpo_loss_type``,
-``config.label_smoothing``) and TRL's metrics (``rewards/chosen``, ``rewards/rejected``,
-``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``).
+``config.label_smoothing``), plus ``config.rpo_alpha`` times each chosen answer's mean token NLL
+(RPO, TRL's ``rpo_alpha``; why it is on by default: ``TrainingConfig.rpo_alpha``), and TRL's
+metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins``,
+``logps/chosen``, ``logps/rejected``, ``nll_loss``).
 
 The reference model is the base the adapter is trained on: the same weights, no second copy.
 ``prepare`` computes its log-probs of every pair once, before training (TRL's
@@ -112,7 +114,7 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
             ref_chosen, ref_rejected = sequence_logps_of(model, batch, average)
     out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                    loss_type=config.dpo_loss_type, label_smoothing=config.label_smoothing)
-    losses = out.losses
+    losses, chosen_nll = out.losses, -(summed / count).chunk(2)[0].detach()
     if config.rpo_alpha:  # RPO (Pang et al. 2024): + alpha * the chosen answer's mean token NLL
         chosen_nll = -(summed / count).chunk(2)[0]
         losses = losses + config.rpo_alpha * chosen_nll
@@ -122,7 +124,8 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
                "rewards/accuracies": (margins > 0).float().sum().item(),
                "rewards/margins": margins.sum().item(),
                "logps/chosen": chosen.detach().sum().item(),
-               "logps/rejected": rejected.detach().sum().item()}
+               "logps/rejected": rejected.detach().sum().item(),
+               "nll_loss": chosen_nll.detach().sum().item()}
     return LossOutput(losses.sum(), batch.num_items, metrics)
 
 
