@@ -60,10 +60,22 @@ class JobRecord:
         return (self.method or {}).get("type", "supervised")
 
     @property
+    def base_model(self) -> str:
+        """The served base model the job's adapter applies to: ``model``, or, for a job that
+        fine-tunes an ``ft:`` model, that model's base."""
+        return (self.method or {}).get("base_model", self.model)
+
+    @property
+    def parent_job(self) -> str | None:
+        """The job whose ``ft:`` model this job fine-tunes further (None: it trains the base)."""
+        return (self.method or {}).get("parent_job")
+
+    @property
     def model_name(self) -> str:
         """The name its result is served as: ``ft:<base>:<suffix>:<job id>`` (without a
         suffix ``ft:<base>:<job id>``); set as ``fine_tuned_model`` when the job succeeds."""
-        return ":".join(["ft", self.model, *([self.suffix] if self.suffix else []), self.id])
+        return ":".join(["ft", self.base_model, *([self.suffix] if self.suffix else []),
+                         self.id])
 
     def checkpoint_model(self, step: int) -> str:
         """The name the checkpoint after optimizer step ``step`` is served as (OpenAI's):
@@ -131,6 +143,15 @@ class FineTuningStore:
         rows, more = self.store.page(FINE_TUNING_JOBS, FINE_TUNING_JOBS.select(), limit, after,
                                      "desc")
         return [_job(r) for r in rows], more
+
+    def served_job(self, fine_tuned_model: str) -> JobRecord | None:
+        """The succeeded job whose model is served as ``fine_tuned_model`` (None: none is)."""
+        with self.db.connect() as conn:
+            row = conn.execute(FINE_TUNING_JOBS.select().where(
+                FINE_TUNING_JOBS.c.fine_tuned_model == fine_tuned_model,
+                FINE_TUNING_JOBS.c.status == FineTuningStatus.SUCCEEDED,
+                FINE_TUNING_JOBS.c.adapter_path.is_not(None))).first()
+        return None if row is None else _job(row)
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs a worker still has to drive, oldest first."""

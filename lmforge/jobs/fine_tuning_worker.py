@@ -133,13 +133,21 @@ class FineTuningWorker(PollingWorker):
     async def _serve_checkpoints(self, job: JobRecord) -> None:
         """Serve each checkpoint of a finished job as ``job.checkpoint_model(step)`` (OpenAI's
         checkpoints are models), without its resume state, which a finished job never reads."""
-        from lmforge.training.trainer import STATE_FILE
+        from lmforge.training.trainer import STATE_FILE, export_adapter
 
+        parent = job.parent_job and await asyncio.to_thread(self.jobs.get_job, job.parent_job)
         for checkpoint in await asyncio.to_thread(self.jobs.all_checkpoints, job.id):
             path = Path(checkpoint.path)
             if not path.is_dir():
                 continue  # deleted on its own (DELETE /v1/models/<checkpoint>)
             (path / STATE_FILE).unlink(missing_ok=True)
+            if job.parent_job:  # trained on an ft: model: served stacked on it, written once
+                stacked = path.parent / "served" / path.name
+                if not stacked.is_dir():
+                    if not parent or not parent.adapter_path:
+                        continue  # that model was deleted before its checkpoints were stacked
+                    await asyncio.to_thread(export_adapter, path, stacked, parent.adapter_path)
+                path = stacked
             name = job.checkpoint_model(checkpoint.step_number)
             try:
                 await self.engine.add_lora(name, str(path))
@@ -228,6 +236,9 @@ class FineTuningWorker(PollingWorker):
         from lmforge.training.trainer import train
 
         config = training_config(job)
+        base_adapter = await self._parent_adapter(job)
+        if base_adapter is False:
+            return
         last_check = [0.0, False]
 
         def should_stop() -> bool:
@@ -248,7 +259,7 @@ class FineTuningWorker(PollingWorker):
                 train, self.engine.config.model.model,
                 self.store.path(job.training_file), validation, config,
                 self.jobs.work_dir(job.id), on_event=on_event, should_stop=should_stop,
-                resume=resumed)
+                resume=resumed, base_adapter=base_adapter)
         except LMForgeError as e:
             await self._fail(job, "training_failed", e.message, e.param)
             return
@@ -260,6 +271,18 @@ class FineTuningWorker(PollingWorker):
         if result.stopped or result.best_checkpoint is None:
             return  # cancelled (its status says so) or the server is stopping (resumes later)
         await self._succeed(job, result, metrics)
+
+    async def _parent_adapter(self, job: JobRecord) -> str | None | bool:
+        """The adapter of the ``ft:`` model the job trains on (None: it trains the base);
+        False when that model was deleted meanwhile (the job is failed)."""
+        if job.parent_job is None:
+            return None
+        parent = await asyncio.to_thread(self.jobs.get_job, job.parent_job)
+        if parent is None or parent.adapter_path is None:
+            await self._fail(job, "invalid_model", f"the model {job.model} was deleted; it "
+                             "cannot be fine-tuned further", "model")
+            return False
+        return parent.adapter_path
 
     def _record(self, job: JobRecord, metrics: list[StepEvent], event: TrainingEvent) -> None:
         """Store one trainer event (in the training thread) as the job's: a step's metrics, the
@@ -288,7 +311,10 @@ class FineTuningWorker(PollingWorker):
 
         name = job.model_name
         target = self.adapter_dir / job.id
-        await asyncio.to_thread(export_adapter, Path(result.best_checkpoint), target)
+        parent = await self._parent_adapter(job)
+        if parent is False:
+            return
+        await asyncio.to_thread(export_adapter, Path(result.best_checkpoint), target, parent)
         results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
                                           f"{job.id}_results.csv", RESULTS_PURPOSE)
         await self.engine.add_lora(name, str(target))

@@ -207,16 +207,23 @@ def save_peft_adapter(model: nn.Module, config: LoRAConfig, directory: str | Pat
     Written into a temporary sibling directory that is then renamed onto ``directory`` (an
     existing adapter there is replaced), so a reader never sees half an adapter.
     """
+    config = dataclasses.replace(
+        config, fan_in_fan_out=bool(getattr(model, "fan_in_fan_out", False)))
+    write_peft_adapter(lora_state_dict(model), config, directory, base_model_name_or_path)
+
+
+def write_peft_adapter(weights: dict[str, torch.Tensor], config: LoRAConfig,
+                       directory: str | Path, base_model_name_or_path: str) -> None:
+    """``save_peft_adapter`` from PEFT-named weights (``lora_state_dict``'s keys) and their
+    config, written the same way (a temporary sibling renamed onto ``directory``)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
         save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        config = dataclasses.replace(
-            config, fan_in_fan_out=bool(getattr(model, "fan_in_fan_out", False)))
         (tmp / CONFIG_FILE).write_text(json.dumps(peft_config_dict(config,
                                                                     base_model_name_or_path),
                                                   indent=2, sort_keys=True))

@@ -44,25 +44,34 @@ _PREFIX = "/v1/fine_tuning/jobs"
 async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJob:
     """Create a job (``validating_files``); the worker takes it from there.
 
+    ``model`` is the served base model or a model fine-tuned from it (``ft:...``, OpenAI's SFT
+    then DPO): the job then trains a new adapter on top of that one, which is the reference of a
+    DPO run, and serves the two stacked.
+
     Raises:
-        InvalidRequestError: a base model this server does not serve, a file of another purpose,
+        InvalidRequestError: a model that is neither the base nor fine-tuned from it, a file of another purpose,
             a hyperparameter out of range, integrations. NotFoundError: no such file.
     """
     hyperparameters = body.resolved()
     engine = request.app.state.engine
-    if body.model != engine.model_name:
-        raise InvalidRequestError(f"model {body.model!r} cannot be fine-tuned here: this server "
-                                  f"fine-tunes its base model {engine.model_name!r}",
-                                  param="model")
+    jobs = _jobs(request)
+    method = {"type": body.method_type}
+    if body.model != engine.model_name:  # an ft: model of this base: train on top of it
+        parent = await asyncio.to_thread(jobs.served_job, body.model)
+        if parent is None or parent.base_model != engine.model_name:
+            raise InvalidRequestError(
+                f"model {body.model!r} cannot be fine-tuned here: this server fine-tunes its "
+                f"base model {engine.model_name!r} and the models fine-tuned from it",
+                param="model")
+        method |= {"base_model": engine.model_name, "parent_job": parent.id}
     for param in ("training_file", "validation_file"):
         file_id = getattr(body, param)
         if file_id is not None:
             await _check_file(request, file_id, param)
-    jobs = _jobs(request)
     seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
     job = await asyncio.to_thread(
         jobs.add_job, body.model, body.training_file, body.validation_file, body.suffix, seed,
-        hyperparameters, {"type": body.method_type}, body.metadata)
+        hyperparameters, method, body.metadata)
     await asyncio.to_thread(jobs.add_event, job.id, f"Created fine-tuning job: {job.id}")
     worker = getattr(request.app.state, "fine_tuning_worker", None)
     if worker is not None:

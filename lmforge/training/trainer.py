@@ -28,6 +28,7 @@ so step 1).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -44,11 +45,13 @@ from lmforge.config import ModelConfig
 from lmforge.errors import InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
 from lmforge.models.lora import (
+    CONFIG_FILE,
     inject_lora,
     load_lora_state_dict_,
     load_peft_adapter,
     save_peft_adapter,
 )
+from lmforge.models.lora_merge import merge_adapter_, stack_adapters
 from lmforge.training.data import split_holdout
 from lmforge.training.events import (
     CheckpointEvent,
@@ -115,7 +118,8 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
 def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | None,
           config: TrainingConfig, output_dir: str | Path, *,
           on_event: Callable[[TrainingEvent], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainingResult:
+          should_stop: Callable[[], bool] | None = None, resume: bool = True,
+          base_adapter: str | Path | None = None) -> TrainingResult:
     """Fine-tune a LoRA adapter on ``model`` with ``config.method`` and return the best
     checkpoint by validation loss.
 
@@ -130,6 +134,10 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
             a ``ResumeEvent`` saying where the run starts.
+        base_adapter: a PEFT adapter of ``model`` to train on (OpenAI's fine-tuning of an
+            ``ft:`` model): folded into the weights first (``models.lora_merge.merge_adapter_``),
+            so it is the reference of a DPO run and the new adapter learns on top of it; the
+            checkpoints hold the new adapter alone (``export_adapter`` stacks the two).
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
@@ -143,6 +151,8 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     loaded = model if isinstance(model, LoadedModel) else load_model(
         ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
     _check_context(config, loaded)
+    if base_adapter is not None:
+        merge_adapter_(loaded.model, str(base_adapter))
     train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
     if method.prepare is not None:  # e.g. DPO's reference log-probs, on the base alone
         cache = Path(output_dir) / "prepared"
@@ -368,10 +378,18 @@ class _Loop:
                               self.state.trained_tokens, self.state.step, stopped)
 
 
-def export_adapter(checkpoint: Path, target: Path) -> None:
+def export_adapter(checkpoint: Path, target: Path, base_adapter: str | Path | None = None
+                   ) -> None:
     """Copy the PEFT adapter of ``checkpoint`` to ``target`` through a temporary sibling, then
     rename (never partial). Only the adapter goes: the resume state (optimizer moments, twice
-    the adapter's size) stays behind, so ``target`` holds the PEFT files alone."""
+    the adapter's size) stays behind, so ``target`` holds the PEFT files alone. With
+    ``base_adapter`` (the run trained on a fine-tuned model, ``train(base_adapter=...)``) the
+    two are stacked into one adapter of the base model (``models.lora_merge.stack_adapters``)."""
+    if base_adapter is not None:
+        base_name = json.loads((checkpoint / CONFIG_FILE).read_text()).get(
+            "base_model_name_or_path", "")
+        stack_adapters(str(base_adapter), str(checkpoint), str(target), base_name)
+        return
     temp = target.with_name(target.name + ".tmp")
     shutil.rmtree(temp, ignore_errors=True)
     shutil.copytree(checkpoint, temp, ignore=shutil.ignore_patterns(STATE_FILE))

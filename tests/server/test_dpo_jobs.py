@@ -177,3 +177,44 @@ def test_a_killed_server_resumes_a_dpo_job_without_recomputing_reference_logps(t
         assert any(m.startswith("Resuming from checkpoint-36 ") for m in messages)
     finally:
         server.terminate()
+
+
+def test_dpo_on_a_fine_tuned_model_uses_it_as_the_reference(tiny_llama_dir, tmp_path):
+    """OpenAI's SFT then DPO: a DPO job whose ``model`` is an ``ft:`` model starts from it (its
+    step-0 log-probs are the SFT model's, not the base's, with zero margins: the reference is
+    the SFT model) and serves the two adapters stacked as one model of the base."""
+    sft_rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                              {"role": "assistant", "content": "Yes."}]} for i in range(12)]
+    with batch_server(tiny_llama_dir, tmp_path / "home") as client:
+        base = client.model_name
+        sft = wait_job(client, client.fine_tuning.jobs.create(
+            model=base, training_file=upload(client, sft_rows, tmp_path, "sft.jsonl"),
+            suffix="sft", seed=1, extra_body={"hyperparameters": {
+                k: HYPER[k] for k in ("n_epochs", "batch_size", "lora_r", "learning_rate",
+                                      "max_seq_len")}}).id)
+        assert sft.status == "succeeded", sft.error
+        prefs = upload(client, [pair(i) for i in range(12)], tmp_path)
+        jobs = {name: client.fine_tuning.jobs.create(model=model, training_file=prefs,
+                                                     suffix=name, seed=1, method=dpo(HYPER))
+                for name, model in (("on-sft", sft.fine_tuned_model), ("on-base", base))}
+        done = {name: wait_job(client, job.id) for name, job in jobs.items()}
+        assert all(j.status == "succeeded" for j in done.values()), done
+        on_sft = done["on-sft"]
+        assert on_sft.model == sft.fine_tuned_model
+        assert on_sft.fine_tuned_model == f"ft:{base}:on-sft:{on_sft.id}"
+        first = {name: next(e.data for e in events_of(client, j.id) if e.type == "metrics")
+                 for name, j in done.items()}
+        assert first["on-sft"]["rewards/margins"] == pytest.approx(0, abs=1e-3)
+        # the SFT model already says "Yes.": its chosen answers are likelier than the base's
+        assert first["on-sft"]["logps/chosen"] > first["on-base"]["logps/chosen"] + 1
+        served = {m.id: m for m in client.models.list().data}
+        assert served[on_sft.fine_tuned_model].parent == base
+        for checkpoint in client.fine_tuning.jobs.checkpoints.list(on_sft.id).data:
+            assert checkpoint.fine_tuned_model_checkpoint in served
+        answer = client.completions.create(model=on_sft.fine_tuned_model, prompt="Question 1?",
+                                           max_tokens=2, temperature=0)
+        assert answer.model == on_sft.fine_tuned_model
+        with pytest.raises(openai.BadRequestError) as info:
+            client.fine_tuning.jobs.create(model=f"ft:{base}:nope:ftjob-x", training_file=prefs,
+                                           method=dpo({}))
+        assert info.value.body["param"] == "model"
