@@ -122,7 +122,8 @@ def run(config_file: Path) -> None:
     from lmforge.errors import LMForgeError
     from lmforge.training.events import MessageEvent
     from lmforge.training.llmforge_config import read_llmforge_config
-    from lmforge.training.trainer import export_adapter, train
+    from lmforge.models.lora_merge import export_adapter
+    from lmforge.training.trainer import train
 
     try:
         plan = read_llmforge_config(config_file)

@@ -133,7 +133,8 @@ class FineTuningWorker(PollingWorker):
     async def _serve_checkpoints(self, job: JobRecord) -> None:
         """Serve each checkpoint of a finished job as ``job.checkpoint_model(step)`` (OpenAI's
         checkpoints are models), without its resume state, which a finished job never reads."""
-        from lmforge.training.trainer import STATE_FILE, export_adapter
+        from lmforge.models.lora_merge import export_adapter
+        from lmforge.training.trainer import STATE_FILE
 
         parent = job.parent_job and await asyncio.to_thread(self.jobs.get_job, job.parent_job)
         for checkpoint in await asyncio.to_thread(self.jobs.all_checkpoints, job.id):
@@ -307,7 +308,7 @@ class FineTuningWorker(PollingWorker):
                 self.jobs.add_event(job.id, message)
 
     async def _succeed(self, job: JobRecord, result: Any, metrics: list[StepEvent]) -> None:
-        from lmforge.training.trainer import export_adapter
+        from lmforge.models.lora_merge import export_adapter
 
         name = job.model_name
         target = self.adapter_dir / job.id

@@ -10,15 +10,23 @@ Training on a fine-tuned model (OpenAI's SFT, then DPO on the ``ft:`` model) nee
   (scaling 1), a module that only one of them targets getting zeros in the other's block. The
   serving engine applies one adapter per request to the base, so this is what it serves: exactly
   the base with both applied, as the training saw it.
+
+``export_adapter`` writes what a training checkpoint serves as: its adapter alone, or stacked.
 """
 
 from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmforge.models.lora import (
+    CONFIG_FILE,
     PEFT_PREFIX,
+    WEIGHTS_FILE,
     LoRAConfig,
     adapter_pairs,
     load_peft_adapter,
@@ -80,3 +88,24 @@ def _zeros(pair: tuple[torch.Tensor, torch.Tensor], rank: int
     """A zero block of ``rank`` for a module the other adapter targets alone."""
     a, b = pair
     return a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
+
+
+def export_adapter(checkpoint: str | Path, target: str | Path,
+                   base_adapter: str | Path | None = None) -> None:
+    """Write the PEFT adapter of a training ``checkpoint`` directory to ``target`` (its two
+    PEFT files only: a trainer's resume state stays behind), through a temporary sibling that
+    is then renamed (never partial). With ``base_adapter`` (the run trained on top of that
+    adapter) the two are stacked into one adapter of the base (``stack_adapters``)."""
+    checkpoint, target = Path(checkpoint), Path(target)
+    if base_adapter is not None:
+        base_name = json.loads((checkpoint / CONFIG_FILE).read_text()).get(
+            "base_model_name_or_path", "")
+        stack_adapters(str(base_adapter), str(checkpoint), str(target), base_name)
+        return
+    temp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        shutil.copy2(checkpoint / name, temp / name)
+    shutil.rmtree(target, ignore_errors=True)
+    temp.rename(target)

@@ -28,7 +28,6 @@ so step 1).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -45,13 +44,12 @@ from lmforge.config import ModelConfig
 from lmforge.errors import InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
 from lmforge.models.lora import (
-    CONFIG_FILE,
     inject_lora,
     load_lora_state_dict_,
     load_peft_adapter,
     save_peft_adapter,
 )
-from lmforge.models.lora_merge import merge_adapter_, stack_adapters
+from lmforge.models.lora_merge import merge_adapter_
 from lmforge.training.data import split_holdout
 from lmforge.training.events import (
     CheckpointEvent,
@@ -137,7 +135,8 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         base_adapter: a PEFT adapter of ``model`` to train on (OpenAI's fine-tuning of an
             ``ft:`` model): folded into the weights first (``models.lora_merge.merge_adapter_``),
             so it is the reference of a DPO run and the new adapter learns on top of it; the
-            checkpoints hold the new adapter alone (``export_adapter`` stacks the two).
+            checkpoints hold the new adapter alone (``models.lora_merge.export_adapter`` stacks
+            the two).
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
@@ -155,13 +154,8 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         merge_adapter_(loaded.model, str(base_adapter))
     train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
     if method.prepare is not None:  # e.g. DPO's reference log-probs, on the base alone
-        cache = Path(output_dir) / "prepared"
-        if not resume:
-            shutil.rmtree(cache, ignore_errors=True)
-        train_set = method.prepare(loaded.model, train_set, config, pad_token_id(loaded),
-                                   cache / "train.pt", emit)
-        val_set = method.prepare(loaded.model, val_set, config, pad_token_id(loaded),
-                                 cache / "valid.pt", emit)
+        train_set, val_set = _prepare(method, loaded, (train_set, val_set), config,
+                                      Path(output_dir) / "prepared", resume, emit)
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -170,6 +164,18 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         checkpoint = loop.restore_last_checkpoint()
         emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
     return loop.run(should_stop or (lambda: False))
+
+
+def _prepare(method: TrainingMethod, loaded: LoadedModel, sets: tuple[list[Any], list[Any]],
+             config: TrainingConfig, cache: Path, resume: bool,
+             emit: Callable[[TrainingEvent], None]) -> tuple[list[Any], list[Any]]:
+    """The method's pass over the training and validation sets, kept in ``cache`` (emptied
+    first unless the run resumes)."""
+    if not resume:
+        shutil.rmtree(cache, ignore_errors=True)
+    return tuple(method.prepare(loaded.model, rows, config, pad_token_id(loaded),  # type: ignore
+                                cache / f"{name}.pt", emit)
+                 for name, rows in zip(("train", "valid"), sets, strict=True))
 
 
 def pad_token_id(loaded: LoadedModel) -> int:
@@ -376,22 +382,3 @@ class _Loop:
         best = self.state.best_checkpoint
         return TrainingResult(Path(best) if best else None, self.state.best_eval_loss,
                               self.state.trained_tokens, self.state.step, stopped)
-
-
-def export_adapter(checkpoint: Path, target: Path, base_adapter: str | Path | None = None
-                   ) -> None:
-    """Copy the PEFT adapter of ``checkpoint`` to ``target`` through a temporary sibling, then
-    rename (never partial). Only the adapter goes: the resume state (optimizer moments, twice
-    the adapter's size) stays behind, so ``target`` holds the PEFT files alone. With
-    ``base_adapter`` (the run trained on a fine-tuned model, ``train(base_adapter=...)``) the
-    two are stacked into one adapter of the base model (``models.lora_merge.stack_adapters``)."""
-    if base_adapter is not None:
-        base_name = json.loads((checkpoint / CONFIG_FILE).read_text()).get(
-            "base_model_name_or_path", "")
-        stack_adapters(str(base_adapter), str(checkpoint), str(target), base_name)
-        return
-    temp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(temp, ignore_errors=True)
-    shutil.copytree(checkpoint, temp, ignore=shutil.ignore_patterns(STATE_FILE))
-    shutil.rmtree(target, ignore_errors=True)
-    temp.rename(target)
