@@ -44,7 +44,7 @@ class FineTune:
                validation_file: str | os.PathLike[str] | None = None,
                hyperparameters: dict[str, Any] | None = None,
                wandb_config: dict[str, Any] | None = None, suffix: str | None = None,
-               method: str = "supervised", **extra: Any) -> CreateFineTuneResponse:
+               **extra: Any) -> CreateFineTuneResponse:
         """Start a job that fine-tunes ``model`` on ``training_file``.
 
         Args:
@@ -66,10 +66,11 @@ class FineTune:
                 ``integrations``; an lmforge server has none (its job events carry the
                 metrics) and answers 400 unless this is None.
             suffix: part of the new model's name (letters, digits, ``_.-``; 64 at most).
-            method: ``"supervised"`` (SFT) or ``"dpo"`` (preference pairs; OpenAI's
-                ``method.type``); DPO's hyperparameters add ``beta`` (default 0.1),
-                ``loss_type`` and ``label_smoothing``.
-            **extra: more job fields (``seed``, ``metadata``).
+            **extra: more job fields (``seed``, ``metadata``), and lmforge's ``method``:
+                ``"supervised"`` (SFT, the default) or ``"dpo"`` (preference pairs; OpenAI's
+                ``method.type``), whose hyperparameters add ``beta`` (default 0.1),
+                ``loss_type``, ``label_smoothing`` and ``rpo_alpha``. LLM Engine's signature
+                has no ``method``, so it travels here.
 
         Returns:
             ``CreateFineTuneResponse``: the job (``id``, ``status`` PENDING at first).
@@ -79,6 +80,7 @@ class FineTune:
                 hyperparameter out of range (``param`` names it).
             NotFoundError: no such file ID. FileNotFoundError: no such local path.
         """
+        method = extra.pop("method", "supervised")
         body = {"model": model, "training_file": _file_id(training_file), "suffix": suffix,
                 "validation_file": None if validation_file is None else _file_id(validation_file),
                 "method": {"type": method, method: {

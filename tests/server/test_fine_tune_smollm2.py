@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
@@ -47,7 +48,8 @@ CSV_PROMPTS = TRAIN + [
     "Describe the smell of rain."]
 # the DPO set: short Shakespeare lines, a one-sentence reply preferred to a two-sentence one
 DPO_SET = {"max_cue_words": 20, "max_first_words": 15, "rejected_sentences": 2}
-DPO_PAIRS, DPO_VALID, DPO_HELD_OUT = 40, 20, 20  # held out: the last plays' lines
+# 34 pairs: 102 optimizer steps by the "auto" rule (batch 1, 3 epochs), about 2 minutes
+DPO_PAIRS, DPO_VALID, DPO_HELD_OUT = 34, 10, 16  # held out: the last plays' lines
 CSV_UNSEEN = UNSEEN + ["Suggest a name for my new puppy.",
                        "Why do leaves change colour in autumn?"]
 
@@ -160,15 +162,14 @@ def test_a_dpo_job_with_default_hyperparameters_teaches_one_sentence_replies(cli
                if e.type == "metrics" and "eval_rewards/accuracies" in e.data]
     accuracy = max(metrics, key=lambda m: m["step"])["eval_rewards/accuracies"]
 
-    def rate(model: str) -> float:
-        one = 0
-        for row in held_out:
-            choice = client.chat.completions.create(
-                model=model, max_tokens=48, temperature=0,
-                messages=row["input"]["messages"]).choices[0]
-            one += choice.finish_reason == "stop" and count_sentences(
-                choice.message.content) == 1
-        return one / len(held_out)
+    def one_sentence(model: str, row: dict) -> bool:
+        choice = client.chat.completions.create(model=model, max_tokens=40, temperature=0,
+                                                messages=row["input"]["messages"]).choices[0]
+        return choice.finish_reason == "stop" and count_sentences(choice.message.content) == 1
+
+    def rate(model: str) -> float:  # the held-out lines at once: the engine batches them
+        with ThreadPoolExecutor(len(held_out)) as pool:
+            return sum(pool.map(lambda row: one_sentence(model, row), held_out)) / len(held_out)
 
     base_rate, tuned_rate = rate(base), rate(job.fine_tuned_model)
     print(f"one-sentence replies on {len(held_out)} held-out lines: base {base_rate:.2f}, "
