@@ -132,11 +132,9 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
             a ``ResumeEvent`` saying where the run starts.
-        base_adapter: a PEFT adapter of ``model`` to train on (OpenAI's fine-tuning of an
-            ``ft:`` model): folded into the weights first (``models.lora_merge.merge_adapter_``),
-            so it is the reference of a DPO run and the new adapter learns on top of it; the
-            checkpoints hold the new adapter alone (``models.lora_merge.export_adapter`` stacks
-            the two).
+        base_adapter: a PEFT adapter of ``model`` to train on (an ``ft:`` model), folded into
+            the weights first (``lora_merge.merge_adapter_``): the DPO reference, under the new
+            adapter; checkpoints hold the new one alone (``lora_merge.export_adapter`` stacks).
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
