@@ -100,7 +100,8 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
     """The DPO losses summed over the pairs, the number of pairs, and TRL's metrics summed over
     the pairs.
 
-    ``config``: the run's ``TrainingConfig`` (``beta``, ``dpo_loss_type``, ``label_smoothing``).
+    ``config``: the run's ``TrainingConfig`` (``beta``, ``dpo_loss_type``, ``label_smoothing``,
+    ``rpo_alpha``).
     """
     average = config.dpo_loss_type == "ipo"
     logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
@@ -114,10 +115,9 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
             ref_chosen, ref_rejected = sequence_logps_of(model, batch, average)
     out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                    loss_type=config.dpo_loss_type, label_smoothing=config.label_smoothing)
-    losses, chosen_nll = out.losses, -(summed / count).chunk(2)[0].detach()
-    if config.rpo_alpha:  # RPO (Pang et al. 2024): + alpha * the chosen answer's mean token NLL
-        chosen_nll = -(summed / count).chunk(2)[0]
-        losses = losses + config.rpo_alpha * chosen_nll
+    chosen_nll = -(summed / count).chunk(2)[0]  # each chosen answer's mean token NLL, (B,)
+    # RPO (Pang et al. 2024; TRL's rpo_alpha): + alpha * that NLL; 0 = plain DPO
+    losses = out.losses + config.rpo_alpha * chosen_nll if config.rpo_alpha else out.losses
     margins = out.chosen_rewards - out.rejected_rewards
     metrics = {"rewards/chosen": out.chosen_rewards.sum().item(),
                "rewards/rejected": out.rejected_rewards.sum().item(),
