@@ -120,9 +120,9 @@ def run(config_file: Path) -> None:
     Writes OUTPUT_DIR/checkpoints/ and the best PEFT adapter in OUTPUT_DIR/adapter; a rerun
     resumes after the last checkpoint."""
     from lmforge.errors import LMForgeError
+    from lmforge.models.lora_merge import export_adapter
     from lmforge.training.events import MessageEvent
     from lmforge.training.llmforge_config import read_llmforge_config
-    from lmforge.models.lora_merge import export_adapter
     from lmforge.training.trainer import train
 
     try:

@@ -14,9 +14,9 @@ metrics per optimizer step) and checkpoints (one per epoch) go to the store as t
 success the best checkpoint (lowest validation loss) is copied to ``<home>/adapters/<job id>``
 and registered with the engine as ``ft:<base>:<suffix>:<job id>``, and every checkpoint as
 ``ft:<base>:<suffix>:<job id>:ckpt-step-<step>`` (kept until the job's model is deleted); at
-start-up the adapters of all succeeded jobs are registered again. A job that was ``running`` when the server stopped
-continues from its last checkpoint (``training.trainer.train(resume=True)``) in
-``<home>/fine_tunes/<job id>``, or from step 1 if none was saved; an event and a log line say
+start-up the adapters of all succeeded jobs are registered again. A job that was ``running`` when
+the server stopped continues from its last checkpoint (``training.trainer.train(resume=True)``)
+in ``<home>/fine_tunes/<job id>``, or from step 1 if none was saved; an event and a log line say
 which.
 """
 
@@ -69,7 +69,7 @@ def resolve_hyperparameters(requested: dict[str, Any], n_examples: int, method: 
     an auto multiplier 1. An auto ``beta`` is ``TrainingConfig``'s (0.1, the DPO paper's and
     TRL's).
     """
-    from lmforge.training.trainer import TrainingConfig
+    from lmforge.training.training_config import TrainingConfig
 
     given = {k: None if requested.get(k, "auto") == "auto" else requested[k]
              for k in OPENAI_HYPERPARAMETERS}
@@ -86,7 +86,7 @@ def training_config(job: JobRecord) -> Any:
     """The job's hyperparameters as a ``TrainingConfig`` (absent ones: its defaults; OpenAI's
     three are numbers once the files are validated)."""
     from lmforge.models.lora import LoRAConfig
-    from lmforge.training.trainer import TrainingConfig
+    from lmforge.training.training_config import TrainingConfig
 
     hp = {k: v for k, v in job.hyperparameters.items() if v != "auto"}
     lora = {k: v for k, v in (("r", hp.get("lora_r")), ("lora_alpha", hp.get("lora_alpha")),

@@ -5,10 +5,11 @@ OpenAI's ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_mult
 number or ``"auto"``) may come at the top level (the older form) or under ``method.supervised``;
 lmforge adds the LoRA and optimizer settings to the same object (``lora_r``, ``lora_alpha``,
 ``lora_dropout``, ``target_modules``, ``learning_rate``, ``warmup_ratio``, ``weight_decay``,
-``max_seq_len``). A DPO job (``method={"type": "dpo", "dpo": {"hyperparameters": {...}}}``)
-adds ``beta`` (and TRL's ``loss_type`` and ``label_smoothing``). ``resolved()`` gives one flat dict with ``"auto"`` left as it is: the fine-tune
-worker picks those from the number of training examples when it validates the files
-(``training.hyperparameters.auto_hyperparameters``) and stores the numbers in the job.
+``max_seq_len``). A DPO job (``method={"type": "dpo", "dpo": {"hyperparameters": {...}}}``) adds
+``beta`` (and TRL's ``loss_type``, ``label_smoothing`` and ``rpo_alpha``). ``resolved()`` gives
+one flat dict with ``"auto"`` left as it is: the fine-tune worker picks those from the number of
+training examples when it validates the files (``training.hyperparameters.auto_hyperparameters``)
+and stores the numbers in the job.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ async def create_job(body: FineTuningJobCreate, request: Request) -> FineTuningJ
     DPO run, and serves the two stacked.
 
     Raises:
-        InvalidRequestError: a model that is neither the base nor fine-tuned from it, a file of another purpose,
+        InvalidRequestError: a model that is neither the base nor fine-tuned from it, a file of
+            another purpose,
             a hyperparameter out of range, integrations. NotFoundError: no such file.
     """
     hyperparameters = body.resolved()

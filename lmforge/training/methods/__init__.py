@@ -1,5 +1,6 @@
-"""The training methods by name: ``get_method("sft")``, ``get_method("dpo")``. A method is ``base.TrainingMethod``;
-a new one is a module here with its collator, batch and loss, and one entry in ``METHODS``."""
+"""The training methods by name: ``get_method("sft")``, ``get_method("dpo")``. A method is
+``base.TrainingMethod``; a new one is a module here with its collator, batch and loss, and one
+entry in ``METHODS``."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from lmforge.models.lora import lora_disabled
 from lmforge.training.data import Example
 from lmforge.training.events import MessageEvent
 from lmforge.training.forward import causal_lm_logits
-from lmforge.training.losses import dpo_loss, sequence_logps, token_logps
+from lmforge.training.losses import dpo_loss, token_logps
 from lmforge.training.methods import sft
 from lmforge.training.methods.base import LossOutput, TrainingMethod
 from lmforge.training.preferences import PreferenceExample, read_preferences
@@ -89,11 +89,20 @@ def collate(examples: Sequence[PreferenceExample], pad_id: int) -> DPOBatch:
     return batch
 
 
+def answer_logps(model: torch.nn.Module, batch: DPOBatch
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's summed answer log-prob under ``model`` and its answer tokens: (2B,) each,
+    chosen rows first; ``summed / count`` is the mean per token (IPO's, and the NLL's)."""
+    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
+    token, mask = token_logps(logits, batch.labels)  # (2B, T-1) each
+    return token.sum(-1), mask.sum(-1).clamp(min=1)
+
+
 def sequence_logps_of(model: torch.nn.Module, batch: DPOBatch, average: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed (or averaged) answer log-probs under ``model``, (B,) each."""
-    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
-    return sequence_logps(logits, batch.labels, average=average).chunk(2)
+    summed, count = answer_logps(model, batch)
+    return (summed / count if average else summed).chunk(2)
 
 
 def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
@@ -104,9 +113,7 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
     ``rpo_alpha``).
     """
     average = config.dpo_loss_type == "ipo"
-    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
-    token, mask = token_logps(logits, batch.labels)  # (2B, T-1) each
-    summed, count = token.sum(-1), mask.sum(-1).clamp(min=1)
+    summed, count = answer_logps(model, batch)  # one forward: the pairs and the NLL term
     chosen, rejected = (summed / count if average else summed).chunk(2)
     if batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None:
         ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
@@ -165,16 +172,14 @@ def reference_logps(model: torch.nn.Module, examples: Sequence[PreferenceExample
     ``examples``. Batches of ``REFERENCE_BATCH_PAIRS``, longest pairs first (least padding)."""
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
     out = torch.empty(len(examples), 2)
-    was_training = model.training
+    was_training, device = model.training, next(model.parameters()).device
     model.eval()
     try:
         with lora_disabled(model):
             for s in tqdm(range(0, len(order), REFERENCE_BATCH_PAIRS), desc="Reference log-probs",
                           unit="batch"):
                 rows = order[s:s + REFERENCE_BATCH_PAIRS]
-                batch = collate([dataclasses.replace(examples[i], ref_chosen_logp=None)
-                                 for i in rows], pad_id)
-                device = next(model.parameters()).device
+                batch = collate([examples[i] for i in rows], pad_id)
                 chosen, rejected = sequence_logps_of(model, batch.to(device), average)
                 out[rows] = torch.stack([chosen, rejected], dim=1).float().cpu()
     finally:

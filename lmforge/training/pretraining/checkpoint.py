@@ -3,8 +3,9 @@
 One file holds the model's state dict, the optimizer's, and the run state (step, elapsed
 seconds, the schedule's horizon; what identifies the run is ``pretrain_run.json``, checked
 before). It is written to a temporary name and renamed, so a ``kill -9`` at any moment leaves
-either the old checkpoint or the new one, never half of one; the newest ``KEEP`` are kept. The data order and dropout masks are
-functions of ``(seed, step)`` (``tokens.TokenStream``), so nothing else is needed to resume.
+either the old checkpoint or the new one, never half of one; the newest ``KEEP`` are kept. The
+data order and dropout masks are functions of ``(seed, step)`` (``tokens.TokenStream``), so
+nothing else is needed to resume.
 """
 
 from __future__ import annotations
