@@ -34,6 +34,9 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     ("lmforge/server/", ("lmforge.cli",)),
     # training runs the models it is handed or loads; the jobs worker calls it, never the reverse
     ("lmforge/training/", ("lmforge.server", "lmforge.jobs", "lmforge.cli")),
+    # the preference pipeline is a client of OpenAI endpoints: no engine, no model, no torch
+    ("lmforge/preference/", ("lmforge.models", "lmforge.engine", "lmforge.jobs",
+                             "lmforge.server", "lmforge.cli", "torch")),
     ("lmforge/engine/block_manager.py", ("torch",)),
     ("lmforge/engine/scheduler.py", ("torch",)),
     ("lmforge/engine/request.py", ("torch",)),

@@ -8,7 +8,7 @@ values as defaults. Every section and key is optional except the two endpoints' 
       eval_limit: 20                   # further articles, disjoint, for `evaluate` and `iterate`
     judge:  {base_url: http://127.0.0.1:8000/v1, model: smollm2-135m-instruct}
     policy: {base_url: http://127.0.0.1:8000/v1, model: smollm2-135m-instruct}
-    questions:  {num_questions: 5, max_tokens: 768, prompt: "..."}
+    questions:  {num_questions: 5, max_tokens: 1024, prompt: "..."}
     candidates: {num_candidates: 10, temperature: 0.8, top_p: 0.95, max_tokens: 96, prompt: "..."}
     answers:    {max_tokens: 96, prompt: "..."}
     pairing:    {low_score: 2, min_word_gap: 2, min_words: 5, max_words: 199,
@@ -51,14 +51,15 @@ QUESTIONS_PROMPT = (
     "others must be plausible but wrong.\n\n"
     "Article:\n{article}\n\n"
     'Reply in JSON: {{"questions": [{{"question": "...", "choices": {{"A": "...", "B": "...", '
-    '"C": "...", "D": "...", "E": "..."}}, "answer": "A"}}, ...]}}')
+    '"C": "...", "D": "...", "E": "..."}}, "answer": "<the correct letter>"}}, ...]}}')
 CANDIDATES_PROMPT = ("Write a very short summary of the following article, at most 2 sentences."
                      "\n\nArticle:\n{article}")
 ANSWERS_PROMPT = (
     "Answer each multiple-choice question using only the summary below. If the summary does not "
     'give the answer, reply "Unsure" for that question; do not guess.\n\n'
     "Summary:\n{summary}\n\nQuestions:\n{questions}\n\n"
-    'Reply in JSON: {{"answers": ["A", "Unsure", ...]}}, one answer per question, in order.')
+    'Reply in JSON: {{"answers": [...]}}, one answer per question, in order: the letter of the '
+    'correct choice, or "Unsure".')
 
 
 @dataclass
@@ -92,7 +93,9 @@ class DataConfig:
 @dataclass
 class QuestionsConfig:
     num_questions: int = 5
-    max_tokens: int = 768
+    max_tokens: int = 1024
+    max_question_chars: int = 200  # caps in the JSON schema (see parsing.questions_schema)
+    max_choice_chars: int = 100
     temperature: float = 0.0
     prompt: str = QUESTIONS_PROMPT
 
@@ -110,6 +113,7 @@ class CandidatesConfig:
 class AnswersConfig:
     max_tokens: int = 96
     temperature: float = 0.0
+    shuffle_choices: bool = True  # against position bias (parsing.shuffle_choices)
     prompt: str = ANSWERS_PROMPT
 
 

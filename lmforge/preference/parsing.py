@@ -10,6 +10,7 @@ is a letter or ``"Unsure"``.
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +19,22 @@ LETTERS = ("A", "B", "C", "D", "E")
 UNSURE = "Unsure"
 
 
-def questions_schema(num_questions: int) -> dict:
-    """JSON schema of the judge's question reply: exactly ``num_questions`` questions."""
+def questions_schema(num_questions: int, max_question_chars: int = 200,
+                     max_choice_chars: int = 100) -> dict:
+    """JSON schema of the judge's question reply: exactly ``num_questions`` questions.
+
+    The length caps bound the reply (a small judge can loop inside a string until
+    ``max_tokens``, which would cut the JSON short): with them, a grammar-constrained reply
+    always closes within ``num_questions * (max_question_chars + 5 * max_choice_chars)``
+    characters plus the JSON around them."""
+    text = {"type": "string", "minLength": 1}
     question = {"type": "object", "additionalProperties": False,
                 "required": ["question", "choices", "answer"],
                 "properties": {
-                    "question": {"type": "string", "minLength": 1},
+                    "question": {**text, "maxLength": max_question_chars},
                     "choices": {"type": "object", "additionalProperties": False,
                                 "required": list(LETTERS),
-                                "properties": {k: {"type": "string", "minLength": 1}
+                                "properties": {k: {**text, "maxLength": max_choice_chars}
                                                for k in LETTERS}},
                     "answer": {"type": "string", "enum": list(LETTERS)}}}
     return {"type": "object", "additionalProperties": False, "required": ["questions"],
@@ -133,6 +141,25 @@ def render_questions(questions: list[dict]) -> str:
         choices = "\n".join(f"   {k}) {q['choices'][k]}" for k in LETTERS)
         blocks.append(f"{i}. {q['question']}\n{choices}")
     return "\n".join(blocks)
+
+
+def shuffle_choices(questions: list[dict], seed: str) -> list[dict]:
+    """The questions with each one's choices in a seeded random order (``seed`` + its index:
+    the same summary's questions always come out the same), letters reassigned and the answer
+    moved with its choice.
+
+    A small judge answers by position (the first letter, or the example's) and writes its keys
+    at a favourite position too; shown in the writer's order, those biases would line up and
+    score every summary alike. Shuffled, a position-biased answer is right by chance only.
+    """
+    shuffled = []
+    for i, q in enumerate(questions):
+        order = list(LETTERS)
+        random.Random(f"{seed}/{i}").shuffle(order)  # order[j]: the original letter shown as j
+        shuffled.append({"question": q["question"],
+                         "choices": {LETTERS[j]: q["choices"][k] for j, k in enumerate(order)},
+                         "answer": LETTERS[order.index(q["answer"])]})
+    return shuffled
 
 
 def score(answers: list[str], questions: list[dict]) -> int:

@@ -6,8 +6,10 @@ for what is missing, and appends one line per result:
   that many well-formed questions is written with ``questions: []`` and ``dropped``, and skipped
   by the later stages);
 - ``summaries``: a model writes ``n`` summaries per article (``article_id``, ``summaries``);
-- ``scores``: the judge answers each article's questions from one summary alone
-  (``key`` = ``article_id/index``, ``summary``, ``words``, ``answers``, ``score``, ``dropped``).
+- ``scores``: the judge answers each article's questions from one summary alone, the choices
+  shown in a seeded shuffled order (``answers.shuffle_choices``; ``parsing.shuffle_choices``)
+  (``key`` = ``article_id/index``, ``summary``, ``words``, ``answers``, ``correct`` (the key
+  letters as shown), ``score``, ``dropped``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from lmforge.preference.config import PipelineConfig
 from lmforge.preference.endpoint import Call, Endpoint, StageStats
 from lmforge.preference.log import JsonlLog
 from lmforge.preference.parsing import (answers_schema, parse_answers, parse_questions,
-                                        questions_schema, render_questions, score)
+                                        questions_schema, render_questions, score,
+                                        shuffle_choices)
 from lmforge.preference.rules import word_count
 
 
@@ -36,7 +39,8 @@ async def questions_stage(config: PipelineConfig, judge: Endpoint, articles: lis
                           run_dir: Path) -> tuple[JsonlLog, StageStats]:
     log = JsonlLog(run_dir / "questions.jsonl", "article_id")
     cfg = config.questions
-    schema = ("questions", questions_schema(cfg.num_questions))
+    schema = ("questions", questions_schema(cfg.num_questions, cfg.max_question_chars,
+                                            cfg.max_choice_chars))
     calls = [Call(a.id, user(cfg.prompt.format(article=a.text, num_questions=cfg.num_questions)),
                   {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}, schema)
              for a in articles if a.id not in log]
@@ -84,7 +88,9 @@ async def scores_stage(config: PipelineConfig, judge: Endpoint, questions: Jsonl
         for index, summary in enumerate(row["summaries"]):
             key = f"{row['article_id']}/{index}"
             if key not in log:
-                targets[key] = (row["article_id"], index, summary, asked["questions"])
+                shown = (shuffle_choices(asked["questions"], key) if cfg.shuffle_choices
+                         else asked["questions"])
+                targets[key] = (row["article_id"], index, summary, shown)
     calls = [Call(key, user(cfg.prompt.format(summary=summary, questions=render_questions(qs))),
                   {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}, schema)
              for key, (_, _, summary, qs) in targets.items()]
@@ -94,7 +100,8 @@ async def scores_stage(config: PipelineConfig, judge: Endpoint, questions: Jsonl
         parsed = parse_answers(texts[0] if texts else "", num)
         log.append({"key": call.key, "article_id": article_id, "candidate": index,
                     "summary": summary, "words": word_count(summary), "answers": parsed.items,
-                    "score": score(parsed.items, qs), "dropped": parsed.dropped})
+                    "correct": [q["answer"] for q in qs], "score": score(parsed.items, qs),
+                    "dropped": parsed.dropped})
 
     stats = await judge.run(calls, write, stage=stage, state_dir=path.parent)
     return log, stats

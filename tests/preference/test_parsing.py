@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 
 from lmforge.preference.log import JsonlLog
-from lmforge.preference.parsing import (answers_schema, parse_answers, parse_questions,
-                                        questions_schema, render_questions, score)
+from lmforge.preference.parsing import (LETTERS, answers_schema, parse_answers,
+                                        parse_questions, questions_schema, render_questions,
+                                        score, shuffle_choices)
 
 Q = {"question": "Who?", "choices": {c: f"c{c}" for c in "ABCDE"}, "answer": "B"}
 
@@ -62,3 +63,15 @@ def test_log_resumes_and_cuts_a_torn_line(tmp_path):
     assert list(again.records) == ["a", "b"] and "c" not in again
     again.append({"key": "c", "v": 3})
     assert [json.loads(line)["key"] for line in path.read_text().splitlines()] == ["a", "b", "c"]
+
+
+def test_shuffled_choices_keep_the_answer_with_its_text_and_are_seeded():
+    questions = [{"question": f"q{i}", "choices": {c: f"text {c}" for c in LETTERS},
+                  "answer": "A"} for i in range(20)]
+    shown = shuffle_choices(questions, "article/0")
+    assert shown == shuffle_choices(questions, "article/0")
+    assert all(q["choices"][q["answer"]] == "text A" for q in shown)
+    assert all(sorted(q["choices"].values()) == sorted(questions[0]["choices"].values())
+               for q in shown)
+    assert len({q["answer"] for q in shown}) > 2  # the key no longer sits at one position
+    assert shown != shuffle_choices(questions, "article/1")

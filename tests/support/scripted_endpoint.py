@@ -3,9 +3,10 @@ real port (uvicorn in a thread), so the pipeline's ``openai`` client, and a ``lm
 subprocess, talk to it over HTTP as they would to vLLM or OpenAI. It has only
 ``/v1/chat/completions`` (no ``/v1/batches``: the pipeline must fall back to requests).
 
-- The judge (model ``judge``) writes ``NUM_QUESTIONS`` questions whose key is always "A", and
-  answers a summary that starts with ``S<k>`` with k "A"s then "B"s: that summary scores k (any
-  other summary, a real model's, scores its word count modulo 6).
+- The judge (model ``judge``) writes ``NUM_QUESTIONS`` questions whose key is "choice A", and
+  answers a summary that starts with ``S<k>`` right on the first k questions and wrong on the
+  rest: that summary scores k (any other summary, a real model's, scores its word count modulo
+  6).
 - A policy model (any other name) answers the article in its prompt with the summaries
   ``summaries[model][article_text]``, the first ``n`` of them.
 - ``fail_keys``: summaries the judge answers with a 500 (a flaky endpoint); ``delay_s``: seconds
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,7 +69,9 @@ def build_app(script: Script) -> FastAPI:
                 # "S<k> ...": scores k; any other text (a real model's): its word count mod 6
                 k = (int(first[1:]) if first[:1] == "S" and first[1:].isdigit()
                      else len(summary.split()) % (NUM_QUESTIONS + 1))
-                answers = ["A"] * k + ["B"] * (NUM_QUESTIONS - k)
+                # the choices come shuffled: the right one is wherever "choice A" is shown
+                right = re.findall(r"(?m)^   ([A-E])\) choice A$", prompt)
+                answers = right[:k] + [next(x for x in "ABCDE" if x != r) for r in right[k:]]
                 return _reply(model, [json.dumps({"answers": answers})])
             question = {"question": "Which?", "choices": {c: f"choice {c}" for c in "ABCDE"},
                         "answer": "A"}
