@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from lmforge.models.lora import lora_disabled
 from lmforge.training.data import Example
 from lmforge.training.events import MessageEvent
-from lmforge.training.forward import causal_lm_logits
-from lmforge.training.losses import dpo_loss, token_logps
+from lmforge.training.forward import label_logps
+from lmforge.training.losses import dpo_loss
 from lmforge.training.methods import sft
 from lmforge.training.methods.base import LossOutput, TrainingMethod
 from lmforge.training.preferences import PreferenceExample, read_preferences
@@ -93,8 +93,8 @@ def answer_logps(model: torch.nn.Module, batch: DPOBatch
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row's summed answer log-prob under ``model`` and its answer tokens: (2B,) each,
     chosen rows first; ``summed / count`` is the mean per token (IPO's, and the NLL's)."""
-    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (2B, T, V)
-    token, mask = token_logps(logits, batch.labels)  # (2B, T-1) each
+    token, mask = label_logps(model, batch.input_ids, batch.attention_mask,
+                              batch.labels)  # (2B, T-1) each
     return token.sum(-1), mask.sum(-1).clamp(min=1)
 
 

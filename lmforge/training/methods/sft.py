@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from lmforge.training.data import Example, read_examples
-from lmforge.training.forward import causal_lm_logits
-from lmforge.training.losses import IGNORE_INDEX, sft_loss
+from lmforge.training.forward import label_logps
+from lmforge.training.losses import IGNORE_INDEX
 from lmforge.training.methods.base import LossOutput, TrainingMethod
 
 
@@ -72,8 +72,8 @@ def loss(model: torch.nn.Module, batch: SFTBatch, config: object = None) -> Loss
         A float32 scalar with a gradient, and ``batch.num_items``; the mean per token is
         ``loss / num_items``, which equals ``sft_loss(logits, batch.labels)``.
     """
-    logits = causal_lm_logits(model, batch.input_ids, batch.attention_mask)  # (B, T, V)
-    return LossOutput(sft_loss(logits, batch.labels, num_items=1), batch.num_items)  # the sum
+    logps, _ = label_logps(model, batch.input_ids, batch.attention_mask, batch.labels)
+    return LossOutput(-logps.sum(), batch.num_items)  # the summed NLL; LM head on labels only
 
 
 SFT = TrainingMethod(name="sft", read_examples=read_examples, collate=collate, loss=loss)
