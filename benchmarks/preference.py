@@ -35,7 +35,7 @@ from serve import start_server, stop_server
 
 from lmforge.preference.articles import load_articles, split_for_run
 from lmforge.preference.config import config_from_dict
-from lmforge.preference.endpoint import Endpoint
+from lmforge.preference.endpoint import Endpoint, PipelineError
 from lmforge.preference.iterate import iterate
 from lmforge.preference.log import JsonlLog, write_jsonl
 from lmforge.preference.rules import proportion
@@ -106,25 +106,30 @@ def main(argv: list[str] | None = None) -> None:
         check = asyncio.run(judge_check(config, config.run_dir))
         check_s = time.perf_counter() - started
         started = time.perf_counter()
-        table = asyncio.run(iterate(config, rounds=1))
+        try:
+            table, error = asyncio.run(iterate(config, rounds=1)), None
+        except PipelineError as exc:  # e.g. too few pairs for a job: report what there is
+            table, error = [], str(exc)
         total_s = time.perf_counter() - started
     finally:
         stop_server(server)
     generate = json.loads((config.run_dir / "round-1" / "generate.json").read_text())
-    report = json.loads((config.run_dir / "eval" / "report.json").read_text())
+    report_path = config.run_dir / "eval" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
     stage_s = sum(s["seconds"] for s in generate["stages"].values())
     result = {"model": args.model, "articles": args.articles,
               "eval_articles": args.eval_articles, "num_candidates": args.num_candidates,
               "judge_check": {**check, "seconds": check_s}, "generate": generate,
               "dpo_and_evaluate_seconds": total_s - stage_s, "rounds": table,
-              "evaluation": report}
+              "evaluation": report, "error": error}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     charts = RESULTS / "preference"
     charts.mkdir(parents=True, exist_ok=True)
-    shutil.copy(config.run_dir / "eval" / "report.png", charts / "report.png")
-    shutil.copy(config.run_dir / "eval" / "report.html", charts / "report.html")
-    shutil.copy(config.run_dir / "rounds.png", charts / "rounds.png")
+    for source in (config.run_dir / "eval" / "report.png", config.run_dir / "eval" /
+                   "report.html", config.run_dir / "rounds.png"):
+        if source.exists():
+            shutil.copy(source, charts / source.name)
     print_summary(result)
     print(f"\nwritten: {args.out}, {charts}/report.png; run kept in {work}")
 
@@ -144,6 +149,8 @@ def print_summary(result: dict) -> None:
               f"{stage['seconds']:>8.1f}")
     print("pairs:", json.dumps(result["generate"]["pairs"]))
     print(f"DPO job + evaluation: {result['dpo_and_evaluate_seconds']:.0f} s")
+    if result["error"]:
+        print("stopped:", result["error"])
     print("\nround  model                                    >=3 correct              "
           "win rate vs base")
     for row in result["rounds"]:

@@ -55,11 +55,14 @@ QUESTIONS_PROMPT = (
 CANDIDATES_PROMPT = ("Write a very short summary of the following article, at most 2 sentences."
                      "\n\nArticle:\n{article}")
 ANSWERS_PROMPT = (
-    "Answer each multiple-choice question using only the summary below. If the summary does not "
-    'give the answer, reply "Unsure" for that question; do not guess.\n\n'
-    "Summary:\n{summary}\n\nQuestions:\n{questions}\n\n"
+    "Below are multiple-choice questions about a news article, then a summary of it. Answer "
+    'each question using only the summary. If the summary does not give the answer, reply '
+    '"Unsure" for that question; do not guess.\n\n'
+    "Questions:\n{questions}\n\nSummary:\n{summary}\n\n"
     'Reply in JSON: {{"answers": [...]}}, one answer per question, in order: the letter of the '
     'correct choice, or "Unsure".')
+# The questions come before the summary so that the prompts of one article's candidates share
+# their longest part: the server's prefix cache computes it once per article.
 
 
 @dataclass
@@ -113,7 +116,10 @@ class CandidatesConfig:
 class AnswersConfig:
     max_tokens: int = 96
     temperature: float = 0.0
-    shuffle_choices: bool = True  # against position bias (parsing.shuffle_choices)
+    # the choices' order shown to the answering judge, against position bias
+    # (parsing.shuffle_choices): "article" (one order per article: its candidates are judged on
+    # identical questions), "summary" (a new order per summary), "none" (the writer's order)
+    shuffle_choices: str = "article"
     prompt: str = ANSWERS_PROMPT
 
 
@@ -236,6 +242,8 @@ def _check(config: PipelineConfig) -> None:
         raise ConfigError("data.limit must be at least 1 and data.eval_limit at least 0")
     if config.questions.num_questions < 1:
         raise ConfigError("questions.num_questions must be at least 1")
+    if config.answers.shuffle_choices not in ("article", "summary", "none"):
+        raise ConfigError("answers.shuffle_choices must be article, summary or none")
     if config.candidates.num_candidates < 2:
         raise ConfigError("candidates.num_candidates must be at least 2 (pairs need two)")
 

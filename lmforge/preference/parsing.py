@@ -145,8 +145,8 @@ def render_questions(questions: list[dict]) -> str:
 
 def shuffle_choices(questions: list[dict], seed: str) -> list[dict]:
     """The questions with each one's choices in a seeded random order (``seed`` + its index:
-    the same summary's questions always come out the same), letters reassigned and the answer
-    moved with its choice.
+    the pipeline seeds with the article's id, so every candidate of an article sees the same
+    order), letters reassigned and the answer moved with its choice.
 
     A small judge answers by position (the first letter, or the example's) and writes its keys
     at a favourite position too; shown in the writer's order, those biases would line up and

@@ -7,7 +7,8 @@ for what is missing, and appends one line per result:
   by the later stages);
 - ``summaries``: a model writes ``n`` summaries per article (``article_id``, ``summaries``);
 - ``scores``: the judge answers each article's questions from one summary alone, the choices
-  shown in a seeded shuffled order (``answers.shuffle_choices``; ``parsing.shuffle_choices``)
+  shown in an order shuffled once per article (``answers.shuffle_choices``;
+  ``parsing.shuffle_choices``), so an article's candidates are judged on identical questions
   (``key`` = ``article_id/index``, ``summary``, ``words``, ``answers``, ``correct`` (the key
   letters as shown), ``score``, ``dropped``).
 """
@@ -88,8 +89,9 @@ async def scores_stage(config: PipelineConfig, judge: Endpoint, questions: Jsonl
         for index, summary in enumerate(row["summaries"]):
             key = f"{row['article_id']}/{index}"
             if key not in log:
-                shown = (shuffle_choices(asked["questions"], key) if cfg.shuffle_choices
-                         else asked["questions"])
+                seed = {"article": row["article_id"], "summary": key}.get(cfg.shuffle_choices)
+                shown = (asked["questions"] if seed is None
+                         else shuffle_choices(asked["questions"], seed))
                 targets[key] = (row["article_id"], index, summary, shown)
     calls = [Call(key, user(cfg.prompt.format(summary=summary, questions=render_questions(qs))),
                   {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}, schema)

@@ -184,6 +184,7 @@ def test_evaluate_cli_prints_the_table(tmp_path):
     ({"pairing": {"max_words": 2}}, "min_words (5) must be in [0, max_words (2)]"),
     ({"policy": {"base_url": "http://x"}}, "'policy' needs at least a 'model'"),
     ({"candidates": {"num_candidates": 1}}, "num_candidates must be at least 2"),
+    ({"answers": {"shuffle_choices": "yes"}}, "shuffle_choices must be article, summary or none"),
 ])
 def test_bad_configs_name_the_key(tmp_path, bad, message):
     raw = {"judge": {"model": "j"}, "policy": {"model": "p"}, **bad}
