@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="judge and policy (a GGUF path, HF directory or alias)")
     parser.add_argument("--articles", type=int, default=100)
-    parser.add_argument("--eval-articles", type=int, default=30)
+    parser.add_argument("--eval-articles", type=int, default=24)
     parser.add_argument("--num-candidates", type=int, default=4,
                         help="summaries per article (the seed's 10 take 2.5x as long)")
     parser.add_argument("--n-epochs", type=int, default=1)
@@ -75,6 +75,13 @@ async def judge_check(config, run_dir: Path) -> dict:
     """The judge's accuracy answering from the article itself and from nothing."""
     _, articles = split_for_run(load_articles(config.data), config.data)
     judge = Endpoint(config.judge)
+    try:
+        return await _check(config, run_dir, articles, judge)
+    finally:
+        await judge.aclose()
+
+
+async def _check(config, run_dir: Path, articles, judge: Endpoint) -> dict:
     questions, _ = await questions_stage(config, judge, articles, run_dir / "eval")
     usable = [a for a in articles if (questions.get(a.id) or {}).get("questions")]
     result = {}

@@ -101,7 +101,7 @@ def evaluate(config_path: Path, run_dir: Path | None, models: str, out: Path | N
     config = _load(config_path, run_dir)
     names = [m.strip() for m in models.split(",") if m.strip()]
     report = _run(run(config, names, out))
-    table = Table(title=f"evaluation on {report['articles']['with_questions']} articles")
+    table = Table(title=f"evaluation on {report['articles']['scored']} articles")
     for column in ("model", ">= 3 correct", ">= 4 correct", "mean score", "compression"):
         table.add_column(column)
     for name, row in report["models"].items():

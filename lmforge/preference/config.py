@@ -97,8 +97,8 @@ class DataConfig:
 class QuestionsConfig:
     num_questions: int = 5
     max_tokens: int = 1024
-    max_question_chars: int = 200  # caps in the JSON schema (see parsing.questions_schema)
-    max_choice_chars: int = 100
+    max_question_chars: int = 150  # caps in the JSON schema (see parsing.questions_schema)
+    max_choice_chars: int = 60
     temperature: float = 0.0
     prompt: str = QUESTIONS_PROMPT
 

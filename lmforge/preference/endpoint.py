@@ -81,6 +81,12 @@ class Endpoint:
     def model_name(self) -> str:
         return self.model or self.config.model
 
+    async def aclose(self) -> None:
+        """Close the HTTP client (before the event loop that made it ends)."""
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
     def with_model(self, model: str) -> Endpoint:
         """The same server (and client, and probes) asked for another model."""
         return Endpoint(self.config, model, self._client, self._structured, self._batches)

@@ -54,6 +54,20 @@ async def evaluate(config: PipelineConfig, models: list[str], out_dir: Path | No
         raise ConfigError("data.eval_limit is 0: there are no evaluation articles")
     out_dir = out_dir or config.run_dir / "eval"
     judge = Endpoint(config.judge)
+    try:
+        scored = await _score_models(config, models, articles, judge, out_dir)
+    finally:
+        await judge.aclose()
+    usable = {a.id: a for a in articles if all(a.id in s for s in scored.values())}
+    report = summarize(config, scored, {a.id: a for a in articles})
+    report["articles"] = {"evaluation": len(articles), "scored": len(usable)}
+    report["judge"] = judge.model_name
+    write_report(report, out_dir)
+    return report
+
+
+async def _score_models(config: PipelineConfig, models: list[str], articles: list[Article],
+                        judge: Endpoint, out_dir: Path) -> dict[str, dict[str, Scored]]:
     questions, _ = await questions_stage(config, judge, articles, out_dir)
     usable = [a for a in articles if (questions.get(a.id) or {}).get("questions")]
     cfg = config.evaluate
@@ -61,17 +75,17 @@ async def evaluate(config: PipelineConfig, models: list[str], out_dir: Path | No
     scored: dict[str, dict[str, Scored]] = {}
     for name in models:
         directory = out_dir / slug(name)
-        summaries, _ = await summaries_stage(
-            model_endpoint(config, name), usable, lambda a: summary_messages(config, a), n=1,
-            params=params, path=directory / "summaries.jsonl", stage=f"summaries {name}")
+        endpoint = model_endpoint(config, name)
+        try:
+            summaries, _ = await summaries_stage(
+                endpoint, usable, lambda a: summary_messages(config, a), n=1, params=params,
+                path=directory / "summaries.jsonl", stage=f"summaries {name}")
+        finally:
+            await endpoint.aclose()
         scores, _ = await scores_stage(config, judge, questions, summaries,
                                        directory / "scores.jsonl", stage=f"scores {name}")
         scored[name] = _first_summaries(scores)
-    report = summarize(config, scored, {a.id: a for a in usable})
-    report["articles"] = {"evaluation": len(articles), "with_questions": len(usable)}
-    report["judge"] = judge.model_name
-    write_report(report, out_dir)
-    return report
+    return scored
 
 
 def _first_summaries(scores: JsonlLog) -> dict[str, Scored]:

@@ -55,6 +55,15 @@ async def generate(config: PipelineConfig, *, policy_model: str | None = None,
     _pin_articles(run_dir, articles)
     judge = Endpoint(config.judge)
     policy = Endpoint(config.policy, policy_model)
+    try:
+        return await _stages(config, run_dir, articles, judge, policy)
+    finally:
+        await judge.aclose()
+        await policy.aclose()
+
+
+async def _stages(config: PipelineConfig, run_dir: Path, articles: list[Article],
+                  judge: Endpoint, policy: Endpoint) -> GenerateResult:
     report: dict = {"judge": judge.model_name, "policy": policy.model_name,
                     "articles": len(articles), "stages": {}}
 

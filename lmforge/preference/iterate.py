@@ -74,7 +74,15 @@ def _save(path: Path, state: dict) -> None:
 
 
 async def _submit(config: PipelineConfig, model: str, train: Path, valid: Path) -> str:
-    client = Endpoint(config.policy).client
+    endpoint = Endpoint(config.policy)
+    try:
+        return await _create_job(endpoint.client, config, model, train, valid)
+    finally:
+        await endpoint.aclose()
+
+
+async def _create_job(client, config: PipelineConfig, model: str, train: Path,
+                      valid: Path) -> str:
     training = await client.files.create(file=train.open("rb"), purpose="fine-tune")
     extra = {}
     if valid.stat().st_size:
@@ -88,17 +96,18 @@ async def _submit(config: PipelineConfig, model: str, train: Path, valid: Path) 
 
 
 async def _await_job(config: PipelineConfig, job_id: str, k: int) -> str:
-    client = Endpoint(config.policy).client
+    endpoint = Endpoint(config.policy)
     bar = tqdm(desc=f"round {k}: DPO job {job_id}", unit="step", leave=False)
     try:
         while True:
-            job = await client.fine_tuning.jobs.retrieve(job_id)
+            job = await endpoint.client.fine_tuning.jobs.retrieve(job_id)
             bar.set_postfix_str(job.status)
             if job.status in _FINAL:
                 break
             await asyncio.sleep(config.dpo.poll_seconds)
     finally:
         bar.close()
+        await endpoint.aclose()
     if job.status != "succeeded" or not job.fine_tuned_model:
         raise PipelineError(f"round {k}: DPO job {job_id} ended {job.status}: {job.error}")
     return job.fine_tuned_model

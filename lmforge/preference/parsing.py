@@ -19,8 +19,8 @@ LETTERS = ("A", "B", "C", "D", "E")
 UNSURE = "Unsure"
 
 
-def questions_schema(num_questions: int, max_question_chars: int = 200,
-                     max_choice_chars: int = 100) -> dict:
+def questions_schema(num_questions: int, max_question_chars: int = 150,
+                     max_choice_chars: int = 60) -> dict:
     """JSON schema of the judge's question reply: exactly ``num_questions`` questions.
 
     The length caps bound the reply (a small judge can loop inside a string until
