@@ -8,9 +8,10 @@ values as defaults. Every section and key is optional except the two endpoints' 
       eval_limit: 20                   # further articles, disjoint, for `evaluate` and `iterate`
     judge:  {base_url: http://127.0.0.1:8000/v1, model: smollm2-135m-instruct}
     policy: {base_url: http://127.0.0.1:8000/v1, model: smollm2-135m-instruct}
-    questions:  {num_questions: 5, max_tokens: 1024, prompt: "..."}
+    questions:  {num_questions: 5, max_tokens: 1024, max_question_chars: 150,
+                 max_choice_chars: 60, prompt: "..."}
     candidates: {num_candidates: 10, temperature: 0.8, top_p: 0.95, max_tokens: 96, prompt: "..."}
-    answers:    {max_tokens: 96, prompt: "..."}
+    answers:    {max_tokens: 96, shuffle_choices: article, prompt: "..."}
     pairing:    {low_score: 2, min_word_gap: 2, min_words: 5, max_words: 199,
                  max_pairs_per_article: 3, valid_fraction: 0.02}
     evaluate:   {temperature: 0.0, models: {gpt-4o: {base_url: https://api.openai.com/v1, ...}}}
@@ -242,6 +243,15 @@ def _check(config: PipelineConfig) -> None:
         raise ConfigError("data.limit must be at least 1 and data.eval_limit at least 0")
     if config.questions.num_questions < 1:
         raise ConfigError("questions.num_questions must be at least 1")
+    for name, prompt, fields_ in (
+            ("questions.prompt", config.questions.prompt, ("article", "num_questions")),
+            ("candidates.prompt", config.candidates.prompt, ("article",)),
+            ("answers.prompt", config.answers.prompt, ("summary", "questions"))):
+        try:
+            prompt.format(**{f: "" for f in fields_})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{name} may use only {{{'}, {'.join(fields_)}}} (and {{{{ }}}} "
+                              f"for literal braces): {type(exc).__name__}: {exc}") from exc
     if config.answers.shuffle_choices not in ("article", "summary", "none"):
         raise ConfigError("answers.shuffle_choices must be article, summary or none")
     if config.candidates.num_candidates < 2:

@@ -185,6 +185,7 @@ def test_evaluate_cli_prints_the_table(tmp_path):
     ({"policy": {"base_url": "http://x"}}, "'policy' needs at least a 'model'"),
     ({"candidates": {"num_candidates": 1}}, "num_candidates must be at least 2"),
     ({"answers": {"shuffle_choices": "yes"}}, "shuffle_choices must be article, summary or none"),
+    ({"candidates": {"prompt": "Summarize {text}"}}, "candidates.prompt may use only {article}"),
 ])
 def test_bad_configs_name_the_key(tmp_path, bad, message):
     raw = {"judge": {"model": "j"}, "policy": {"model": "p"}, **bad}
