@@ -170,13 +170,17 @@ def test_evaluate_reports_shares_win_rates_and_a_chart(tmp_path):
         "wins"] == 2
 
 
-def test_evaluate_cli_prints_the_table(tmp_path):
-    with ScriptedEndpoint(script()) as url:
-        path = write_config(tmp_path, url)
+def test_evaluate_cli_takes_a_model_from_another_endpoint(tmp_path):
+    """``evaluate.models`` names a model on another server (as OpenAI's gpt-4o would be)."""
+    other = Script(summaries={"rival": script().summaries["rival"]})
+    with ScriptedEndpoint(script()) as url, ScriptedEndpoint(other) as external:
+        path = write_config(tmp_path, url, evaluate={
+            "models": {"external": {"base_url": external, "model": "rival"}}})
         result = CliRunner().invoke(main, ["preference", "evaluate", "--config", str(path),
-                                           "--models", "policy,rival"])
+                                           "--models", "policy,external"])
     assert result.exit_code == 0, result.output
-    assert "win rate policy vs rival: 0.62 [0.16, 1.00] n=4" in result.output
+    assert "win rate policy vs external: 0.62 [0.16, 1.00] n=4" in result.output
+    assert len(other.requests) == 4  # its summaries came from the other server
 
 
 @pytest.mark.parametrize("bad, message", [
