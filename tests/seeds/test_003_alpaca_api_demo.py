@@ -70,7 +70,7 @@ def test_completions(lmforge_url, index):
         assert answer["usage"]["completion_tokens"] <= 90
 
 
-# Without max_tokens a chat may generate up to the context (768 tokens: about a minute on 2 idle
+# Without max_tokens a chat may generate up to the context (640 tokens: about a minute on 2 idle
 # cores); a busy machine takes several times that, past pytest-timeout's default 300 s.
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("index", [2, 3], ids=["one-turn", "multi-turn"])
