@@ -55,7 +55,12 @@ async def iterate(config: PipelineConfig, rounds: int) -> list[dict]:
             entry["job_id"] = await _submit(config, entry["policy"], result.train_file,
                                             result.valid_file)
             _save(state_path, state)
-        entry["model"] = await _await_job(config, entry["job_id"], k)
+        try:
+            entry["model"] = await _await_job(config, entry["job_id"], k)
+        except PipelineError:
+            entry.pop("job_id")  # the job ended without a model: a rerun submits a new one
+            _save(state_path, state)
+            raise
         _save(state_path, state)
         models.append(entry["model"])
     report = await evaluate(config, models)
