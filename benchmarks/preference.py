@@ -118,16 +118,16 @@ def main(argv: list[str] | None = None) -> None:
         except PipelineError as exc:  # e.g. too few pairs for a job: report what there is
             table, error = [], str(exc)
         total_s = time.perf_counter() - started
+        jobs = [job_seconds(args.port, row["job_id"]) for row in table if row.get("job_id")]
     finally:
         stop_server(server)
     generate = json.loads((config.run_dir / "round-1" / "generate.json").read_text())
     report_path = config.run_dir / "eval" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
-    stage_s = sum(s["seconds"] for s in generate["stages"].values())
     result = {"model": args.model, "articles": args.articles,
               "eval_articles": args.eval_articles, "num_candidates": args.num_candidates,
               "judge_check": {**check, "seconds": check_s}, "generate": generate,
-              "dpo_and_evaluate_seconds": total_s - stage_s, "rounds": table,
+              "iterate_seconds_this_run": total_s, "dpo_job_seconds": jobs, "rounds": table,
               "evaluation": report, "error": error}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -139,6 +139,14 @@ def main(argv: list[str] | None = None) -> None:
             shutil.copy(source, charts / source.name)
     print_summary(result)
     print(f"\nwritten: {args.out}, {charts}/report.png; run kept in {work}")
+
+
+def job_seconds(port: int, job_id: str) -> float | None:
+    """A fine-tuning job's wall time, created to finished (a resumed run's restarts included)."""
+    import httpx
+
+    job = httpx.get(f"http://127.0.0.1:{port}/v1/fine_tuning/jobs/{job_id}", timeout=10).json()
+    return job["finished_at"] - job["created_at"] if job.get("finished_at") else None
 
 
 def _fmt(e: dict) -> str:
@@ -155,7 +163,7 @@ def print_summary(result: dict) -> None:
         print(f"{name:<12} {stage['requests']:>8}  {stage['errors']:>6}  {stage['via']:<8} "
               f"{stage['seconds']:>8.1f}")
     print("pairs:", json.dumps(result["generate"]["pairs"]))
-    print(f"DPO job + evaluation: {result['dpo_and_evaluate_seconds']:.0f} s")
+    print(f"DPO job (created to finished, restarts included): {result['dpo_job_seconds']} s")
     if result["error"]:
         print("stopped:", result["error"])
     print("\nround  model                                    >=3 correct              "
