@@ -39,7 +39,7 @@ from lmforge.preference.endpoint import Endpoint, PipelineError
 from lmforge.preference.iterate import iterate
 from lmforge.preference.log import JsonlLog, write_jsonl
 from lmforge.preference.rules import proportion
-from lmforge.preference.stages import questions_stage, scores_stage
+from lmforge.preference.stages import questions_stage, scores_stage, with_questions
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -83,7 +83,7 @@ async def judge_check(config, run_dir: Path) -> dict:
 
 async def _check(config, run_dir: Path, articles, judge: Endpoint) -> dict:
     questions, _ = await questions_stage(config, judge, articles, run_dir / "eval")
-    usable = [a for a in articles if (questions.get(a.id) or {}).get("questions")]
+    usable = with_questions(articles, questions)
     result = {}
     for name, text in (("with_article", None), ("without_summary", "(no summary)")):
         directory = run_dir / "judge_check" / name

@@ -87,10 +87,6 @@ class Endpoint:
             await self._client.close()
             self._client = None
 
-    def with_model(self, model: str) -> Endpoint:
-        """The same server (and client, and probes) asked for another model."""
-        return Endpoint(self.config, model, self._client, self._structured, self._batches)
-
     async def structured(self) -> bool:
         """Whether JSON-schema response formats are honoured: the config's answer, or (auto) one
         probe request whose reply must parse as the probe's schema."""

@@ -23,7 +23,7 @@ from lmforge.preference.log import JsonlLog
 from lmforge.preference.report import write_report
 from lmforge.preference.rules import (Scored, compare, mean_interval, proportion, win_rate)
 from lmforge.preference.stages import (questions_stage, scores_stage, summaries_stage,
-                                       summary_messages)
+                                       summary_messages, with_questions)
 
 
 def model_endpoint(config: PipelineConfig, name: str) -> Endpoint:
@@ -58,9 +58,9 @@ async def evaluate(config: PipelineConfig, models: list[str], out_dir: Path | No
         scored = await _score_models(config, models, articles, judge, out_dir)
     finally:
         await judge.aclose()
-    usable = {a.id: a for a in articles if all(a.id in s for s in scored.values())}
     report = summarize(config, scored, {a.id: a for a in articles})
-    report["articles"] = {"evaluation": len(articles), "scored": len(usable)}
+    report["articles"] = {"evaluation": len(articles), "scored": sum(
+        all(a.id in s for s in scored.values()) for a in articles)}
     report["judge"] = judge.model_name
     write_report(report, out_dir)
     return report
@@ -69,7 +69,7 @@ async def evaluate(config: PipelineConfig, models: list[str], out_dir: Path | No
 async def _score_models(config: PipelineConfig, models: list[str], articles: list[Article],
                         judge: Endpoint, out_dir: Path) -> dict[str, dict[str, Scored]]:
     questions, _ = await questions_stage(config, judge, articles, out_dir)
-    usable = [a for a in articles if (questions.get(a.id) or {}).get("questions")]
+    usable = with_questions(articles, questions)
     cfg = config.evaluate
     params = {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     scored: dict[str, dict[str, Scored]] = {}

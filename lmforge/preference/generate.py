@@ -26,7 +26,7 @@ from lmforge.preference.endpoint import Endpoint
 from lmforge.preference.log import JsonlLog, write_jsonl
 from lmforge.preference.rules import Scored, article_pairs, in_length, split_articles
 from lmforge.preference.stages import (questions_stage, scores_stage, summaries_stage,
-                                       summary_messages)
+                                       summary_messages, with_questions)
 
 
 @dataclass
@@ -74,7 +74,7 @@ async def _stages(config: PipelineConfig, run_dir: Path, articles: list[Article]
     started = time.perf_counter()
     questions, stats = await questions_stage(config, judge, articles, run_dir)
     timed("questions", started, stats, questions)
-    usable = [a for a in articles if questions.get(a.id) and questions.get(a.id)["questions"]]
+    usable = with_questions(articles, questions)
     report["stages"]["questions"]["articles_dropped"] = len(articles) - len(usable)
     report["stages"]["questions"]["questions_dropped"] = sum(r["dropped"] for r in questions)
 

@@ -31,6 +31,11 @@ def user(content: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def with_questions(articles: list[Article], questions: JsonlLog) -> list[Article]:
+    """The articles whose questions stage gave well-formed questions (the rest are skipped)."""
+    return [a for a in articles if (questions.get(a.id) or {}).get("questions")]
+
+
 def summary_messages(config: PipelineConfig, article: Article) -> list[dict]:
     """The policy's prompt for one article: also the prompt of every DPO pair built from it."""
     return user(config.candidates.prompt.format(article=article.text))
