@@ -35,7 +35,8 @@ from serve import start_server, stop_server
 
 from lmforge.preference.articles import load_articles, split_for_run
 from lmforge.preference.config import config_from_dict
-from lmforge.preference.endpoint import Endpoint, PipelineError
+from lmforge.preference.endpoint import Endpoint
+from lmforge.preference.errors import PipelineError
 from lmforge.preference.iterate import iterate
 from lmforge.preference.log import JsonlLog, write_jsonl
 from lmforge.preference.rules import proportion

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lmforge.preference.config import ConfigError, PipelineConfig, load_config
-from lmforge.preference.endpoint import PipelineError
+from lmforge.preference.errors import PipelineError
 from lmforge.training.corpora import CorpusUnavailableError
 
 _CONFIG = click.option("--config", "config_path", required=True,

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
+from lmforge.models.layers import embedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_head, num_slots, head_dim)
 
@@ -168,8 +169,8 @@ class GPT2Model(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.wte = embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = embedding(cfg.n_positions, cfg.n_embd)
         self.drop = _dropout(cfg)
         self.h = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
@@ -187,8 +188,8 @@ class OpenAIGPTModel(nn.Module):
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.tokens_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.positions_embed = nn.Embedding(cfg.n_positions, cfg.n_embd)
+        self.tokens_embed = embedding(cfg.vocab_size, cfg.n_embd)
+        self.positions_embed = embedding(cfg.n_positions, cfg.n_embd)
         self.drop = _dropout(cfg)
         self.h = nn.ModuleList(GPTBlock(cfg, i) for i in range(cfg.n_layer))
 

@@ -99,6 +99,17 @@ def fuse_linears_(root: nn.Module, fused_name: str,
     return [(name, part.out_features) for name, part in zip(part_names, parts)]
 
 
+def embedding(num_embeddings: int, embedding_dim: int) -> nn.Embedding:
+    """``nn.Embedding(num_embeddings, embedding_dim)``, N(0, 1) initialized as PyTorch does,
+    except on the meta device (``models.loader.build_model``), where the weight is left empty for
+    the checkpoint's: ``normal_`` of a meta tensor runs a Python reference whose first use
+    imports torch._dynamo, 2 s of every server start."""
+    weight = torch.empty(num_embeddings, embedding_dim)
+    if not weight.is_meta:
+        nn.init.normal_(weight)
+    return nn.Embedding(num_embeddings, embedding_dim, _weight=weight)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
     """Inverse frequencies (head_dim/2,) of RoPE (Su et al. 2021), with optional scaling.
 
@@ -109,8 +120,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
     Raises:
         ValueError: for any other rope type, naming it.
     """
-    # float32 throughout, exactly as HF computes it, so greedy decoding matches token for token
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # float32 throughout, exactly as HF computes it, so greedy decoding matches token for token;
+    # on the CPU even under a meta-device context (models.loader.build_model), where the meta
+    # kernels of these ops are Python code whose first use imports torch._refs (~1.5 s)
+    arange = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu")
+    inv_freq = 1.0 / (theta ** (arange.float() / head_dim))
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         return inv_freq
@@ -146,6 +160,7 @@ class RotaryEmbedding(nn.Module):
     hold ``cos = [cos, cos]`` and ``sin = [-sin, sin]`` over the full head_dim, so the rotation
     is ``x * cos + roll(x, D/2) * sin``, computed in float32: three kernels instead of seven,
     1.2-1.3x faster than the halves formula from 1 to 512 tokens (``benchmarks/cpu_kernels.py``).
+    The tables are computed on the CPU (``rope_inv_freq``) and move with the module.
     """
 
     def __init__(self, head_dim: int, max_position: int, theta: float,
@@ -154,7 +169,7 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
         if freq_factors is not None:  # GGUF `rope_freqs`: per-frequency divisors (Llama 3.1)
             inv_freq = inv_freq / freq_factors.float()
-        t = torch.arange(max_position, dtype=torch.float32)
+        t = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq)  # (max_position, D/2)
         cos, sin = freqs.cos(), freqs.sin()
         self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)  # (P, D)

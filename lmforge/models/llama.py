@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata, paged_attention, write_kv
-from lmforge.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, fuse_linears_
+from lmforge.models.layers import (
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    embedding,
+    fuse_linears_,
+)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (n_kv_heads, num_slots, head_dim)
 
@@ -103,11 +109,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
-        freq_factors = (torch.tensor(cfg.rope_freq_factors)
+        freq_factors = (torch.tensor(cfg.rope_freq_factors, device="cpu")
                         if cfg.rope_freq_factors is not None else None)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, freq_factors)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
+from lmforge.models.gguf_file import GGUFFile
 from lmforge.models.gpt import GPTConfig, GPTLMHeadModel
 from lmforge.models.gpt_hf import GGUF_NAMES as GPT_GGUF_NAMES
 from lmforge.models.gpt_hf import (
@@ -174,7 +175,6 @@ def build_model(config: ModelConfigs, state_dict: dict[str, torch.Tensor], dtype
     """
     with torch.device("meta"):
         model = MODEL_CLASSES[type(config)](config)
-    rotary_buffers = _real_rotary(config) if isinstance(config, LlamaConfig) else {}
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
@@ -187,18 +187,7 @@ def build_model(config: ModelConfigs, state_dict: dict[str, torch.Tensor], dtype
         raise ModelLoadError(f"checkpoint weights do not fit the config: {e}") from e
     if config.tie_word_embeddings:
         model.lm_head.weight = model.get_input_embeddings().weight
-    for name, buf in rotary_buffers.items():
-        setattr(model.model.rotary, name, buf)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def _real_rotary(config: LlamaConfig) -> dict[str, torch.Tensor]:
-    from lmforge.models.layers import RotaryEmbedding
-
-    factors = torch.tensor(config.rope_freq_factors) if config.rope_freq_factors else None
-    rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta,
-                             config.rope_scaling, factors)
-    return {"cos": rotary.cos, "sin": rotary.sin}
 
 
 # --- Hugging Face directories ---------------------------------------------------------------
@@ -271,7 +260,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[
     model's modules."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    reader = GGUFFile(path)
     config = gguf_config(reader)
     names = _gguf_name_table(config.num_hidden_layers,
                              GPT_GGUF_NAMES if isinstance(config, GPTConfig) else GGUF_NAMES)
@@ -322,15 +311,14 @@ def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
              .reshape(w.shape))
 
 
-def gguf_config(reader) -> ModelConfigs:
+def gguf_config(reader: GGUFFile) -> ModelConfigs:
     """The model config from GGUF metadata (``{arch}.block_count`` and friends).
 
     Raises:
         ModelLoadError: for an architecture other than llama, qwen2 or gpt2.
     """
     def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+        return reader.fields.get(key, default)
 
     arch = field("general.architecture")
     if arch not in GGUF_ARCHITECTURES:

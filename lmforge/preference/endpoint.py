@@ -19,16 +19,12 @@ import openai
 from tqdm import tqdm
 
 from lmforge.preference.config import EndpointConfig
+from lmforge.preference.errors import PipelineError
 from lmforge.preference.parsing import response_format
 
 _DONE = {"completed", "failed", "expired", "cancelled"}
 _PROBE_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok"],
                  "properties": {"ok": {"type": "boolean"}}}
-
-
-class PipelineError(RuntimeError):
-    """A stage cannot go on: every request failed, or a batch failed as a whole (the message
-    has the server's words)."""
 
 
 @dataclass

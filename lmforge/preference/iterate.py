@@ -21,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmforge.preference.config import PipelineConfig
-from lmforge.preference.endpoint import Endpoint, PipelineError
+from lmforge.preference.endpoint import Endpoint
+from lmforge.preference.errors import PipelineError
 from lmforge.preference.evaluate import evaluate
 from lmforge.preference.generate import generate
 from lmforge.preference.report import rounds_chart
