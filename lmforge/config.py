@@ -20,6 +20,15 @@ def lmforge_home() -> Path:
     return Path(os.environ.get("LMFORGE_HOME", "~/.lmforge")).expanduser()
 
 
+def lmforge_cache() -> Path:
+    """Where lmforge keeps what it can compute again (converted tokenizers, dequantized and fused
+    weights): ``$LMFORGE_CACHE``, default ``$LMFORGE_HOME/cache``. Deleting it loses nothing but
+    start-up time; servers with different homes may share one (as ``HF_HUB_CACHE`` and
+    ``HF_HOME``)."""
+    cache = os.environ.get("LMFORGE_CACHE")
+    return Path(cache).expanduser() if cache else lmforge_home() / "cache"
+
+
 @dataclass
 class ModelConfig:
     """What to load and where to run it."""
@@ -36,6 +45,10 @@ class ModelConfig:
     # keep a GGUF's 4-bit (Q4_0/Q4_1) weights next to the bf16 ones and decode small batches from
     # them (bf16 on CPU only; lmforge.models.quant); False computes everything in bf16
     gguf_int4: bool = True
+    # batch-invariant kernels (lmforge.models.invariant): a request's tokens and logprobs do
+    # not depend on the other requests of its steps nor on chunking; slower, and no prepacked
+    # or 4-bit weights (SGLang's --enable-deterministic-inference)
+    deterministic: bool = False
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
@@ -49,8 +62,11 @@ class CacheConfig:
     """The paged KV cache."""
 
     block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # total KV blocks; None = derived from kv_cache_memory_mb
-    kv_cache_memory_mb: int = 1024  # memory for K and V of all layers when num_blocks is None
+    num_blocks: int | None = None  # total KV blocks; None = from kv_cache_tokens or the memory
+    # tokens the KV cache holds, all requests together (llama.cpp's -c), rounded up to blocks;
+    # None = as many as kv_cache_memory_mb holds
+    kv_cache_tokens: int | None = None
+    kv_cache_memory_mb: int = 1024  # memory for K and V of all layers when neither is set
     enable_prefix_caching: bool = True  # reuse full blocks whose token prefix is already cached
     # LoRA adapters kept loaded in the model; past it the least recently used adapter that the
     # running step does not need is dropped and read from disk again at its next use
@@ -61,6 +77,11 @@ class CacheConfig:
             raise ValueError(f"block_size ({self.block_size}) must be a power of two, e.g. 16")
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks ({self.num_blocks}) must be at least 2")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 2 * self.block_size:
+            raise ValueError(f"kv_cache_tokens ({self.kv_cache_tokens}) must be at least two "
+                             f"blocks ({2 * self.block_size} tokens)")
+        if self.num_blocks is not None and self.kv_cache_tokens is not None:
+            raise ValueError("set num_blocks or kv_cache_tokens, not both")
         if self.kv_cache_memory_mb < 1:
             raise ValueError(f"kv_cache_memory_mb ({self.kv_cache_memory_mb}) must be positive")
         if self.max_loras < 1:

@@ -20,7 +20,7 @@ import jinja2
 import transformers
 from transformers import AutoTokenizer
 
-from lmforge.config import lmforge_home
+from lmforge.config import lmforge_cache
 from lmforge.errors import InvalidRequestError, ModelLoadError
 
 # Prompt tokens that prime the detokenizer, so the first output token decodes with the context it
@@ -88,7 +88,7 @@ class Tokenizer:
         """Load the tokenizer embedded in a GGUF file.
 
         ``transformers`` converts GGUF tokenizer metadata in ~4.5 s, so the result is saved once
-        under ``$LMFORGE_HOME/cache/tokenizers/<key>`` (key: sha256 of resolved path, size, mtime
+        under ``$LMFORGE_CACHE/tokenizers/<key>`` (``config.lmforge_cache``) (key: sha256 of resolved path, size, mtime
         and transformers version) and loaded from there (~0.1 s) afterwards. The cached copy
         encodes, decodes and templates identically (tests/test_tokenizer.py checks it).
 
@@ -194,7 +194,7 @@ class Tokenizer:
 def _gguf_cache_dir(path: Path) -> Path:
     stat = path.stat()
     raw = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
-    return lmforge_home() / "cache" / "tokenizers" / hashlib.sha256(raw.encode()).hexdigest()
+    return lmforge_cache() / "tokenizers" / hashlib.sha256(raw.encode()).hexdigest()
 
 
 def _save_atomically(tokenizer: Tokenizer, cache_dir: Path) -> None:

@@ -2,7 +2,9 @@
 
 At import time this sets ``HF_HUB_OFFLINE=1`` (nothing may come from a model hub) and points
 ``LMFORGE_HOME`` at a throwaway directory unless the caller set one, so tests never write to the
-real ``~/.lmforge``. The GGUF tokenizer cache therefore starts cold each session (~4.5 s once).
+real ``~/.lmforge``, and ``LMFORGE_CACHE`` at another one that every server a test starts (each
+with its own home) shares: the GGUF tokenizer and weight caches start cold each session and are
+filled once.
 
 The tiny checkpoints (2 layers, hidden 64, vocab 49152; Llama, Llama 3, Qwen2, GPT-2 and GPT-1)
 carry the SmolLM2 tokenizer files, so they have a real chat template and eos ``<|im_end|>``
@@ -32,6 +34,10 @@ if "LMFORGE_HOME" not in os.environ:
     _TEST_HOME = tempfile.mkdtemp(prefix="lmforge-test-home-")
     atexit.register(shutil.rmtree, _TEST_HOME, ignore_errors=True)
     os.environ["LMFORGE_HOME"] = _TEST_HOME
+if "LMFORGE_CACHE" not in os.environ:  # shared by every server a test starts with its own home
+    _TEST_CACHE = tempfile.mkdtemp(prefix="lmforge-test-cache-")
+    atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
+    os.environ["LMFORGE_CACHE"] = _TEST_CACHE
 
 SMOLLM2_EOS_ID = 2  # <|im_end|>
 SMOLLM2_BOS_ID = 1  # <|im_start|>

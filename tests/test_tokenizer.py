@@ -90,7 +90,7 @@ def test_default_system_prompt_is_rendered(smollm2_tokenizer):
 def test_gguf_cache_gives_identical_tokenizer(smollm2_gguf_path, smollm2_tokenizer, gguf_reference):
     cached = Tokenizer.from_gguf(smollm2_gguf_path)  # the session fixture already filled the cache
     cache_root = Path(cached.hf.name_or_path)
-    assert cache_root.parent == Path(os.environ["LMFORGE_HOME"]) / "cache" / "tokenizers"
+    assert cache_root.parent == Path(os.environ["LMFORGE_CACHE"]) / "tokenizers"
     assert (cache_root / "tokenizer.json").is_file()
     assert cached.vocab_size == len(gguf_reference) == 49152
     assert cached.eos_token_ids == {gguf_reference.eos_token_id} == {2}

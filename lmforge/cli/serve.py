@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from concurrent.futures import Future
 from pathlib import Path
@@ -61,14 +62,22 @@ class StartupError(click.ClickException):
               help="Context length in tokens (default: the model's own).")
 @click.option("--gguf-int4/--no-gguf-int4", default=True, show_default=True,
               help="Decode small batches from a GGUF's own 4-bit weights (bf16 on CPU).")
+@click.option("--deterministic", is_flag=True,
+              help="Batch-invariant kernels: a request's output does not depend on the other "
+                   "requests in its batch or on chunking (slower; no packed or 4-bit weights).")
 @click.option("--max-num-seqs", type=int, default=None, help="Requests running at once.")
 @click.option("--max-num-batched-tokens", type=int, default=None,
               help="Token budget per engine step.")
 @click.option("--block-size", type=int, default=None, help="Tokens per KV-cache block.")
 @click.option("--num-kv-blocks", type=int, default=None,
               help="KV-cache blocks (default: derived from --kv-cache-memory-mb).")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="Tokens the KV cache holds, all requests together (llama.cpp's -c).")
+@click.option("--kv-cache-memory", "kv_cache_memory", default=None, metavar="SIZE",
+              help="Memory for the KV cache, e.g. 512MiB, 2GiB, 1.5GB (default 1GiB); "
+                   "it becomes resident as it fills.")
 @click.option("--kv-cache-memory-mb", type=int, default=None,
-              help="Memory for the KV cache when --num-kv-blocks is not given.")
+              help="The same in MiB.")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of unseeded sampling.")
@@ -129,6 +138,10 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
     # imported here so that `lmforge --help` and other commands do not pay for torch
     from lmforge.engine.async_engine import AsyncEngine
     from lmforge.server import build_loading_app
+    from lmforge.startup import StartupProfile
+
+    profile = StartupProfile()
+    profile.since_start("imports")
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     chat_template = chat_template_file.read_text(encoding="utf-8") if chat_template_file else None
@@ -143,15 +156,16 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
     if lora_roots:  # else the dataclass default, $LMFORGE_HOME/adapters
         server_config.lora_roots = list(lora_roots)
     try:
-        model_name = precheck(config, server_config)
+        with profile.phase("jobs store"):
+            model_name = precheck(config, server_config)
     except (ModelLoadError, ValueError) as e:
         raise StartupError(str(e)) from e
-    loading = AsyncEngine.load_in_background(config)
+    loading = AsyncEngine.load_in_background(config, profile)
     app = build_loading_app(loading, server_config, chat_template=chat_template,
                             on_ready=lambda engine: server.on_ready(engine))
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                     timeout_graceful_shutdown=shutdown_timeout + _ABORT_GRACE_S),
-                     model_name, shutdown_timeout)
+                     model_name, shutdown_timeout, profile)
     loading.add_done_callback(server.exit_if_failed)
     _run_until_stopped(server, loading)
 
@@ -234,6 +248,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   max_num_seqs: int | None, max_num_batched_tokens: int | None,
                   block_size: int | None, num_kv_blocks: int | None,
                   kv_cache_memory_mb: int | None, no_prefix_caching: bool,
+                  kv_cache_tokens: int | None = None, kv_cache_memory: str | None = None,
+                  deterministic: bool = False,
                   max_waiting_requests: int | None = None,
                   max_waiting_tokens: int | None = None,
                   max_background_prefill_tokens: int | None = None,
@@ -242,12 +258,19 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
 
+    if kv_cache_memory is not None:
+        if kv_cache_memory_mb is not None:
+            raise click.UsageError("give --kv-cache-memory or --kv-cache-memory-mb, not both")
+        kv_cache_memory_mb = max(1, parse_size(kv_cache_memory, "--kv-cache-memory") // 2**20)
+
     return EngineConfig(
         model=ModelConfig(model=model, served_model_name=served_model_name, dtype=dtype,
                           device=device, max_model_len=max_model_len,
-                          chat_template=chat_template, seed=seed, gguf_int4=gguf_int4),
+                          chat_template=chat_template, seed=seed, gguf_int4=gguf_int4,
+                          deterministic=deterministic),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,
+                                  kv_cache_tokens=kv_cache_tokens,
                                   kv_cache_memory_mb=kv_cache_memory_mb,
                                   max_loras=max_loras)),
         scheduler=SchedulerConfig(**given(max_num_seqs=max_num_seqs,
@@ -257,6 +280,26 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                                           max_background_prefill_tokens=(
                                               max_background_prefill_tokens))),
     )
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+               "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+               "tib": 2**40}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``"2GiB"`` -> 2147483648 bytes: a number and a unit (B, KB/KiB, MB/MiB, GB/GiB, TB/TiB,
+    case-insensitive; SI units are powers of 10, IEC ones of 2; no unit = bytes).
+
+    Raises:
+        click.BadParameter: naming ``option`` and the accepted forms.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = match and match.group(2).lower()
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) <= 0:
+        raise click.BadParameter(f"{text!r} is not a size; write e.g. 512MiB, 2GiB or 1.5GB",
+                                 param_hint=option)
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 class _Server(uvicorn.Server):
@@ -272,9 +315,11 @@ class _Server(uvicorn.Server):
     ``timeout_graceful_shutdown`` (here the shutdown timeout plus a grace for the aborts).
     """
 
-    def __init__(self, config: uvicorn.Config, model_name: str, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, model_name: str, shutdown_timeout: float,
+                 profile: Any = None):
         super().__init__(config)
         self.model_name = model_name
+        self.profile = profile  # a StartupProfile, summarized once the model is ready
         self.shutdown_timeout = shutdown_timeout
         self.url: str | None = None
         self.ready = False
@@ -292,6 +337,9 @@ class _Server(uvicorn.Server):
     def on_ready(self, engine: Any) -> None:
         """The app's ``on_ready`` (called in the event loop, like ``startup``)."""
         self.model_name, self.ready = engine.model_name, True
+        if self.profile is not None:
+            click.echo(f"lmforge {self.profile.summary()}")
+        click.echo(f"lmforge memory: {engine.memory_report().summary()}")
         self._announce()
 
     def _announce(self) -> None:

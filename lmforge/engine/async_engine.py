@@ -46,7 +46,7 @@ from lmforge.engine.commands import (
     StartEmbedding,
 )
 from lmforge.engine.llm_engine import LLMEngine
-from lmforge.engine.memory import MemoryReleaser, release_free_memory
+from lmforge.engine.memory import MemoryReleaser, MemoryReport, release_free_memory
 from lmforge.engine.metrics import EngineStats, RequestCounters
 from lmforge.engine.pooling import EmbeddingTask
 from lmforge.engine.request import (
@@ -62,6 +62,7 @@ from lmforge.errors import (
     LMForgeError,
     ServiceUnavailableError,
 )
+from lmforge.startup import StartupProfile, phase
 
 logger = logging.getLogger(__name__)
 
@@ -98,24 +99,22 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
-        """Load the model on the engine thread (blocking, with a progress bar) and wrap it.
-
-        Raises:
-            ModelLoadError, ValueError: as ``LLMEngine``.
-        """
+        """Load the model on the engine thread (blocking) and wrap it; raises as ``LLMEngine``
+        (``ModelLoadError``, ``ValueError``)."""
         return cls.load_in_background(config).result()
 
     @classmethod
-    def load_in_background(cls, config: EngineConfig) -> Future[AsyncEngine]:
-        """Start loading the model on a new engine thread (the one that will run the loop, see
-        the module docstring) and return at once; the future holds the AsyncEngine, or the
-        ``ModelLoadError`` / ``ValueError`` of ``LLMEngine``."""
+    def load_in_background(cls, config: EngineConfig, profile: StartupProfile | None = None
+                           ) -> Future[AsyncEngine]:
+        """Start loading the model on a new engine thread (the loop's, see the module docstring)
+        and return at once: a future of the AsyncEngine, or of ``LLMEngine``'s error."""
         executor = ThreadPoolExecutor(1, thread_name_prefix="lmforge-engine")
 
         def load() -> AsyncEngine:
             try:
-                engine = cls(LLMEngine(config), executor)
-                release_free_memory()  # loading left ~1 GB freed in this thread's arena
+                engine = cls(LLMEngine(config, profile=profile), executor)
+                with phase(profile, "memory trim"):
+                    release_free_memory()  # loading left ~1 GB freed in this thread's arena
                 return engine
             except BaseException:
                 executor.shutdown(wait=False)
@@ -294,6 +293,10 @@ class AsyncEngine:
             InvalidRequestError: no adapter of that name.
         """
         return self.engine.loras.get(name).directory
+
+    def memory_report(self) -> MemoryReport:
+        """``LLMEngine.memory_report``: plain reads of counters the loop thread updates."""
+        return self.engine.memory_report()
 
     def stats(self) -> EngineStats:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager

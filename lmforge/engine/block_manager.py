@@ -49,11 +49,16 @@ class BlockManager:
         num_blocks: blocks in the cache (block ids 0..num_blocks-1).
         block_size: tokens per block.
         enable_prefix_caching: reuse full blocks across requests by prefix hash.
+        batch_invariant: the model's kernels are batch-invariant (``--deterministic``), so a
+            cached prefix gives a seeded request the very numbers it would compute: seeded
+            requests read the prefix cache too.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 batch_invariant: bool = False):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.batch_invariant = batch_invariant
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, Block] = OrderedDict((b.block_id, b) for b in self.blocks)
         self.cached: dict[int, Block] = {}  # prefix hash -> block holding that prefix
@@ -61,6 +66,10 @@ class BlockManager:
         self.num_hashed: dict[str, int] = {}  # request id -> leading blocks already hashed
         self.num_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_hits = 0  # of which found
+        # blocks handed out at least once: the never-used ones leave the free queue's front in
+        # id order, so this is one past the highest id handed out (what a lazily zeroed cache
+        # holds resident, ``engine/memory.py``)
+        self.num_touched_blocks = 0
 
     @property
     def num_blocks(self) -> int:
@@ -78,12 +87,14 @@ class BlockManager:
 
         At least one token is always left to compute, because the last prompt position's logits
         are needed to sample (vLLM does the same). A request that wants prompt logprobs, or a
-        seeded one, gets no hits (``Request.reads_prefix_cache``).
+        seeded one (unless ``batch_invariant``), gets no hits (``Request.reads_prefix_cache``).
 
         Returns:
             (blocks, num_computed_tokens) with num_computed_tokens = len(blocks) * block_size.
         """
-        if not self.enable_prefix_caching or not request.reads_prefix_cache:
+        reads = request.reads_prefix_cache or (self.batch_invariant
+                                               and not request.needs_prompt_logprobs)
+        if not self.enable_prefix_caching or not reads:
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []
@@ -158,6 +169,7 @@ class BlockManager:
 
     def _pop_free(self) -> Block:
         _, block = self.free_queue.popitem(last=False)  # least recently freed
+        self.num_touched_blocks = max(self.num_touched_blocks, block.block_id + 1)
         if block.block_hash is not None:  # evict its cached prefix
             del self.cached[block.block_hash]
             block.block_hash = None

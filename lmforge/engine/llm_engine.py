@@ -15,6 +15,7 @@ import torch
 
 from lmforge.config import EngineConfig
 from lmforge.engine.block_manager import BlockManager
+from lmforge.engine.memory import MemoryReport, resident_bytes, tensor_bytes
 from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
 from lmforge.engine.output_processor import OutputProcessor
 from lmforge.engine.pooling import EmbeddingTask, validate_embedding_inputs
@@ -30,6 +31,7 @@ from lmforge.engine.structured import GrammarCompiler
 from lmforge.errors import ContextLengthExceededError, InvalidRequestError
 from lmforge.models.loader import LoadedModel, load_model
 from lmforge.models.multi_lora import LoRAManager
+from lmforge.startup import StartupProfile, phase
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +42,16 @@ class LLMEngine:
     Args:
         config: engine configuration (validated here).
         loaded: an already loaded model; by default ``config.model`` is loaded.
+        profile: records the start-up phases (loading, KV cache, grammar compiler).
 
     Raises:
         ModelLoadError: the model cannot be loaded.
         ValueError: the configuration is inconsistent (the message names the fix).
     """
 
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None):
-        loaded = loaded or load_model(config.model)
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None,
+                 profile: StartupProfile | None = None):
+        loaded = loaded or load_model(config.model, profile=profile)
         self.config = config
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
@@ -59,19 +63,32 @@ class LLMEngine:
         if num_blocks * cache.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * cache.block_size} tokens, fewer than "
-                f"max_model_len ({self.max_model_len}); increase kv_cache_memory_mb / num_blocks "
-                "or decrease max_model_len")
-        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+                f"max_model_len ({self.max_model_len}); increase kv_cache_tokens, "
+                "kv_cache_memory_mb or num_blocks, or decrease max_model_len")
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                          batch_invariant=config.model.deterministic)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.loras = LoRAManager(loaded.model, cache.max_loras)
-        self.model_runner = ModelRunner(loaded.model, self.block_manager, num_blocks,
-                                        cache.block_size, self.loras)
+        with phase(profile, "KV cache"):
+            self.model_runner = ModelRunner(loaded.model, self.block_manager, num_blocks,
+                                            cache.block_size, self.loras,
+                                            deterministic=config.model.deterministic)
         self.sampler = Sampler(loaded.config.vocab_size, self.model_runner.device,
                                seed=config.model.seed)
         self.vocab_size = loaded.config.vocab_size
-        self.structured = GrammarCompiler(self.tokenizer.hf, self.vocab_size,
-                                          sorted(self.tokenizer.eos_token_ids))
+        with phase(profile, "grammar compiler"):
+            self.structured = GrammarCompiler(self.tokenizer.hf, self.vocab_size,
+                                              sorted(self.tokenizer.eos_token_ids))
         self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
+        self.weight_bytes = tensor_bytes(loaded.model)  # the base model, before any adapter
+
+    def memory_report(self) -> MemoryReport:
+        """Weights, KV cache (reserved and written) and resident memory, now."""
+        runner, blocks = self.model_runner, self.block_manager
+        per_block = runner.kv_cache_bytes // blocks.num_blocks
+        return MemoryReport(self.weight_bytes, runner.kv_cache_bytes,
+                            blocks.num_blocks * blocks.block_size,
+                            blocks.num_touched_blocks * per_block, resident_bytes())
 
     def add_lora(self, name: str, directory: str) -> None:
         """Register a PEFT LoRA adapter directory under ``name``; requests then name it with

@@ -1,4 +1,5 @@
-"""Giving the heap memory the engine thread freed back to the OS (glibc ``malloc_trim``).
+"""The process's memory: giving back what the engine thread freed (glibc ``malloc_trim``), and
+``MemoryReport``, where it goes (weights, KV cache, runtime) for the start-up log and /metrics.
 
 glibc serves each thread from its own arena and returns freed memory to the OS only from the top
 of an arena, so pages freed below a live block stay resident. The engine thread loads the model
@@ -20,7 +21,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import time
+from dataclasses import dataclass
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -64,3 +69,66 @@ class MemoryReleaser:
             self.releases += 1
             self._last = now
         self._stepped = not idle
+
+
+@dataclass
+class MemoryReport:
+    """Where the process's memory goes, in bytes.
+
+    ``weights``: the model's parameters and buffers (packed and 4-bit copies included, each
+    storage once); ``kv_cache``: the KV cache's whole reservation, for ``kv_cache_tokens``
+    tokens; ``kv_cache_used``: the part written so far (blocks handed out at least once; the
+    rest is untouched zero pages, see ``model_runner.zeroed``); ``rss``: the resident set
+    (``/proc/self/statm``; None off Linux); ``runtime``: RSS less weights and used KV cache (the
+    interpreter, PyTorch, the tokenizer, activations), 0 while memory-mapped weights are not yet
+    read in.
+    """
+
+    weights: int
+    kv_cache: int
+    kv_cache_tokens: int
+    kv_cache_used: int
+    rss: int | None
+
+    @property
+    def runtime(self) -> int | None:
+        if self.rss is None:
+            return None
+        return max(0, self.rss - self.weights - self.kv_cache_used)
+
+    def summary(self) -> str:
+        """One line for the start-up log."""
+        mib = 2**20
+        line = (f"weights {self.weights / mib:.0f} MiB, KV cache {self.kv_cache / mib:.0f} MiB "
+                f"for {self.kv_cache_tokens:,} tokens ({self.kv_cache_used / mib:.0f} MiB "
+                "written)")
+        if self.rss is not None:
+            line += f", resident {self.rss / mib:.0f} MiB (runtime {self.runtime / mib:.0f} MiB)"
+        return line
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each underlying storage counted once (a tied
+    head is its embedding; views share their base's storage). Opaque tensors (oneDNN-packed
+    weights) count their elements."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        try:
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # opaque layouts have no storage
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set size (Linux ``/proc/self/statm``), or None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

@@ -8,28 +8,53 @@ requests that asked for prompt logprobs.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lmforge.config import CacheConfig
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.request import Request
 from lmforge.engine.scheduler import SchedulerOutput
-from lmforge.models.attention import AttentionMetadata, PrefillChunk, block_rows
+from lmforge.models.attention import (
+    AttentionMetadata,
+    ContextChunk,
+    PrefillChunk,
+    block_rows,
+)
 from lmforge.models.interface import CausalLM
 from lmforge.models.multi_lora import LoRAManager
 
 
 def num_kv_blocks(model: CausalLM, cache: CacheConfig) -> int:
-    """Blocks that fit in ``cache.kv_cache_memory_mb`` (unless ``cache.num_blocks`` is set)."""
+    """``cache.num_blocks``, else the blocks that hold ``cache.kv_cache_tokens``, else those
+    that fit in ``cache.kv_cache_memory_mb``."""
     if cache.num_blocks is not None:
         return cache.num_blocks
+    if cache.kv_cache_tokens is not None:
+        return -(-cache.kv_cache_tokens // cache.block_size)
+    return max(2, cache.kv_cache_memory_mb * 2**20 // kv_block_bytes(model, cache.block_size))
+
+
+def kv_block_bytes(model: CausalLM, block_size: int) -> int:
+    """Bytes of one KV block: K and V of ``block_size`` tokens in every layer."""
     cfg, dtype = model.config, next(model.parameters()).dtype
-    bytes_per_block = (2 * cfg.num_hidden_layers * cache.block_size * cfg.num_key_value_heads
-                       * cfg.head_dim * torch.finfo(dtype).bits // 8)
-    return max(2, cache.kv_cache_memory_mb * 2**20 // bytes_per_block)
+    return (2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim
+            * torch.finfo(dtype).bits // 8)
+
+
+def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor; on the CPU from ``calloc`` (numpy's ``zeros``), whose large blocks
+    are fresh zero pages from the OS that become resident only when written: a KV cache costs
+    memory as it fills, not at start-up (``torch.zeros`` writes every page: 0.4 s and 1 GiB of
+    RSS for the default 1 GiB cache)."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 @dataclass
@@ -57,11 +82,14 @@ class ModelRunner:
         loras: the LoRA adapters requests may name (``Request.lora_name``); each step's
             forward pass runs inside ``loras.applying``, which tells the model's LoRA layers
             which rows use which adapter.
+        deterministic: attend through ``models.invariant`` (a row's result independent of the
+            batch and of chunking; the model's linears must be batch-invariant too).
     """
 
     def __init__(self, model: CausalLM, block_manager: BlockManager, num_blocks: int,
-                 block_size: int, loras: LoRAManager | None = None):
+                 block_size: int, loras: LoRAManager | None = None, deterministic: bool = False):
         self.model = model
+        self.deterministic = deterministic
         self.loras = loras
         self.block_manager = block_manager
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -69,9 +97,10 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         shape = model.kv_cache_shape(num_blocks * block_size)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(model.config.num_hidden_layers)]
+        layers = model.config.num_hidden_layers
+        caches = zeroed((2 * layers, *shape), self.dtype, self.device)
+        self.kv_caches = [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
+        self.kv_cache_bytes = caches.numel() * caches.element_size()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
@@ -132,9 +161,12 @@ class ModelRunner:
         positions = starts[req_of_row] + torch.arange(len(tokens)) - row_start[req_of_row]
         slot_mapping = self._slots(block_table[req_of_row], positions[:, None])[:, 0]
 
+        to, bs = self.device, self.block_size
+        if self.deterministic:
+            meta = self._invariant_meta(block_table, starts, ctx_lens, row_start, slot_mapping)
+            return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
         num_decodes = sum(1 for c in counts if c == 1)
         decode_rows = decode_bias = None
-        bs = self.block_size
         if num_decodes:
             width = -(-int(ctx_lens[:num_decodes].max()) // bs)  # blocks in the longest context
             decode_rows = self._rows(block_table[:num_decodes, :width])
@@ -144,12 +176,25 @@ class ModelRunner:
         prefills = [self._prefill_chunk(block_table[i], int(starts[i]), counts[i],
                                         int(row_start[i]))
                     for i in range(num_decodes, len(reqs))]
-        to = self.device
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(to), block_size=bs, num_decodes=num_decodes,
             decode_rows=None if decode_rows is None else decode_rows.to(to),
             decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
+
+    def _invariant_meta(self, block_table: torch.Tensor, starts: torch.Tensor,
+                        ctx_lens: torch.Tensor, row_start: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> AttentionMetadata:
+        """Batch-invariant mode: each request's rows and its whole context (``ContextChunk``),
+        decodes and prefill chunks alike."""
+        chunks = [ContextChunk(int(row_start[i]), int(row_start[i] + ctx_lens[i] - starts[i]),
+                               int(starts[i]),
+                               self._rows(block_table[i, :-(-int(ctx_lens[i]) // self.block_size)]
+                                          ).to(self.device))
+                  for i in range(len(starts))]
+        return AttentionMetadata(slot_mapping=slot_mapping.to(self.device),
+                                 block_size=self.block_size, num_decodes=0, decode_rows=None,
+                                 decode_bias=None, prefills=[], invariant=chunks)
 
     def _prefill_chunk(self, table: torch.Tensor, start: int, n: int, row: int) -> PrefillChunk:
         if start == 0:  # no cached prefix: attend to the chunk's own K/V, plain causal

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.models.invariant import invariant_attention
+
 # Up to this many bf16 decodes, fp32 SDPA (after casting the gathered K/V) beats two bf16 bmm:
 # 54-88 vs 131-137 us per layer at 1 sequence, 107 vs 179 at 4, about even at 8 and behind
 # from 16 on (benchmarks/cpu_kernels.py, two runs)
@@ -39,6 +41,19 @@ class PrefillChunk:
 
 
 @dataclass
+class ContextChunk:
+    """One request's rows in a batch-invariant step (``--deterministic``): rows
+    ``start:end`` of the flat batch hold positions ``position .. position + end - start - 1``,
+    and ``context_rows`` (``block_rows``) its context from position 0, this step's K/V
+    included."""
+
+    start: int
+    end: int
+    position: int
+    context_rows: torch.Tensor
+
+
+@dataclass
 class AttentionMetadata:
     """How the flat batch of T tokens maps onto the paged KV cache for one step.
 
@@ -53,6 +68,9 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # (Bd * n_kv * W,) int64 block rows of the decode contexts
     decode_bias: torch.Tensor | None  # (Bd, 1, 1, W * block_size) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
+    # set in batch-invariant mode: every request's rows (decodes and prefills alike) attend
+    # through ``models.invariant.invariant_attention`` instead, and the fields above are unused
+    invariant: list[ContextChunk] | None = None
 
 
 def block_rows(block_table: torch.Tensor, n_kv_heads: int, num_blocks: int) -> torch.Tensor:
@@ -118,6 +136,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Matches ``softmax(q k^T * scale + causal_mask) v`` per request (Vaswani et al. 2017, with GQA
     from Ainslie et al. 2023), which is what Hugging Face's eager Llama attention computes.
     """
+    if meta.invariant is not None:
+        return _invariant_rows(q, k_cache, v_cache, meta, scale)
     nd = meta.num_decodes
     if nd:
         decoded = _decode_rows(q[:nd], k_cache, v_cache, meta, scale)
@@ -129,6 +149,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     for chunk in meta.prefills:
         out[chunk.start:chunk.end] = _prefill_chunk(q, k, v, k_cache, v_cache, chunk,
                                                     meta.block_size, scale)
+    return out
+
+
+def _invariant_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Every request's rows through ``invariant_attention`` over its context read from the
+    cache; (T, n_heads, head_dim)."""
+    out = torch.empty_like(q)
+    shape = (k_cache.shape[0], -1, k_cache.shape[2])  # (n_kv, L, D)
+    for chunk in meta.invariant:
+        keys = gather_blocks(k_cache, chunk.context_rows, meta.block_size).view(shape)
+        values = gather_blocks(v_cache, chunk.context_rows, meta.block_size).view(shape)
+        out[chunk.start:chunk.end] = invariant_attention(q[chunk.start:chunk.end], keys, values,
+                                                         chunk.position, scale)
     return out
 
 

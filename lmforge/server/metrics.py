@@ -103,6 +103,17 @@ class EngineCollector:
                          counters.time_to_first_token)
         yield _histogram("inter_token_latency_seconds", "Time between consecutive outputs of a "
                          "request", counters.inter_token_latency)
+        memory = engine.memory_report()
+        yield _gauge("memory_weights_bytes", "The base model's parameters and buffers",
+                     memory.weights)
+        yield _gauge("memory_kv_cache_bytes", "The KV cache's reservation", memory.kv_cache)
+        yield _gauge("memory_kv_cache_used_bytes", "The part of the KV cache written so far",
+                     memory.kv_cache_used)
+        yield _gauge("kv_cache_tokens", "Tokens the KV cache holds", memory.kv_cache_tokens)
+        if memory.rss is not None:
+            yield _gauge("memory_resident_bytes", "The process's resident set size", memory.rss)
+            yield _gauge("memory_runtime_bytes", "Resident memory less weights and the used KV "
+                         "cache (interpreter, PyTorch, tokenizer, activations)", memory.runtime)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import threading
 
+import click
 import httpx
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
 from lmforge.cli import main
-from lmforge.cli.serve import engine_config
+from lmforge.cli.serve import engine_config, parse_size
 from lmforge.config import ServerConfig, lmforge_home
 from lmforge.server import build_app
 
@@ -51,6 +52,47 @@ def test_engine_config_keeps_dataclass_defaults_for_omitted_options():
     assert cfg.scheduler.max_num_seqs == 64
 
 
+def test_kv_cache_size_in_tokens_or_memory_units():
+    base = dict(model="m", served_model_name=None, dtype="float32", device="cpu",
+                max_model_len=None, chat_template=None, seed=0, max_num_seqs=None,
+                max_num_batched_tokens=None, block_size=None, num_kv_blocks=None,
+                kv_cache_memory_mb=None, no_prefix_caching=False, gguf_int4=True)
+    assert engine_config(**base, kv_cache_tokens=32768).cache.kv_cache_tokens == 32768
+    assert engine_config(**base, kv_cache_memory="2GiB").cache.kv_cache_memory_mb == 2048
+    assert engine_config(**base, kv_cache_memory="1.5 GB").cache.kv_cache_memory_mb == 1430
+    assert engine_config(**base).cache.kv_cache_memory_mb == 1024
+    assert parse_size("512MiB", "--x") == 512 * 2**20 and parse_size("100", "--x") == 100
+    for bad in ("lots", "2 parsecs", "-1GiB", "0GB"):
+        with pytest.raises(click.BadParameter, match="512MiB"):
+            parse_size(bad, "--kv-cache-memory")
+
+
+def test_kv_cache_options_reach_the_engine(tiny_llama_dir):
+    from lmforge.engine.llm_engine import LLMEngine
+
+    cfg = engine_config(model=str(tiny_llama_dir), served_model_name=None, dtype="float32",
+                        device="cpu", max_model_len=None, chat_template=None, seed=0,
+                        max_num_seqs=None, max_num_batched_tokens=None, block_size=None,
+                        num_kv_blocks=None, kv_cache_memory_mb=None, no_prefix_caching=False,
+                        gguf_int4=True, kv_cache_tokens=1000)
+    engine = LLMEngine(cfg)
+    assert engine.block_manager.num_blocks == 63  # 1000 tokens, rounded up to 16-token blocks
+    report = engine.memory_report()
+    assert report.kv_cache_tokens == 1008 and report.kv_cache_used == 0
+    k, v = engine.model_runner.kv_caches[0]
+    assert k.shape[1] == 1008 and not k.any() and not v.any()  # zero pages, not yet resident
+
+
+def test_bad_kv_cache_memory_exits_2_naming_the_option(tiny_llama_dir):
+    result = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                       "--kv-cache-memory", "lots"])
+    assert result.exit_code == 2 and "--kv-cache-memory" in result.output
+    result = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
+                                       "--kv-cache-tokens", "8"])
+    assert result.exit_code == 2
+    assert "kv_cache_tokens (8) must be at least two blocks (32 tokens)" in result.output
+
+
 def test_chat_template_override_is_used(engine, base_url):  # base_url: engine started
     template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
     client = TestClient(build_app(engine, ServerConfig(), chat_template=template))
@@ -75,12 +117,19 @@ def test_serve_process_announces_and_answers(tiny_llama_dir):
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
     try:
-        url = None
+        url, seen = None, []
         while url is None:
             line = lines.get(timeout=60)
+            seen.append(line.strip())
             if match := re.match(r"lmforge serving tiny on (http://127\.0\.0\.1:\d+/v1)$",
                                  line.strip()):
                 url = match.group(1)
+        # where start-up time and memory go, printed once ready
+        [ready] = [line for line in seen if line.startswith("lmforge ready in ")]
+        for phase in ("imports", "checkpoint", "tokenizer", "model", "KV cache"):
+            assert re.search(rf"[:,] {phase} \d+\.\d\d s", ready), ready
+        [memory] = [line for line in seen if line.startswith("lmforge memory: ")]
+        assert re.search(r"weights \d+ MiB, KV cache \d+ MiB for 1,024 tokens", memory), memory
         assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"
         resp = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "Hi",
                                                       "max_tokens": 2}, timeout=30)

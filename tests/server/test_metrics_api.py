@@ -81,3 +81,25 @@ def test_gauges_see_a_running_request(long_base_url, long_engine, long_wait_idle
     long_wait_idle(5.0)
     assert value(samples, "lmforge:num_requests_running") == 1
     assert 0 < value(samples, "lmforge:kv_cache_usage_perc") < 1
+
+
+def test_memory_gauges_split_weights_kv_cache_and_runtime(http, model, engine):
+    resp = http.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    samples = scrape(http)
+    llm = engine.engine
+    params = sum(p.numel() * p.element_size() for p in llm.model_runner.model.parameters())
+    # the tiny Llama's weights, its 128 blocks x 16 tokens of KV (2 layers x K,V x 2 heads x 16
+    # dims x 4 bytes per token), and at least one block written by now
+    assert value(samples, "lmforge:memory_weights_bytes") >= params > 0
+    assert value(samples, "lmforge:kv_cache_tokens") == 128 * 16
+    cfg = llm.model_runner.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    assert value(samples, "lmforge:memory_kv_cache_bytes") == 128 * 16 * per_token
+    used = value(samples, "lmforge:memory_kv_cache_used_bytes")
+    assert 16 * per_token <= used <= 128 * 16 * per_token
+    resident = value(samples, "lmforge:memory_resident_bytes")
+    runtime = value(samples, "lmforge:memory_runtime_bytes")
+    assert resident > 100 * 2**20  # PyTorch alone
+    assert runtime == pytest.approx(resident - value(samples, "lmforge:memory_weights_bytes")
+                                    - used, abs=64 * 2**20)  # pages come and go between reads
