@@ -9,6 +9,13 @@ usual baseline for a Python engine. The method follows vLLM's ``benchmarks/bench
 
     python benchmarks/serve.py                       # both halves, concurrency 1,4,16,64
     python benchmarks/serve.py --hf-only --concurrency 1,16
+    python benchmarks/serve.py --skip-hf --peer-llama-server PATH --concurrency 1,4,16
+
+``--peer-llama-server PATH`` runs the identical load against llama.cpp's ``llama-server`` binary
+(``../shared/bench/build_llama_server.sh`` builds one) on the same GGUF, with ``--peer-args``
+(default ``-t <threads or CPUs> --parallel 16 -c 32768``), in the same run, rounds interleaved
+(lmforge, llama.cpp, lmforge, ...), and prints lmforge / llama.cpp ratios. Each server's
+time to ``/health`` 200 and its resident memory after the load are recorded too.
 
 Results are printed and written as JSON to ``--out``; no test asserts them.
 """
@@ -56,30 +63,61 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 # ----------------------------------------------------------------------------------- lmforge half
 
 
+def lmforge_command(args: argparse.Namespace) -> list[str]:
+    return [sys.executable, "-m", "lmforge.cli", "serve", "--model", args.model,
+            "--host", "127.0.0.1", "--port", str(args.port), *shlex.split(args.serve_args)]
+
+
+def llama_server_command(args: argparse.Namespace) -> list[str]:
+    """``llama-server`` on the GGUF lmforge resolves ``--model`` to."""
+    from lmforge.models.loader import resolve_model_path
+
+    path, _ = resolve_model_path(args.model)
+    peer_args = args.peer_args or (f"-t {args.threads or os.cpu_count()} --parallel 16 "
+                                   "-c 32768")
+    return [args.peer_llama_server, "-m", str(path), "--host", "127.0.0.1",
+            "--port", str(args.port), *shlex.split(peer_args)]
+
+
 def start_server(args: argparse.Namespace, log_path: Path) -> subprocess.Popen:
-    """Start ``lmforge serve`` and wait until ``GET /health`` answers 200.
+    """Start ``lmforge serve`` and wait until it is healthy (``start_process``)."""
+    return start_process(args, lmforge_command(args), log_path)[0]
+
+
+def start_process(args: argparse.Namespace, cmd: list[str], log_path: Path
+                  ) -> tuple[subprocess.Popen, float]:
+    """Start a server and wait until ``GET /health`` answers 200; (process, seconds it took).
 
     Raises:
         RuntimeError: the server exited, or was not healthy within ``--startup-timeout`` seconds.
     """
     import httpx
 
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", args.model,
-           "--host", "127.0.0.1", "--port", str(args.port), *shlex.split(args.serve_args)]
     print("starting:", " ".join(cmd), f"(log: {log_path})", flush=True)
+    start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < start + args.startup_timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"lmforge serve exited with {proc.returncode}; see {log_path}")
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode}; see {log_path}")
         try:
             if httpx.get(f"http://127.0.0.1:{args.port}/health", timeout=2).status_code == 200:
-                return proc
+                return proc, time.monotonic() - start
         except httpx.TransportError:
             pass  # not listening yet
-        time.sleep(0.5)
+        time.sleep(0.05)
     stop_server(proc)
-    raise RuntimeError(f"lmforge serve not healthy after {args.startup_timeout} s; see {log_path}")
+    raise RuntimeError(f"{cmd[0]} not healthy after {args.startup_timeout} s; see {log_path}")
+
+
+def resident_mb(proc: subprocess.Popen) -> float | None:
+    """The process's resident set (``/proc/PID/status`` VmRSS) in MB; None off Linux."""
+    try:
+        for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -124,7 +162,8 @@ async def stream_one(client, model_id: str, prompt: str, max_tokens: int) -> dic
             "tokens": usage_tokens if usage_tokens is not None else len(chunk_times)}
 
 
-async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: int) -> dict:
+async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: int,
+                    engine: str = "lmforge") -> dict:
     """Send ``len(prompts)`` requests, at most ``concurrency`` at a time; one row of results."""
     import httpx
 
@@ -147,7 +186,7 @@ async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: i
     ttfts = [r["ttft"] for r in results]
     itls = [x for r in results for x in r["itl"]]
     tokens = sum(r["tokens"] for r in results)
-    return {"engine": "lmforge", "concurrency": concurrency, "requests": len(prompts),
+    return {"engine": engine, "concurrency": concurrency, "requests": len(prompts),
             "output_tokens": tokens, "wall_s": wall, "output_tok_s": tokens / wall,
             "ttft_p50_ms": percentile_ms(ttfts, 50), "ttft_p99_ms": percentile_ms(ttfts, 99),
             "itl_p50_ms": percentile_ms(itls, 50)}
@@ -245,27 +284,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transformers' dtype; match the server's (`--dtype auto` is bfloat16 on "
                         "CPUs with native bf16)")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
+    p.add_argument("--peer-llama-server", default=None, metavar="PATH",
+                   help="a llama-server binary: run the same load against it, interleaved")
+    p.add_argument("--peer-args", default=None,
+                   help="llama-server options (default: -t THREADS --parallel 16 -c 32768)")
     half = p.add_mutually_exclusive_group()
     half.add_argument("--skip-hf", action="store_true", help="benchmark lmforge only")
     half.add_argument("--hf-only", action="store_true", help="benchmark transformers only")
     return p.parse_args(argv)
 
 
-def run_lmforge(args: argparse.Namespace, levels: list[int], log_path: Path) -> list[dict]:
-    proc = start_server(args, log_path)
-    try:
-        rows = []
-        for c in levels:
-            n = num_requests(args, c)  # fresh prompts per run, or the prefix cache would serve them
-            runs = [asyncio.run(run_level(args, make_prompts(n, args.prompt_len, first=k * n), c))
-                    for k in range(args.repeats)]
-            rows.append(median_run(runs))
-            print_table(rows[-1:])
-            print(f"{'':>12}  output tok/s of the {len(runs)} runs: "
-                  + ", ".join(f"{t:.1f}" for t in rows[-1]["output_tok_s_runs"]))
-        return rows
-    finally:
-        stop_server(proc)
+def run_servers(args: argparse.Namespace, levels: list[int], log_path: Path) -> list[dict]:
+    """Each level ``--repeats`` times on lmforge (and on llama-server with
+    ``--peer-llama-server``), rounds interleaved so both see the same machine; per engine and
+    level the median run. Each server starts once per round: its time to healthy and its RSS
+    after the round go into ``servers``."""
+    engines = {"lmforge": lmforge_command(args)}
+    if args.peer_llama_server:
+        engines["llama.cpp"] = llama_server_command(args)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    args.servers = []
+    for k in range(args.repeats):
+        for name, cmd in engines.items():
+            proc, healthy_s = start_process(args, cmd, log_path.with_suffix(f".{name}.log"))
+            try:
+                for c in levels:
+                    n = num_requests(args, c)  # fresh prompts per run, or a prefix cache serves
+                    prompts = make_prompts(n, args.prompt_len, first=k * n)
+                    runs.setdefault((name, c), []).append(
+                        asyncio.run(run_level(args, prompts, c, engine=name)))
+                args.servers.append({"engine": name, "round": k, "healthy_s": healthy_s,
+                                     "rss_mb_after": resident_mb(proc)})
+                print(f"{name} round {k}: healthy after {healthy_s:.1f} s, RSS after the load "
+                      f"{args.servers[-1]['rss_mb_after']} MB", flush=True)
+            finally:
+                stop_server(proc)
+    rows = [median_run(runs[(name, c)]) for name in engines for c in levels]
+    print_table(rows)
+    return rows
 
 
 def run_hf(args: argparse.Namespace, levels: list[int]) -> tuple[list[dict], float]:
@@ -327,7 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     machine = [machine_check()]
     print(f"machine now: {machine[0]}", flush=True)
-    ours = [] if args.hf_only else run_lmforge(args, levels, args.out.with_suffix(".server.log"))
+    args.servers = []
+    served = [] if args.hf_only else run_servers(args, levels, args.out.with_suffix(".server"))
+    ours = [r for r in served if r["engine"] == "lmforge"]
+    peer = [r for r in served if r["engine"] == "llama.cpp"]
     machine.append(machine_check())
     hf, decode = ([], None) if args.skip_hf else run_hf(args, levels)
 
@@ -335,14 +394,25 @@ def main(argv: list[str] | None = None) -> None:
           f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, HF dtype {args.hf_dtype}, "
           f"serve args {args.serve_args!r}")
     print(f"machine before / after lmforge: {machine[0]} / {machine[1]}")
-    print_table(ours + hf)
+    print_table(ours + peer + hf)
     ratios = {r["concurrency"]: r["output_tok_s"] / h["output_tok_s"] for r, h in zip(ours, hf)}
     for c, ratio in ratios.items():
         print(f"concurrency {c:>3}: lmforge / HF output tokens/s = {ratio:.2f}x")
+    peer_ratios = {r["concurrency"]: {
+        "output_tok_s": r["output_tok_s"] / p["output_tok_s"],
+        "ttft_p50": r["ttft_p50_ms"] / p["ttft_p50_ms"]} for r, p in zip(ours, peer)}
+    for c, ratio in peer_ratios.items():
+        print(f"concurrency {c:>3}: lmforge / llama.cpp output tokens/s = "
+              f"{ratio['output_tok_s']:.2f}x, TTFT p50 = {ratio['ttft_p50']:.2f}x")
+    for server in args.servers:
+        print(f"{server['engine']} round {server['round']}: healthy after "
+              f"{server['healthy_s']:.1f} s, RSS after the load {server['rss_mb_after']} MB")
     if decode is not None:
         print(f"HF pure decode at batch 1: {decode:.1f} tokens/s")
-    result = {"config": {k: str(v) for k, v in vars(args).items()}, "rows": ours + hf,
-              "ratio_lmforge_over_hf": ratios, "hf_decode_tok_s_batch1": decode,
+    result = {"config": {k: str(v) for k, v in vars(args).items() if k != "servers"},
+              "rows": ours + peer + hf, "ratio_lmforge_over_hf": ratios,
+              "ratio_lmforge_over_llama_cpp": peer_ratios, "servers": args.servers,
+              "hf_decode_tok_s_batch1": decode,
               "machine_before_after_lmforge": machine}
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

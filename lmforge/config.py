@@ -67,6 +67,9 @@ class CacheConfig:
     # None = as many as kv_cache_memory_mb holds
     kv_cache_tokens: int | None = None
     kv_cache_memory_mb: int = 1024  # memory for K and V of all layers when neither is set
+    # dtype of the cached K and V: auto = the model's; float16 halves a float32 model's cache
+    # (llama.cpp caches f16), bfloat16 too with a coarser mantissa
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True  # reuse full blocks whose token prefix is already cached
     # LoRA adapters kept loaded in the model; past it the least recently used adapter that the
     # running step does not need is dropped and read from disk again at its next use
@@ -86,6 +89,9 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_mb ({self.kv_cache_memory_mb}) must be positive")
         if self.max_loras < 1:
             raise ValueError(f"max_loras ({self.max_loras}) must be at least 1, e.g. 8")
+        if self.kv_cache_dtype not in _DTYPES:
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported; use one "
+                             f"of {', '.join(_DTYPES)}")
 
 
 @dataclass

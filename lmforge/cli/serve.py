@@ -78,6 +78,10 @@ class StartupError(click.ClickException):
                    "it becomes resident as it fills.")
 @click.option("--kv-cache-memory-mb", type=int, default=None,
               help="The same in MiB.")
+@click.option("--kv-cache-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="dtype of the cached keys and values; auto = the model's (float16 halves a "
+                   "float32 model's cache, as llama.cpp's f16 cache).")
 @click.option("--no-prefix-caching", is_flag=True, help="Do not reuse cached prompt prefixes.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of unseeded sampling.")
@@ -249,7 +253,7 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   block_size: int | None, num_kv_blocks: int | None,
                   kv_cache_memory_mb: int | None, no_prefix_caching: bool,
                   kv_cache_tokens: int | None = None, kv_cache_memory: str | None = None,
-                  deterministic: bool = False,
+                  deterministic: bool = False, kv_cache_dtype: str = "auto",
                   max_waiting_requests: int | None = None,
                   max_waiting_tokens: int | None = None,
                   max_background_prefill_tokens: int | None = None,
@@ -269,6 +273,7 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                           chat_template=chat_template, seed=seed, gguf_int4=gguf_int4,
                           deterministic=deterministic),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
+                          kv_cache_dtype=kv_cache_dtype,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,
                                   kv_cache_tokens=kv_cache_tokens,
                                   kv_cache_memory_mb=kv_cache_memory_mb,

@@ -16,7 +16,7 @@ import torch
 from lmforge.config import EngineConfig
 from lmforge.engine.block_manager import BlockManager
 from lmforge.engine.memory import MemoryReport, resident_bytes, tensor_bytes
-from lmforge.engine.model_runner import ModelRunner, num_kv_blocks
+from lmforge.engine.model_runner import ModelRunner, kv_cache_dtype, num_kv_blocks
 from lmforge.engine.output_processor import OutputProcessor
 from lmforge.engine.pooling import EmbeddingTask, validate_embedding_inputs
 from lmforge.engine.request import (
@@ -72,7 +72,9 @@ class LLMEngine:
         with phase(profile, "KV cache"):
             self.model_runner = ModelRunner(loaded.model, self.block_manager, num_blocks,
                                             cache.block_size, self.loras,
-                                            deterministic=config.model.deterministic)
+                                            deterministic=config.model.deterministic,
+                                            kv_dtype=kv_cache_dtype(loaded.model,
+                                                                    cache.kv_cache_dtype))
         self.sampler = Sampler(loaded.config.vocab_size, self.model_runner.device,
                                seed=config.model.seed)
         self.vocab_size = loaded.config.vocab_size

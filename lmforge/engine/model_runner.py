@@ -36,14 +36,20 @@ def num_kv_blocks(model: CausalLM, cache: CacheConfig) -> int:
         return cache.num_blocks
     if cache.kv_cache_tokens is not None:
         return -(-cache.kv_cache_tokens // cache.block_size)
-    return max(2, cache.kv_cache_memory_mb * 2**20 // kv_block_bytes(model, cache.block_size))
+    return max(2, cache.kv_cache_memory_mb * 2**20
+               // kv_block_bytes(model, cache.block_size, cache.kv_cache_dtype))
 
 
-def kv_block_bytes(model: CausalLM, block_size: int) -> int:
+def kv_block_bytes(model: CausalLM, block_size: int, kv_dtype: str = "auto") -> int:
     """Bytes of one KV block: K and V of ``block_size`` tokens in every layer."""
-    cfg, dtype = model.config, next(model.parameters()).dtype
+    cfg = model.config
     return (2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim
-            * torch.finfo(dtype).bits // 8)
+            * torch.finfo(kv_cache_dtype(model, kv_dtype)).bits // 8)
+
+
+def kv_cache_dtype(model: CausalLM, name: str) -> torch.dtype:
+    """``CacheConfig.kv_cache_dtype`` resolved: ``auto`` is the model's dtype."""
+    return next(model.parameters()).dtype if name == "auto" else getattr(torch, name)
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -84,10 +90,12 @@ class ModelRunner:
             which rows use which adapter.
         deterministic: attend through ``models.invariant`` (a row's result independent of the
             batch and of chunking; the model's linears must be batch-invariant too).
+        kv_dtype: the caches' dtype (default: the model's); attention casts what it reads.
     """
 
     def __init__(self, model: CausalLM, block_manager: BlockManager, num_blocks: int,
-                 block_size: int, loras: LoRAManager | None = None, deterministic: bool = False):
+                 block_size: int, loras: LoRAManager | None = None, deterministic: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.deterministic = deterministic
         self.loras = loras
@@ -98,7 +106,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         shape = model.kv_cache_shape(num_blocks * block_size)
         layers = model.config.num_hidden_layers
-        caches = zeroed((2 * layers, *shape), self.dtype, self.device)
+        caches = zeroed((2 * layers, *shape), kv_dtype or self.dtype, self.device)
         self.kv_caches = [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
         self.kv_cache_bytes = caches.numel() * caches.element_size()
 

@@ -181,7 +181,7 @@ def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             q.float().unsqueeze(2), kd.float(), vd.float(),  # (Bd, H | n_kv, 1 | L, D)
             attn_mask=meta.decode_bias, scale=scale,
             enable_gqa=True).squeeze(2).to(q.dtype)
-    return decode_attention(q, kd, vd, meta.decode_bias, scale)
+    return decode_attention(q, kd.to(q.dtype), vd.to(q.dtype), meta.decode_bias, scale)
 
 
 def _prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -199,8 +199,8 @@ def _prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
                                             enable_gqa=True)
     else:
         shape = (1, k_cache.shape[0], -1, k_cache.shape[2])  # (1, n_kv, L, D)
-        kp = gather_blocks(k_cache, chunk.context_rows, block_size).view(shape)
-        vp = gather_blocks(v_cache, chunk.context_rows, block_size).view(shape)
+        kp = gather_blocks(k_cache, chunk.context_rows, block_size).view(shape).to(q.dtype)
+        vp = gather_blocks(v_cache, chunk.context_rows, block_size).view(shape).to(q.dtype)
         op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=chunk.mask, scale=scale,
                                             enable_gqa=True)
     return op[0].transpose(0, 1)

@@ -1,0 +1,172 @@
+"""Where the time of a decode step goes, at concurrency 1: linear layers, attention, norms and
+RoPE, the LM head, the sampler, the model runner's input preparation, the engine's bookkeeping
+(scheduler, detokenizer, outputs), and what is left in the model's Python; with ``--http``, the
+server's own overhead too (median inter-token latency of one streaming request minus the
+offline step).
+
+    python benchmarks/decode_profile.py                         # the default model, 64 steps
+    python benchmarks/decode_profile.py --serve-args "--deterministic" --http
+
+Timers wrap the engine's functions (module hooks on the linear and norm layers, wrappers on
+``paged_attention``, ``RotaryEmbedding.apply``, the sampler, the runner); each step's parts are
+summed over the decode steps of one greedy request and printed per step in ms. Results go to
+``--out`` as JSON; no test asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import time
+from collections import defaultdict
+from pathlib import Path
+
+LINEAR_TYPES = ("Linear", "PackedLinear", "Int4DecodeLinear", "BatchInvariantLinear",
+                "MultiLoRALinear")
+
+
+class Timers:
+    """Seconds per category, summed; ``wrap`` times a function, ``hook`` a module's forward."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._starts: list[float] = []
+
+    def wrap(self, fn, category: str):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[category] += time.perf_counter() - start
+        return timed
+
+    def hook(self, module, category: str) -> None:
+        module.register_forward_pre_hook(lambda *_: self._starts.append(time.perf_counter()))
+
+        def done(*_):
+            self.seconds[category] += time.perf_counter() - self._starts.pop()
+        module.register_forward_hook(done)
+
+
+def instrument(llm, timers: Timers) -> None:
+    """Wrap the engine's parts in ``timers`` (in place)."""
+    import lmforge.models.gpt as gpt
+    import lmforge.models.llama as llama
+    from lmforge.models.layers import RotaryEmbedding
+
+    engine = llm.engine
+    model = engine.model_runner.model
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if name == "lm_head":
+            timers.hook(module, "LM head")
+        elif kind in LINEAR_TYPES and "." in name and not any(
+                name.startswith(p + ".") for p, m in model.named_modules()
+                if type(m).__name__ in LINEAR_TYPES and p):
+            timers.hook(module, "linear layers")
+        elif kind in ("RMSNorm", "LayerNorm"):
+            timers.hook(module, "norms and RoPE")
+    timers.hook(model, "model forward")
+    for mod in (llama, gpt):
+        if hasattr(mod, "paged_attention"):
+            mod.paged_attention = timers.wrap(mod.paged_attention, "attention")
+            mod.write_kv = timers.wrap(mod.write_kv, "attention")
+    RotaryEmbedding.apply = staticmethod(timers.wrap(RotaryEmbedding.apply, "norms and RoPE"))
+    runner = engine.model_runner
+    runner.execute = timers.wrap(runner.execute, "execute")
+    engine.sampler.sample = timers.wrap(engine.sampler.sample, "sampler")
+    engine.step = timers.wrap(engine.step, "step")
+
+
+def breakdown(seconds: dict[str, float], steps: int) -> dict[str, float]:
+    """Per-step milliseconds by part; the composite timers become remainders."""
+    ms = {k: v / steps * 1e3 for k, v in seconds.items()}
+    parts = {k: ms.get(k, 0.0) for k in ("linear layers", "attention", "norms and RoPE",
+                                           "LM head", "sampler")}
+    parts["other model ops (embedding, residuals, activation, Python)"] = (
+        ms.get("model forward", 0.0) - parts["linear layers"] - parts["attention"]
+        - parts["norms and RoPE"])
+    parts["model runner (inputs, metadata)"] = (ms.get("execute", 0.0) - ms.get("model forward", 0.0)
+                                                - parts["LM head"])
+    parts["engine (scheduler, detokenizer, outputs)"] = (ms.get("step", 0.0) - ms.get("execute", 0.0)
+                                                         - parts["sampler"])
+    parts["step total"] = ms.get("step", 0.0)
+    return parts
+
+
+def profile_offline(args: argparse.Namespace) -> tuple[dict[str, float], int]:
+    from lmforge.cli.serve import engine_config
+    from lmforge.engine.llm import LLM
+    from lmforge.engine.request import SamplingParams
+
+    config = engine_config(model=args.model, served_model_name=None, dtype="auto", device="cpu",
+                           max_model_len=None, chat_template=None, seed=0, gguf_int4=True,
+                           max_num_seqs=None, max_num_batched_tokens=None, block_size=None,
+                           num_kv_blocks=None, kv_cache_memory_mb=None, no_prefix_caching=True,
+                           deterministic="--deterministic" in shlex.split(args.serve_args))
+    llm = LLM(args.model, config=config)
+    params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
+    prompt = "Write a story about the ocean. " * 8
+    llm.generate([prompt], params, use_tqdm=False)  # warm-up
+    timers = Timers()
+    instrument(llm, timers)
+    engine = llm.engine
+    engine.add_request("profiled", engine.tokenizer.encode(prompt), params)
+    engine.step()  # the prefill: not a decode step
+    timers.seconds.clear()
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    return breakdown(timers.seconds, steps), steps
+
+
+def http_itl_ms(args: argparse.Namespace) -> float:
+    """Median inter-token latency of one streaming request on a real server (benchmarks/serve.py)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from serve import run_level, start_server, stop_server
+
+    proc = start_server(args, args.out.with_suffix(".server.log"))
+    try:
+        args.max_tokens = args.steps + 1
+        return asyncio.run(run_level(args, ["Write a story about the ocean. " * 8], 1))[
+            "itl_p50_ms"]
+    finally:
+        stop_server(proc)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--steps", type=int, default=64, help="decode steps profiled")
+    p.add_argument("--serve-args", default="", help="`lmforge serve` options (--deterministic)")
+    p.add_argument("--http", action="store_true", help="also measure the server's overhead")
+    p.add_argument("--port", type=int, default=8013)
+    p.add_argument("--startup-timeout", type=float, default=300.0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_profile.json"))
+    args = p.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    parts, steps = profile_offline(args)
+    if args.http:
+        itl = http_itl_ms(args)
+        parts["HTTP, asyncio and streaming (server ITL p50 - offline step)"] = (
+            itl - parts["step total"])
+        parts["server ITL p50"] = itl
+    total = parts["step total"]
+    print(f"{args.model} {args.serve_args!r}: one decode step at concurrency 1, "
+          f"mean of {steps} steps")
+    for name, value in parts.items():
+        share = "" if name in ("step total", "server ITL p50") else f"{value / total:6.1%}"
+        print(f"  {name:<62} {value:7.2f} ms {share}")
+    args.out.write_text(json.dumps({"model": args.model, "serve_args": args.serve_args,
+                                    "steps": steps, "ms_per_step": parts}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
