@@ -151,15 +151,20 @@ def run(input_file: Path, output_file: Path, model: str, served_model_name: str 
     from lmforge.jobs.batch_lines import jsonl, parse_input
     from lmforge.jobs.offline import run_lines
     from lmforge.server import build_app
+    from lmforge.startup import StartupProfile
 
+    profile = StartupProfile()
+    profile.since_start("imports")
     config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
                                             dtype=dtype, device=device,
                                             max_model_len=max_model_len))
     try:
-        precheck(config, ServerConfig())
-        engine = AsyncEngine.from_config(config)
+        with profile.phase("jobs store"):
+            precheck(config, ServerConfig())
+        engine = AsyncEngine.load_in_background(config, profile).result()
     except (ModelLoadError, ValueError) as e:
         raise StartupError(str(e)) from e
+    click.echo(f"lmforge {profile.summary()}", err=True)
     try:
         lines, errors = parse_input(input_file.read_bytes(), None, {engine.model_name})
         if errors:

@@ -345,6 +345,7 @@ class _Server(uvicorn.Server):
         if self.profile is not None:
             click.echo(f"lmforge {self.profile.summary()}")
         click.echo(f"lmforge memory: {engine.memory_report().summary()}")
+        click.echo(f"lmforge kernels: {engine.kernels}")
         self._announce()
 
     def _announce(self) -> None:

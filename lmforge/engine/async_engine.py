@@ -79,7 +79,7 @@ class AsyncEngine:
         self.engine = engine  # the loop thread's: outside engine/, use the methods below
         self.config = engine.config
         self.tokenizer = engine.tokenizer
-        self.model_name = engine.model_name
+        self.model_name, self.kernels = engine.model_name, engine.kernels
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.vocab_size
         self.embedding_size = engine.model_runner.model.config.hidden_size

@@ -54,6 +54,7 @@ class LLMEngine:
         loaded = loaded or load_model(config.model, profile=profile)
         self.config = config
         self.model_name = loaded.name
+        self.kernels = loaded.kernels  # which linear-layer path runs (LoadedModel.kernels)
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(config.model.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)

@@ -16,7 +16,10 @@ Each kernel here makes every call the same shape:
   over the chunks in order: a chunk past a row's position is masked to exact zeros, so a row's
   numbers depend only on its own position and context.
 
-What it costs is measured by ``benchmarks/serve.py --deterministic`` (README).
+What it costs (README, "Benchmarks"): ``benchmarks/decode_profile.py --serve-args=--deterministic``
+and ``benchmarks/serve.py --serve-args=--deterministic``. The tile size is a trade: a 16-row GEMM
+costs about what a 2- or 8-row one does on the 2-core CPUs measured, but 1-row decodes lose the
+GEMV kernel (~3x faster per row).
 """
 
 from __future__ import annotations

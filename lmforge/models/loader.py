@@ -31,6 +31,7 @@ from lmforge.models.gpt_hf import (
     gpt_state_dict_from_hf,
 )
 from lmforge.models.interface import CausalLM
+from lmforge.models.kernels import dtype_name, kernel_path
 from lmforge.models.invariant import make_batch_invariant_
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_linears_
@@ -76,6 +77,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: ModelConfigs
     name: str  # the default served model id
+    kernels: str = ""  # which linear-layer path runs, and why (printed at start-up)
 
 
 def load_model(cfg: ModelConfig, *, for_training: bool = False,
@@ -119,13 +121,15 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
                 weight_cache.save(cache_file, cacheable_state_dict(model, config))
     if cfg.deterministic:  # fixed-shape GEMMs instead of packed or 4-bit ones
         make_batch_invariant_(model)
-        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name,
+                           f"{dtype_name(dtype)} batch-invariant 16-row GEMMs (--deterministic)")
     with phase(profile, "pack"):
         if can_pack(dtype, device):
             pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
         if use_int4 and q4_weights:
             attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
-    return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
+    return LoadedModel(model, tokenizer, config, cfg.served_model_name or name,
+                       kernel_path(dtype, device, cfg, bool(q4_weights)))
 
 
 def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, q4: bool

@@ -5,6 +5,7 @@ errors as one line (naming the list command of a missing id) with a non-zero exi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from support.batching import batch_server, line
@@ -67,6 +68,7 @@ def test_offline_batch_run_writes_every_line_in_order(tiny_llama_dir, tmp_path):
                  "--served-model-name", "tiny")
     assert result.exit_code == 0, result.output
     assert "3 requests: 2 succeeded, 1 failed" in result.output
+    assert re.search(r"lmforge ready in [\d.]+ s: imports [\d.]+ s, .*checkpoint", result.output)
     records = [json.loads(x) for x in output.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == ["a", "b", "c"]
     assert [r["response"]["status_code"] for r in records] == [200, 200, 400]

@@ -130,6 +130,8 @@ def test_serve_process_announces_and_answers(tiny_llama_dir):
             assert re.search(rf"[:,] {phase} \d+\.\d\d s", ready), ready
         [memory] = [line for line in seen if line.startswith("lmforge memory: ")]
         assert re.search(r"weights \d+ MiB, KV cache \d+ MiB for 1,024 tokens", memory), memory
+        [kernels] = [line for line in seen if line.startswith("lmforge kernels: ")]
+        assert "float32" in kernels or "bfloat16" in kernels, kernels
         assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "tiny"
         resp = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "Hi",
                                                       "max_tokens": 2}, timeout=30)
