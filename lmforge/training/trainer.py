@@ -129,7 +129,8 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
         output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
         on_event: called with the ``events`` dataclasses (module docstring).
-        should_stop: polled before every micro-batch; True ends the run (``stopped=True``).
+        should_stop: polled before every micro-batch (and every batch of a prepare pass); True
+            ends the run (``stopped=True``).
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
             a ``ResumeEvent`` saying where the run starts.
         base_adapter: a PEFT adapter of ``model`` to train on (an ``ft:`` model), folded into
@@ -151,9 +152,13 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     if base_adapter is not None:
         merge_adapter_(loaded.model, str(base_adapter))
     train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
+    stop = should_stop or (lambda: False)
     if method.prepare is not None:  # e.g. DPO's reference log-probs, on the base alone
-        train_set, val_set = _prepare(method, loaded, (train_set, val_set), config,
-                                      Path(output_dir) / "prepared", resume, emit)
+        prepared = _prepare(method, loaded, (train_set, val_set), config,
+                            Path(output_dir) / "prepared", resume, emit, stop)
+        if prepared is None:
+            return TrainingResult(None, None, 0, 0, stopped=True)
+        train_set, val_set = prepared
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
@@ -161,19 +166,24 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     if resume:
         checkpoint = loop.restore_last_checkpoint()
         emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
-    return loop.run(should_stop or (lambda: False))
+    return loop.run(stop)
 
 
 def _prepare(method: TrainingMethod, loaded: LoadedModel, sets: tuple[list[Any], list[Any]],
              config: TrainingConfig, cache: Path, resume: bool,
-             emit: Callable[[TrainingEvent], None]) -> tuple[list[Any], list[Any]]:
+             emit: Callable[[TrainingEvent], None], should_stop: Callable[[], bool]
+             ) -> tuple[list[Any], list[Any]] | None:
     """The method's pass over the training and validation sets, kept in ``cache`` (emptied
-    first unless the run resumes)."""
+    first unless the run resumes); None when ``should_stop`` ended it."""
     if not resume:
         shutil.rmtree(cache, ignore_errors=True)
-    return tuple(method.prepare(loaded.model, rows, config, pad_token_id(loaded),  # type: ignore
-                                cache / f"{name}.pt", emit)
-                 for name, rows in zip(("train", "valid"), sets, strict=True))
+    out = []
+    for name, rows in zip(("train", "valid"), sets, strict=True):
+        out.append(method.prepare(loaded.model, rows, config, pad_token_id(loaded),  # type: ignore
+                                  cache / f"{name}.pt", emit, should_stop))
+        if out[-1] is None:
+            return None
+    return out[0], out[1]
 
 
 def pad_token_id(loaded: LoadedModel) -> int:

@@ -93,3 +93,20 @@ def test_rpo_adds_the_chosen_answers_mean_token_nll(load_scaled, tiny_llama_dir,
     with torch.no_grad():
         chosen_mean, _ = sequence_logps_of(loaded.model, batch, average=True)
     torch.testing.assert_close(rpo, plain + 0.5 * (-chosen_mean).sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_stop_during_the_reference_pass_ends_the_run_at_once(load_scaled, tiny_llama_dir,
+                                                               files, tmp_path):
+    loaded = load_scaled(tiny_llama_dir)
+    polls = []
+
+    def should_stop() -> bool:  # stop at the second poll: one reference batch computed
+        polls.append(1)
+        return len(polls) >= 2
+
+    config = TrainingConfig(method="dpo", n_epochs=1, batch_size=4, max_seq_len=128)
+    result = train(loaded, files / "train.jsonl", None, config, tmp_path / "out",
+                   should_stop=should_stop)
+    assert result.stopped and result.steps == 0 and result.best_checkpoint is None
+    assert len(polls) == 2  # no further batch, no training step
+    assert not (tmp_path / "out" / "prepared" / "train.pt").exists()  # nothing half-saved

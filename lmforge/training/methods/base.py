@@ -61,7 +61,8 @@ class LossOutput(NamedTuple):
 ReadExamples = Callable[..., list[Any]]  # (path, tokenizer, max_seq_len, *, min_rows, param)
 Collate = Callable[[Sequence[Any], int], MicroBatch]  # (examples, pad_id) -> batch
 Loss = Callable[[torch.nn.Module, Any, Any], LossOutput]  # (model, batch, config)
-Prepare = Callable[..., list[Any]]  # (model, examples, config, pad_id, cache, emit) -> examples
+# (model, examples, config, pad_id, cache, emit, should_stop) -> examples, or None when stopped
+Prepare = Callable[..., list[Any] | None]
 
 
 @dataclass(frozen=True)
@@ -77,11 +78,13 @@ class TrainingMethod:
             loop divides), the number of items summed (``batch.num_items``) and the sums of
             the method's metrics (logged under their names, e.g. TRL's ``rewards/chosen``).
             Called in train and eval mode; it must not step anything.
-        prepare: None, or ``(model, examples, config, pad_id, cache, emit) -> examples``: a
-            pass over one dataset before training, on the base model (no adapter yet), whose
-            result the method stores in ``cache`` (a file path in the run's directory) and
-            reads back instead of recomputing when the run resumes; ``emit`` takes
-            ``events.MessageEvent``s.
+        prepare: None, or ``(model, examples, config, pad_id, cache, emit, should_stop) ->
+            examples``: a pass over one dataset before training, on the base model (no adapter
+            yet), whose result the method stores in ``cache`` (a file path in the run's
+            directory) and reads back instead of recomputing when the run resumes; ``emit``
+            takes ``events.MessageEvent``s; ``should_stop`` is polled between batches, and
+            True makes it return None (a cancelled job or a stopping server does not wait for
+            the whole pass).
     """
 
     name: str

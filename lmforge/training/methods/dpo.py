@@ -137,12 +137,13 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
 
 
 def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, pad_id: int,
-            cache: Path, emit: Callable[[MessageEvent], None]) -> list[PreferenceExample]:
+            cache: Path, emit: Callable[[MessageEvent], None],
+            should_stop: Callable[[], bool] = lambda: False) -> list[PreferenceExample] | None:
     """``examples`` with the reference model's log-probs (``ref_chosen_logp``,
     ``ref_rejected_logp``), read from ``cache`` when it holds them for exactly these token ids
     and this loss type, else computed (``reference_logps``) and saved there (a temporary file,
     then a rename). ``model`` is the reference: the base, before the adapter is added (or the
-    policy; the adapter is switched off)."""
+    policy; the adapter is switched off). None when ``should_stop`` ended the pass."""
     average = config.dpo_loss_type == "ipo"
     key = fingerprint(examples, average)
     saved = torch.load(cache, weights_only=True) if cache.is_file() else None
@@ -152,7 +153,9 @@ def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, p
                           "(computed before a restart, not again)"))
     else:
         start = time.perf_counter()
-        logps = reference_logps(model, examples, pad_id, average)
+        logps = reference_logps(model, examples, pad_id, average, should_stop)
+        if logps is None:
+            return None
         seconds = time.perf_counter() - start
         tokens = sum(e.num_tokens for e in examples)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +169,12 @@ def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, p
 
 @torch.no_grad()
 def reference_logps(model: torch.nn.Module, examples: Sequence[PreferenceExample], pad_id: int,
-                    average: bool = False) -> torch.Tensor:
+                    average: bool = False, should_stop: Callable[[], bool] = lambda: False
+                    ) -> torch.Tensor | None:
     """Answer log-probs of every pair under ``model`` with any LoRA adapter off, in eval mode:
     (N, 2) float32, column 0 the chosen answer's, column 1 the rejected's, rows in the order of
-    ``examples``. Batches of ``REFERENCE_BATCH_PAIRS``, longest pairs first (least padding)."""
+    ``examples``. Batches of ``REFERENCE_BATCH_PAIRS``, longest pairs first (least padding);
+    None when ``should_stop()`` (polled before each batch) said so."""
     order = sorted(range(len(examples)), key=lambda i: -examples[i].num_tokens)
     out = torch.empty(len(examples), 2)
     was_training, device = model.training, next(model.parameters()).device
@@ -178,6 +183,8 @@ def reference_logps(model: torch.nn.Module, examples: Sequence[PreferenceExample
         with lora_disabled(model):
             for s in tqdm(range(0, len(order), REFERENCE_BATCH_PAIRS), desc="Reference log-probs",
                           unit="batch"):
+                if should_stop():
+                    return None
                 rows = order[s:s + REFERENCE_BATCH_PAIRS]
                 batch = collate([examples[i] for i in rows], pad_id)
                 chosen, rejected = sequence_logps_of(model, batch.to(device), average)
