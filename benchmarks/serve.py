@@ -168,8 +168,11 @@ async def run_level(args: argparse.Namespace, prompts: list[str], concurrency: i
     import httpx
 
     limit = asyncio.Semaphore(concurrency)
+    # a connection per request: llama-server closes a connection after a streamed response, and
+    # a pooled one reused after that fails (loopback connects cost ~0.1 ms, the same for both)
     client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{args.port}", timeout=None,
-                               limits=httpx.Limits(max_connections=concurrency))
+                               limits=httpx.Limits(max_connections=concurrency,
+                                                   max_keepalive_connections=0))
 
     async def bounded(prompt: str) -> dict:
         async with limit:
