@@ -129,8 +129,7 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
         output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
         on_event: called with the ``events`` dataclasses (module docstring).
-        should_stop: polled before every micro-batch (and every batch of a prepare pass); True
-            ends the run (``stopped=True``).
+        should_stop: polled before every micro-batch and prepare batch; True ends the run.
         resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
             a ``ResumeEvent`` saying where the run starts.
         base_adapter: a PEFT adapter of ``model`` to train on (an ``ft:`` model), folded into
@@ -151,18 +150,15 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     _check_context(config, loaded)
     if base_adapter is not None:
         merge_adapter_(loaded.model, str(base_adapter))
-    train_set, val_set = _datasets(method, train_rows, val_rows, loaded, config)
     stop = should_stop or (lambda: False)
-    if method.prepare is not None:  # e.g. DPO's reference log-probs, on the base alone
-        prepared = _prepare(method, loaded, (train_set, val_set), config,
-                            Path(output_dir) / "prepared", resume, emit, stop)
-        if prepared is None:
-            return TrainingResult(None, None, 0, 0, stopped=True)
-        train_set, val_set = prepared
+    sets = _prepare(method, loaded, _datasets(method, train_rows, val_rows, loaded, config),
+                    config, Path(output_dir) / "prepared", resume, emit, stop)
+    if sets is None:  # stopped during the method's pass over the data
+        return TrainingResult(None, None, 0, 0, stopped=True)
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
-    loop = _Loop(method, loaded, params, train_set, val_set, config, Path(output_dir), emit)
+    loop = _Loop(method, loaded, params, *sets, config, Path(output_dir), emit)
     if resume:
         checkpoint = loop.restore_last_checkpoint()
         emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
@@ -173,8 +169,11 @@ def _prepare(method: TrainingMethod, loaded: LoadedModel, sets: tuple[list[Any],
              config: TrainingConfig, cache: Path, resume: bool,
              emit: Callable[[TrainingEvent], None], should_stop: Callable[[], bool]
              ) -> tuple[list[Any], list[Any]] | None:
-    """The method's pass over the training and validation sets, kept in ``cache`` (emptied
-    first unless the run resumes); None when ``should_stop`` ended it."""
+    """The method's pass over the training and validation sets (e.g. DPO's reference log-probs,
+    on the base alone), kept in ``cache`` (emptied first unless the run resumes); the sets as
+    they are for a method without one; None when ``should_stop`` ended it."""
+    if method.prepare is None:
+        return sets
     if not resume:
         shutil.rmtree(cache, ignore_errors=True)
     out = []
