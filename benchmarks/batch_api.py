@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import httpx
-from serve import machine_check, make_prompts, percentile_ms, start_server, stop_server
+from serve import machine_check, make_prompts, percentile_ms
+from servers import start_server, stop_server
 
 from lmforge.config import DEFAULT_MODEL
 

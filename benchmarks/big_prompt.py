@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 import httpx
-from serve import percentile_ms, start_server, stop_server
+from serve import percentile_ms
+from servers import start_server, stop_server
 
 from lmforge.config import DEFAULT_MODEL
 

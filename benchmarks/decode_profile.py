@@ -59,14 +59,14 @@ def instrument(llm, timers: Timers) -> None:
 
     engine = llm.engine
     model = engine.model_runner.model
-    for name, module in model.named_modules():
+    outer: list[str] = []  # linears hooked; a linear inside one (a wrapped base) is not
+    for name, module in model.named_modules():  # parents come before their children
         kind = type(module).__name__
-        if name == "lm_head":
-            timers.hook(module, "LM head")
-        elif kind in LINEAR_TYPES and "." in name and not any(
-                name.startswith(p + ".") for p, m in model.named_modules()
-                if type(m).__name__ in LINEAR_TYPES and p):
-            timers.hook(module, "linear layers")
+        if any(name.startswith(p + ".") for p in outer):
+            continue
+        if kind in LINEAR_TYPES and name:
+            outer.append(name)
+            timers.hook(module, "LM head" if name == "lm_head" else "linear layers")
         elif kind in ("RMSNorm", "LayerNorm"):
             timers.hook(module, "norms and RoPE")
     timers.hook(model, "model forward")
@@ -139,7 +139,8 @@ def http_itl_ms(args: argparse.Namespace) -> float:
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from serve import run_level, start_server, stop_server
+    from serve import run_level
+    from servers import start_server, stop_server
 
     proc = start_server(args, args.out.with_suffix(".server.log"))
     try:

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serve import start_server, stop_server
+from servers import start_server, stop_server
 
 from lmforge.preference.articles import load_articles, split_for_run
 from lmforge.preference.config import config_from_dict

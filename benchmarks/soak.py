@@ -31,7 +31,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from serve import make_prompts, start_server, stop_server
+from serve import make_prompts
+from servers import start_server, stop_server
 
 from lmforge.config import DEFAULT_MODEL
 

@@ -5,6 +5,7 @@ Errors name the fix, in the manner of vLLM's ``vllm/config/scheduler.py``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,15 @@ def lmforge_cache() -> Path:
     ``HF_HOME``)."""
     cache = os.environ.get("LMFORGE_CACHE")
     return Path(cache).expanduser() if cache else lmforge_home() / "cache"
+
+
+def file_cache_key(path: Path, *extra: object) -> str:
+    """The key of what is derived from the file ``path`` (sha256 hex of its resolved path,
+    size, modification time and ``extra``, e.g. the converter's version): a replaced or
+    re-downloaded file gets a new one."""
+    stat = path.stat()
+    raw = "\0".join(map(str, (path.resolve(), stat.st_size, stat.st_mtime_ns, *extra)))
+    return hashlib.sha256(raw.encode()).hexdigest()
 
 
 @dataclass

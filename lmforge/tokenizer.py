@@ -7,7 +7,6 @@ output token ids into UTF-8-safe text deltas with stop-string cutting (``Increme
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import jinja2
 import transformers
 from transformers import AutoTokenizer
 
-from lmforge.config import lmforge_cache
+from lmforge.config import file_cache_key, lmforge_cache
 from lmforge.errors import InvalidRequestError, ModelLoadError
 
 # Prompt tokens that prime the detokenizer, so the first output token decodes with the context it
@@ -192,9 +191,7 @@ class Tokenizer:
 
 
 def _gguf_cache_dir(path: Path) -> Path:
-    stat = path.stat()
-    raw = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
-    return lmforge_cache() / "tokenizers" / hashlib.sha256(raw.encode()).hexdigest()
+    return lmforge_cache() / "tokenizers" / file_cache_key(path, transformers.__version__)
 
 
 def _save_atomically(tokenizer: Tokenizer, cache_dir: Path) -> None:

@@ -92,9 +92,8 @@ class BlockManager:
         Returns:
             (blocks, num_computed_tokens) with num_computed_tokens = len(blocks) * block_size.
         """
-        reads = request.reads_prefix_cache or (self.batch_invariant
-                                               and not request.needs_prompt_logprobs)
-        if not self.enable_prefix_caching or not reads:
+        if (not self.enable_prefix_caching
+                or not request.reads_prefix_cache(self.batch_invariant)):
             return [], 0
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[Block] = []

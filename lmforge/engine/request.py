@@ -256,8 +256,7 @@ class Request:
         be computed, so the prefix cache is not read for this request."""
         return self.params.prompt_logprobs is not None and not self.output_token_ids
 
-    @property
-    def reads_prefix_cache(self) -> bool:
+    def reads_prefix_cache(self, batch_invariant: bool = False) -> bool:
         """Whether this request may take KV blocks from the prefix cache.
 
         Not when it needs prompt logprobs (every prompt position's logits), and not when it is
@@ -266,8 +265,10 @@ class Request:
         prefill (the 4-bit kernel for a few rows, dense bf16 for many; SDPA with a mask over the
         gathered cache instead of a plain causal one), whose float rounding differs enough to
         change a sampled token. A seeded request still writes its blocks for others to read.
+        With ``batch_invariant`` kernels (``--deterministic``) cached KV gives the very numbers
+        a prefill would, so a seeded request reads it too.
         """
-        return not self.needs_prompt_logprobs and self.params.seed is None
+        return not self.needs_prompt_logprobs and (batch_invariant or self.params.seed is None)
 
     @property
     def num_prompt_tokens(self) -> int:

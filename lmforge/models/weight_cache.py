@@ -13,7 +13,6 @@ the time; a corrupt one is deleted and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import lmforge_cache
+from lmforge.config import file_cache_key, lmforge_cache
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +30,7 @@ FORMAT = 1
 
 def cache_path(gguf_path: Path, dtype: torch.dtype) -> Path:
     """Where the weights of ``gguf_path`` in ``dtype`` are cached."""
-    stat = gguf_path.stat()
-    raw = f"{gguf_path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\0{dtype}\0{FORMAT}"
-    return lmforge_cache() / "weights" / f"{hashlib.sha256(raw.encode()).hexdigest()}.safetensors"
+    return lmforge_cache() / "weights" / f"{file_cache_key(gguf_path, dtype, FORMAT)}.safetensors"
 
 
 def load(path: Path) -> dict[str, torch.Tensor] | None:
