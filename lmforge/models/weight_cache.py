@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 
 
-def cache_path(gguf_path: Path, dtype: torch.dtype) -> Path:
-    """Where the weights of ``gguf_path`` in ``dtype`` are cached."""
-    return lmforge_cache() / "weights" / f"{file_cache_key(gguf_path, dtype, FORMAT)}.safetensors"
+def cache_path(gguf_path: Path, dtype: torch.dtype, variant: str = "dense") -> Path:
+    """Where the weights of ``gguf_path`` in ``dtype`` are cached; ``variant``: ``"dense"``
+    (every weight dequantized) or ``"codes"`` (projections kept as ``QuantLinear`` codes)."""
+    key = file_cache_key(gguf_path, dtype, FORMAT, variant)
+    return lmforge_cache() / "weights" / f"{key}.safetensors"
 
 
 def load(path: Path) -> dict[str, torch.Tensor] | None:

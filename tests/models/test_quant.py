@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support.forward import prefill_logits
 
 from lmforge.config import ModelConfig
-from lmforge.models.attention import AttentionMetadata, PrefillChunk
 from lmforge.models.loader import load_model
 from lmforge.models.quant import (
     Int4DecodeLinear,
@@ -95,28 +95,12 @@ def test_attach_wraps_the_named_layers():
 
 # --- the real SmolLM2 GGUF (all linear layers Q4_1) ----------------------------------------------
 
-def prefill_logits(loaded, ids: list[int], force_int4: bool) -> torch.Tensor:
-    """(T, vocab) logits of one plain causal prefill; ``force_int4`` sends every row to int4."""
-    for module in loaded.model.modules():
-        if isinstance(module, Int4DecodeLinear):
-            module.max_rows = 10**9 if force_int4 else 0
-    cfg, dtype = loaded.config, next(loaded.model.parameters()).dtype
-    t = len(ids)
-    caches = [tuple(torch.zeros(cfg.num_key_value_heads, t, cfg.head_dim, dtype=dtype)
-                    for _ in range(2)) for _ in range(cfg.num_hidden_layers)]
-    meta = AttentionMetadata(slot_mapping=torch.arange(t), block_size=1, num_decodes=0,
-                             decode_rows=None, decode_bias=None,
-                             prefills=[PrefillChunk(0, t, None, None)])
-    with torch.inference_mode():
-        hidden = loaded.model(torch.tensor(ids), torch.arange(t), caches, meta)
-        return loaded.model.compute_logits(hidden)
-
-
 @needs_int4
 def test_smollm2_int4_path_is_as_faithful_as_bf16(smollm2_gguf_path):
     text = ("The history of bread begins in the Neolithic era, when people first ground grains "
             "into flour and mixed it with water. ") * 2
-    fp32 = load_model(ModelConfig(model=str(smollm2_gguf_path), dtype="float32"))
+    fp32 = load_model(ModelConfig(model=str(smollm2_gguf_path), dtype="float32",
+                                  gguf_int4=False))
     ids = fp32.tokenizer.encode(text)
     ref = prefill_logits(fp32, ids, force_int4=False)
     del fp32

@@ -21,8 +21,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def load(gguf_path):
+    """The dense variant of the cache (the quantized one: ``test_quant_linear.py``)."""
     profile = StartupProfile()
-    loaded = load_model(ModelConfig(model=str(gguf_path), dtype="float32"), profile=profile)
+    loaded = load_model(ModelConfig(model=str(gguf_path), dtype="float32", gguf_int4=False),
+                        profile=profile)
     return loaded.model, [name for name, _ in profile.phases]
 
 

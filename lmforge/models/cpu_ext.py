@@ -1,0 +1,96 @@
+"""lmforge's compiled CPU kernels (``lmforge/csrc``), built once per machine and cached.
+
+``quant_ext()`` compiles ``csrc/quant_linear.cpp`` with ``torch.utils.cpp_extension`` (the
+compiler on the PATH, ``-O3 -march=native``, OpenMP so that ``at::parallel_for`` uses PyTorch's
+own thread pool) into ``$LMFORGE_CACHE/ext/<key>/`` and imports it; later processes import the
+built module directly (~10 ms). The key hashes the source, the PyTorch and Python versions and
+this CPU's instruction-set flags, since the CPU model can change under the same cache.
+
+Where there is no compiler, or the build fails, or ``LMFORGE_NO_COMPILE=1``, it returns None
+with the reason, and the model runs its pure-PyTorch path (``LoadedModel.kernels`` says which).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from lmforge.config import lmforge_cache
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_linear.cpp"
+
+
+def cpu_flags() -> str:
+    """This CPU's instruction-set flags (``/proc/cpuinfo``), or the machine name elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def build_key() -> str:
+    raw = "\0".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_flags()))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def quant_ext() -> tuple[ModuleType | None, str]:
+    """(the compiled quantized-linear module or None, why it is None: "" when it loaded)."""
+    if os.environ.get("LMFORGE_NO_COMPILE") == "1":
+        return None, "LMFORGE_NO_COMPILE=1"
+    key = build_key()
+    name = f"lmforge_quant_{key}"
+    build_dir = lmforge_cache() / "ext" / key
+    built = build_dir / f"{name}.so"
+    if built.is_file():
+        try:
+            return _import(name, built), ""
+        except ImportError as e:
+            logger.warning("rebuilding %s: %s", built, e)
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"no C++ compiler ({compiler}) on the PATH"
+    try:
+        return _build(name, build_dir), ""
+    except Exception as e:  # compiler errors, a missing ninja, an unwritable cache
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        logger.warning("could not build the quantized kernels: %s", e)
+        return None, f"the kernel build failed ({first[:120]})"
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _build(name: str, build_dir: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    try:  # the ninja wheel: its binary is not on the PATH of an unactivated venv
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    build_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("compiling lmforge's quantized CPU kernels into %s (once per machine)", build_dir)
+    return cpp_extension.load(
+        name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+        extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)

@@ -1,0 +1,219 @@
+"""Linear layers whose weights stay quantized: 4- or 8-bit codes in groups, float32 activations.
+
+A float32 decode step on a CPU without bf16 math reads 4 bytes per weight; a GGUF's own codes
+are 0.5-1 byte. ``QuantLinear`` keeps them (converted from any GGUF block type by
+``models/gguf_quant.py``) and computes with the compiled kernel of ``csrc/quant_linear.cpp``:
+
+    w[n, k] = codes[n, k] * scale[n, k // G] + zero[n, k // G]     y = x @ w.T (+ bias)
+
+Rows up to ``KERNEL_MAX_ROWS`` (decoding) run the kernel, which dequantizes each group in
+registers; larger batches (prefills) dequantize the weight once and run one float32 GEMM. The
+pure-PyTorch reference (``QuantWeight.dequantize`` + ``F.linear``) is the fallback and the
+test oracle; both agree to float32 summation order.
+
+Measured on a 2-core AVX2 VM, a stack of SmolLM2-135M's fused projections (30 layers, weights
+far larger than the caches): 4.5 ms per token at 1 row against 33 ms for float32, 7.7 vs 45 ms
+at 4 rows, 33 vs 54 ms at 16 rows (4-bit); 8-bit codes 7.7 / 15 / 36 ms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 GEMM
+
+
+@dataclass
+class QuantWeight:
+    """An (N, K) weight as codes in groups of G along K.
+
+    ``codes``: (N, K / 2) uint8 for 4 bits (group g's 32 codes in bytes 16g..16g+15, low nibble
+    code j, high nibble code j + 16, GGUF's Q4_0 order), (N, K) int8 for 8 bits. ``scale``:
+    (N, K / G) float32. ``zero``: (N, K / G) float32, or a 0-element tensor for zero = 0.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.codes.dtype == torch.uint8 else 8
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
+
+    @property
+    def group_size(self) -> int:
+        return self.shape[1] // self.scale.shape[1]
+
+    def int_codes(self) -> torch.Tensor:
+        """The (N, K) codes as int16 (4-bit ones unpacked, 0..15)."""
+        if self.bits == 8:
+            return self.codes.to(torch.int16)
+        n, k = self.shape
+        packed = self.codes.view(n, k // 32, 16)
+        return torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k).to(torch.int16)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense (N, K) float32 weight (the reference the kernel is tested against)."""
+        n, k = self.shape
+        g = self.group_size
+        w = self.int_codes().float().view(n, k // g, g) * self.scale[..., None]
+        if self.zero.numel():
+            w = w + self.zero[..., None]
+        return w.view(n, k)
+
+    def map_rows(self, fn) -> QuantWeight:
+        """Apply a row permutation ``fn`` ((N, ...) -> (N, ...)) to codes, scale and zero."""
+        return QuantWeight(fn(self.codes), fn(self.scale),
+                           fn(self.zero) if self.zero.numel() else self.zero)
+
+    def widened(self, group_size: int, with_zero: bool) -> QuantWeight:
+        """The same weight as 8-bit codes in groups of ``group_size`` (dividing G), with an
+        explicit zero if ``with_zero``: exact, for fusing parts of different formats."""
+        n, _ = self.shape
+        repeat = self.group_size // group_size
+        scale = self.scale.repeat_interleave(repeat, dim=1)
+        zero = (self.zero.repeat_interleave(repeat, dim=1) if self.zero.numel()
+                else torch.zeros_like(scale) if with_zero else self.zero)
+        return QuantWeight(self.int_codes().to(torch.int8), scale, zero)
+
+
+def concat_rows(weights: list[QuantWeight]) -> QuantWeight:
+    """Stack weights along the output dimension (a fused q|k|v or gate|up layer). Parts of
+    different formats are first widened to the widest (8 bits, the smallest group, a zero)."""
+    same = {(w.bits, w.group_size, bool(w.zero.numel())) for w in weights}
+    if len(same) > 1:
+        group = min(w.group_size for w in weights)
+        with_zero = any(w.zero.numel() for w in weights)
+        weights = [w.widened(group, with_zero) for w in weights]
+    zero = (torch.cat([w.zero for w in weights]) if weights[0].zero.numel()
+            else weights[0].zero)
+    return QuantWeight(torch.cat([w.codes for w in weights]),
+                       torch.cat([w.scale for w in weights]), zero)
+
+
+class QuantLinear(nn.Module):
+    """``x (..., in_features) float32 -> (..., out_features) float32`` from a ``QuantWeight``.
+
+    Args:
+        weight: the quantized (out_features, in_features) weight.
+        bias: (out_features,) or None.
+        ext: the compiled module (``cpu_ext.quant_ext()``), or None for the PyTorch reference.
+
+    The codes, scales and zeros are buffers named ``codes``, ``scale``, ``zero``, so the model's
+    ``state_dict`` (and the weight cache) holds them instead of a dense ``weight``.
+    """
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, ext=None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("codes", weight.codes.contiguous())
+        self.register_buffer("scale", weight.scale.float().contiguous())
+        self.register_buffer("zero", weight.zero.float().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.ext = ext
+
+    @property
+    def weight_q(self) -> QuantWeight:
+        return QuantWeight(self.codes, self.scale, self.zero)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        bits = self.weight_q.bits
+        if self.ext is None:
+            y = F.linear(x2, self.weight_q.dequantize(), self.bias)
+        elif x2.shape[0] > KERNEL_MAX_ROWS:
+            y = F.linear(x2, self.ext.dequantize(self.codes, self.scale, self.zero, bits), self.bias)
+        else:
+            y = self.ext.quant_linear(x2, self.codes, self.scale, self.zero, bits)
+            y = y if self.bias is None else y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        w = self.weight_q
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={w.bits}, group_size={w.group_size}, "
+                f"kernel={'compiled' if self.ext is not None else 'pytorch'}")
+
+
+
+def quantize(weight: torch.Tensor, bits: int, group_size: int = 32) -> QuantWeight:
+    """Round-to-nearest weight-only quantization of an (N, K) weight in groups of 32 along K.
+
+    8 bits: symmetric absmax per group (``scale = max|w| / 127``, codes -127..127, no zero; the
+    per-group form of LLM.int8's weight quantization). 4 bits: asymmetric per group
+    (``scale = (max - min) / 15``, ``zero = min``, codes 0..15: GGUF's Q4_1).
+
+    Raises:
+        ValueError: K not a multiple of ``group_size``, or a group size other than 32 for 4 bits.
+    """
+    n, k = weight.shape
+    if k % group_size or (bits == 4 and group_size != 32):
+        raise ValueError(f"cannot quantize a ({n}, {k}) weight in groups of {group_size}")
+    w = weight.detach().float().reshape(n, k // group_size, group_size)
+    if bits == 8:
+        scale = w.abs().amax(-1) / 127
+        codes = (w / torch.where(scale > 0, scale, 1)[..., None]).round().clamp(-127, 127)
+        return QuantWeight(codes.to(torch.int8).view(n, k), scale, torch.zeros(0))
+    lo = w.amin(-1)
+    scale = (w.amax(-1) - lo) / 15
+    codes = ((w - lo[..., None]) / torch.where(scale > 0, scale, 1)[..., None]).round().clamp(0, 15)
+    codes = codes.to(torch.uint8)
+    return QuantWeight((codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2), scale, lo)
+
+
+def quantize_linears_(model: nn.Module, bits: int, ext) -> int:
+    """Replace every ``nn.Linear`` of ``model`` whose input size is a multiple of 32 by a
+    ``QuantLinear`` of its weight ``quantize``d to ``bits``, in place (embeddings stay dense;
+    a head tied to the embedding gets its own codes). Returns the number replaced."""
+    targets = [(name, m) for name, m in model.named_modules()
+               if type(m) is nn.Linear and m.in_features % 32 == 0]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantLinear(quantize(linear.weight, bits), linear.bias, ext))
+    return len(targets)
+
+
+def attach_quant_(model: nn.Module, weights: dict[str, QuantWeight], ext) -> int:
+    """Replace each linear layer that has a quantized weight by a ``QuantLinear``, in place.
+
+    Args:
+        model: the loaded (fused) model.
+        weights: parameter name (``model.layers.0.self_attn.qkv_proj.weight``) -> QuantWeight.
+        ext: the compiled module, or None for the PyTorch reference path.
+
+    Returns:
+        the number of layers replaced.
+    """
+    for name, weight in weights.items():
+        parent_name, _, child = name.removesuffix(".weight").rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bias = getattr(getattr(parent, child), "bias", None)
+        setattr(parent, child, QuantLinear(weight, bias, ext))
+    return len(weights)
+
+
+def split_codes(state_dict: dict[str, torch.Tensor], tied_head: bool
+                ) -> tuple[dict[str, torch.Tensor], dict[str, QuantWeight]]:
+    """Undo ``QuantLinear``'s ``state_dict``: (the other tensors, plus a zero-stride placeholder
+    ``<layer>.weight`` of the right shape for ``build_model``; ``<layer>.weight`` -> QuantWeight).
+    ``tied_head``: the LM head is tied to the embedding, so it gets no placeholder."""
+    dense = {k: v for k, v in state_dict.items() if not k.endswith((".codes", ".scale", ".zero"))}
+    quantized = {}
+    for key in state_dict:
+        if key.endswith(".codes"):
+            layer = key.removesuffix(".codes")
+            weight = QuantWeight(*(state_dict[f"{layer}.{f}"] for f in ("codes", "scale", "zero")))
+            quantized[f"{layer}.weight"] = weight
+            if not (tied_head and layer == "lm_head"):
+                dense[f"{layer}.weight"] = torch.zeros(1).expand(weight.shape)
+    return dense, quantized

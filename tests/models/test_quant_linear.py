@@ -1,0 +1,152 @@
+"""Quantized weights kept quantized: GGUF block conversion against gguf's numpy dequantization
+(every supported type, random blocks), and the compiled kernel against the PyTorch reference."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from support.forward import prefill_logits
+
+from lmforge.config import ModelConfig
+from lmforge.models import quant_linear
+from lmforge.models.cpu_ext import quant_ext
+from lmforge.models.loader import load_model
+from lmforge.models.gguf_quant import SUPPORTED, read_quant
+from lmforge.models.quant_linear import KERNEL_MAX_ROWS, QuantLinear, QuantWeight, concat_rows
+
+# bytes per block, and the byte offsets of each f16 scale in it (ggml-common.h)
+LAYOUT = {"Q4_0": (18, [0]), "Q4_1": (20, [0, 2]), "Q5_0": (22, [0]), "Q5_1": (24, [0, 2]),
+          "Q8_0": (34, [0]), "Q4_K": (144, [0, 2]), "Q5_K": (176, [0, 2]), "Q6_K": (210, [208])}
+
+
+def random_blocks(type_name: str, rows: int = 12, cols: int = 512, seed: int = 0) -> np.ndarray:
+    """Raw rows of random blocks: random code and sub-scale bits, finite random f16 scales."""
+    size, f16_at = LAYOUT[type_name]
+    per_block = 256 if type_name.endswith("_K") else 32
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, cols // per_block, size), dtype=np.uint8)
+    for at in f16_at:
+        d = rng.uniform(-0.05, 0.05, blocks.shape[:2]).astype(np.float16)
+        blocks[..., at:at + 2] = d[..., None].view(np.uint8).reshape(*d.shape, 2)
+    return blocks.reshape(rows, -1)
+
+
+def test_every_type_of_the_table_is_covered():
+    assert set(SUPPORTED) == set(LAYOUT)
+
+
+@pytest.mark.parametrize("type_name", SUPPORTED)
+def test_blocks_convert_exactly_as_gguf_dequantizes(type_name):
+    data = random_blocks(type_name)
+    w = read_quant(data, type_name)
+    ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, type_name))
+    assert w.shape == ref.shape == (12, 512)
+    assert w.bits == (4 if type_name.startswith("Q4") else 8)
+    assert w.group_size == (16 if type_name == "Q6_K" else 32)
+    torch.testing.assert_close(w.dequantize(), torch.from_numpy(ref), rtol=1e-6, atol=1e-7)
+
+
+def test_unsupported_types_stay_dense():
+    assert read_quant(np.zeros((2, 64), np.uint8), "F16") is None
+    assert read_quant(np.zeros((2, 84), np.uint8), "Q2_K") is None
+
+
+def test_fusing_parts_of_different_formats_is_exact():
+    parts = [read_quant(random_blocks(t, seed=i), t) for i, t in enumerate(["Q4_K", "Q6_K", "Q8_0"])]
+    fused = concat_rows(parts)
+    assert (fused.bits, fused.group_size, fused.zero.numel() > 0) == (8, 16, True)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    same = concat_rows(parts[:1] * 2)
+    assert same.bits == 4 and torch.equal(same.dequantize(), parts[0].dequantize().repeat(2, 1))
+
+
+ext, why = quant_ext()
+needs_ext = pytest.mark.skipif(ext is None, reason=f"no compiled kernel: {why}")
+
+
+@needs_ext
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, KERNEL_MAX_ROWS + 5])
+def test_kernel_matches_the_pytorch_reference(type_name, rows):
+    w = read_quant(random_blocks(type_name, rows=40), type_name)
+    gen = torch.Generator().manual_seed(rows)
+    bias, x = torch.randn(40, generator=gen), torch.randn(rows, 512, generator=gen)
+    ref = F.linear(x, w.dequantize(), bias)
+    compiled, reference = QuantLinear(w, bias, ext), QuantLinear(w, bias, None)
+    # float32 sums of 512 products in another order: relative to the outputs' scale
+    torch.testing.assert_close(compiled(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(reference(x), ref, rtol=0, atol=0)
+    assert torch.equal(ext.dequantize(w.codes, w.scale, w.zero, w.bits), w.dequantize())
+
+
+@needs_ext
+def test_kernel_refuses_bad_shapes_with_a_clear_error():
+    w = read_quant(random_blocks("Q4_0"), "Q4_0")
+    with pytest.raises(RuntimeError, match="codes do not hold K"):
+        ext.quant_linear(torch.randn(1, 256), w.codes, w.scale, w.zero, 4)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
+        ext.quant_linear(torch.randn(1, 512), w.codes, w.scale, w.zero, 3)
+
+
+def test_quant_linear_keeps_codes_not_a_dense_weight():
+    layer = QuantLinear(read_quant(random_blocks("Q4_K"), "Q4_K"), None, None)
+    assert set(layer.state_dict()) == {"codes", "scale", "zero"}
+    assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (12, 256)
+    assert isinstance(layer.weight_q, QuantWeight)
+
+
+# --- the real SmolLM2 GGUF: Q4_1 projections, a Q8_0 embedding tied to the LM head -----------
+
+def load(path, **kw):
+    return load_model(ModelConfig(model=str(path), dtype="float32", **kw))
+
+
+@needs_ext
+def test_smollm2_keeps_its_codes_and_matches_the_dense_model(smollm2_gguf_path, monkeypatch):
+    codes, dense = load(smollm2_gguf_path), load(smollm2_gguf_path, gguf_int4=False)
+    layers = [m for m in codes.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 4 * codes.config.num_hidden_layers + 1  # qkv, o, gate_up, down; head
+    assert isinstance(codes.model.lm_head, QuantLinear) and codes.model.lm_head.weight_q.bits == 8
+    assert not any(isinstance(m, QuantLinear) for m in dense.model.modules())
+    assert "compiled kernel: 120 4-bit and 1 8-bit layers" in codes.kernels
+    assert "quantized kernels off: --no-gguf-int4" in dense.kernels
+    ids = codes.tokenizer.encode("The history of bread begins in the Neolithic era, when people "
+                                 "first ground grains into flour and mixed it with water.")
+    ref = prefill_logits(dense, ids, force_int4=False)
+    for max_rows in (10**9, 0):  # every row through the kernel; every row dequantized + GEMM
+        monkeypatch.setattr(quant_linear, "KERNEL_MAX_ROWS", max_rows)
+        out = prefill_logits(codes, ids, force_int4=False)
+        # the same weights (the codes decode exactly as gguf dequantizes): summation order only
+        torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+@needs_ext
+def test_smollm2_codes_come_back_from_the_weight_cache(smollm2_gguf_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    first = load(smollm2_gguf_path)
+    cached = list((tmp_path / "weights").glob("*.safetensors"))
+    assert len(cached) == 1
+    second = load(smollm2_gguf_path)
+    assert (tmp_path / "weights").glob("*.safetensors").__next__() == cached[0]
+    for a, b in zip(first.model.state_dict().items(), second.model.state_dict().items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
+    assert isinstance(second.model.lm_head, QuantLinear)
+    assert second.model.model.embed_tokens.weight.shape == (second.config.vocab_size, 576)
+
+
+def test_without_a_compiler_the_dense_path_runs_and_says_why(smollm2_gguf_path, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))  # no kernel built in here
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("CXX", raising=False)
+    quant_ext.cache_clear()
+    try:
+        assert quant_ext() == (None, "no C++ compiler (c++) on the PATH")
+        loaded = load(smollm2_gguf_path)
+    finally:
+        quant_ext.cache_clear()
+    assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+    assert loaded.kernels == ("float32 dense (quantized kernels off: no C++ compiler (c++) "
+                              "on the PATH)")
