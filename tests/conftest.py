@@ -39,6 +39,16 @@ if "LMFORGE_CACHE" not in os.environ:  # shared by every server a test starts wi
     atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
     os.environ["LMFORGE_CACHE"] = _TEST_CACHE
 
+
+
+def pytest_sessionstart(session):
+    """Build lmforge's C++ kernels (``models/cpu_ext.py``) once, up front, into the session's
+    ``LMFORGE_CACHE``, rather than inside the first test server's start-up."""
+    from lmforge.models.cpu_ext import quant_ext
+
+    quant_ext()
+
+
 SMOLLM2_EOS_ID = 2  # <|im_end|>
 SMOLLM2_BOS_ID = 1  # <|im_start|>
 

@@ -14,79 +14,141 @@
 //   scale (N, K/G) float32; zero (N, K/G) float32, or an empty tensor for zero = 0.
 // G is 32 for 4-bit codes and 16 or 32 for 8-bit ones.
 //
+// Vector paths: AVX-512 or AVX2+FMA, whichever -march=native allows; portable C++ otherwise.
 // Threads: at::parallel_for over output rows, i.e. PyTorch's own intra-op pool and thread count.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <string>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
-#define LMF_AVX2 1
+#define LMF_SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LMF_SIMD 256
 #endif
 
 namespace {
 
 constexpr int64_t kMaxRows = 8;  // activation rows that share one register-dequantized group
 
-#ifdef LMF_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+#if LMF_SIMD == 512
+struct Vec {  // AVX-512: 16 floats
+  using T = __m512;
+  static constexpr int L = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static float sum(T v) { return _mm512_reduce_add_ps(v); }
+  static T u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
+  static T i8(const uint8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  // a 4-bit group's 32 weights: low nibbles are weights 0..15, high ones 16..31
+  static void nibbles(__m128i lo, __m128i hi, T s, T z, T* w) {
+    w[0] = fma(u8(lo), s, z);
+    w[1] = fma(u8(hi), s, z);
+  }
+};
+#elif LMF_SIMD == 256
+struct Vec {  // AVX2: 8 floats
+  using T = __m256;
+  static constexpr int L = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static float sum(T v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+  }
+  static T u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }  // low 8 bytes
+  static T i8(const uint8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static void nibbles(__m128i lo, __m128i hi, T s, T z, T* w) {
+    w[0] = fma(u8(lo), s, z);
+    w[1] = fma(u8(_mm_srli_si128(lo, 8)), s, z);
+    w[2] = fma(u8(hi), s, z);
+    w[3] = fma(u8(_mm_srli_si128(hi, 8)), s, z);
+  }
+};
+#endif
+
+#ifdef LMF_SIMD
+// Group g of one output row into the accumulators of MR activation rows. BASE offsets the
+// accumulator each vector of the group feeds, so that consecutive groups use other FMA chains;
+// every index is a compile-time constant once the loops unroll, so acc stays in registers.
+template <int MR, int BITS, int G, int NA, int BASE>
+inline void group(typename Vec::T (&acc)[MR][NA], const float* x, int64_t ldx,
+                  const uint8_t* codes, const float* scale, const float* zero, int64_t g) {
+  constexpr int CPG = G / Vec::L;  // vectors per group
+  const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
+  typename Vec::T w[CPG];
+  if constexpr (BITS == 4) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, w);
+  } else {
+    for (int c = 0; c < CPG; ++c) w[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
+  }
+  const float* xg = x + g * G;
+  for (int c = 0; c < CPG; ++c)
+    for (int m = 0; m < MR; ++m)
+      acc[m][(BASE + c) % NA] = Vec::fma(w[c], Vec::load(xg + m * ldx + c * Vec::L), acc[m][(BASE + c) % NA]);
 }
 
-inline __m256 widen_u8(__m128i bytes) {  // the low 8 bytes -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-}
-
-inline __m256 widen_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// One output row against MR activation rows: out[m] = sum_k x[m, k] * w[k].
-template <int MR, int BITS>
+// One output row against MR activation rows: out[m * ldo] = sum_k x[m, k] * w[k].
+template <int MR, int BITS, int G>
 void dot_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* scale,
-              const float* zero, int64_t K, int64_t G, float* out, int64_t ldo) {
-  constexpr int NA = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;  // accumulators per row: FMA chains
-  __m256 acc[MR][NA];
+              const float* zero, int64_t K, float* out, int64_t ldo) {
+  constexpr int CPG = G / Vec::L;
+  constexpr int NA = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;  // independent FMA chains per row
+  constexpr int GPI = NA > CPG ? NA / CPG : 1;       // groups per iteration to feed them all
+  typename Vec::T acc[MR][NA];
   for (int m = 0; m < MR; ++m)
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm256_setzero_ps();
+    for (int a = 0; a < NA; ++a) acc[m][a] = Vec::zero();
   const int64_t groups = K / G;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256 s = _mm256_set1_ps(scale[g]);
-    const __m256 z = _mm256_set1_ps(zero ? zero[g] : 0.0f);
-    const float* xg = x + g * G;
-    if (BITS == 4) {  // G == 32
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      const __m128i lo = _mm_and_si128(packed, mask);
-      const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
-      const __m256 w[4] = {_mm256_fmadd_ps(widen_u8(lo), s, z),
-                           _mm256_fmadd_ps(widen_u8(_mm_srli_si128(lo, 8)), s, z),
-                           _mm256_fmadd_ps(widen_u8(hi), s, z),
-                           _mm256_fmadd_ps(widen_u8(_mm_srli_si128(hi, 8)), s, z)};
-      for (int c = 0; c < 4; ++c)
-        for (int m = 0; m < MR; ++m)
-          acc[m][c % NA] = _mm256_fmadd_ps(w[c], _mm256_loadu_ps(xg + m * ldx + 8 * c),
-                                           acc[m][c % NA]);
-    } else {
-      const int8_t* q = reinterpret_cast<const int8_t*>(codes) + g * G;
-      for (int64_t c = 0; c < G / 8; ++c) {
-        const __m256 w = _mm256_fmadd_ps(widen_i8(q + 8 * c), s, z);
-        const int a = static_cast<int>((g * (G / 8) + c) % NA);  // G = 16 uses all chains too
-        for (int m = 0; m < MR; ++m)
-          acc[m][a] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + m * ldx + 8 * c), acc[m][a]);
-      }
+  int64_t g = 0;
+  for (; g + GPI <= groups; g += GPI) {
+    group<MR, BITS, G, NA, 0>(acc, x, ldx, codes, scale, zero, g);
+    if constexpr (GPI >= 2) group<MR, BITS, G, NA, CPG>(acc, x, ldx, codes, scale, zero, g + 1);
+    if constexpr (GPI >= 4) {
+      group<MR, BITS, G, NA, 2 * CPG>(acc, x, ldx, codes, scale, zero, g + 2);
+      group<MR, BITS, G, NA, 3 * CPG>(acc, x, ldx, codes, scale, zero, g + 3);
     }
   }
+  for (; g < groups; ++g) group<MR, BITS, G, NA, 0>(acc, x, ldx, codes, scale, zero, g);
   for (int m = 0; m < MR; ++m) {
-    __m256 t = acc[m][0];
-    for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[m][a]);
-    out[m * ldo] = hsum(t);
+    typename Vec::T t = acc[m][0];
+    for (int a = 1; a < NA; ++a) t = Vec::add(t, acc[m][a]);
+    out[m * ldo] = Vec::sum(t);
   }
+}
+
+using Kernel = void (*)(const float*, int64_t, const uint8_t*, const float*, const float*,
+                        int64_t, float*, int64_t);
+
+template <int BITS, int G>
+struct Kernels {  // indexed by rows - 1
+  static constexpr Kernel by_rows[kMaxRows] = {
+      dot_rows<1, BITS, G>, dot_rows<2, BITS, G>, dot_rows<3, BITS, G>, dot_rows<4, BITS, G>,
+      dot_rows<5, BITS, G>, dot_rows<6, BITS, G>, dot_rows<7, BITS, G>, dot_rows<8, BITS, G>};
+};
+
+const Kernel* kernels_for(int64_t bits, int64_t G) {
+  if (bits == 4) return Kernels<4, 32>::by_rows;
+  return G == 32 ? Kernels<8, 32>::by_rows : Kernels<8, 16>::by_rows;
 }
 #endif
 
@@ -126,7 +188,8 @@ void check_weight(const torch::Tensor& codes, const torch::Tensor& scale, const 
               "scale must be float32 with one row per output");
   TORCH_CHECK(scale.size(1) > 0 && K % scale.size(1) == 0, "K must be a multiple of the groups");
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(bits == 4 ? G == 32 : (G % 8 == 0), "unsupported group size ", G, " for ", bits, " bits");
+  TORCH_CHECK(bits == 4 ? G == 32 : (G == 16 || G == 32), "unsupported group size ", G, " for ",
+              bits, " bits");
   TORCH_CHECK(zero.numel() == 0 || zero.sizes() == scale.sizes(), "zero must match scale or be empty");
 }
 
@@ -148,14 +211,8 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
   const float* zp = zero.numel() ? zero.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t groups = K / G;
-#ifdef LMF_AVX2
-  using Kernel = void (*)(const float*, int64_t, const uint8_t*, const float*, const float*,
-                          int64_t, int64_t, float*, int64_t);
-  static const Kernel kernels[2][kMaxRows] = {
-      {dot_rows<1, 4>, dot_rows<2, 4>, dot_rows<3, 4>, dot_rows<4, 4>,
-       dot_rows<5, 4>, dot_rows<6, 4>, dot_rows<7, 4>, dot_rows<8, 4>},
-      {dot_rows<1, 8>, dot_rows<2, 8>, dot_rows<3, 8>, dot_rows<4, 8>,
-       dot_rows<5, 8>, dot_rows<6, 8>, dot_rows<7, 8>, dot_rows<8, 8>}};
+#ifdef LMF_SIMD
+  const Kernel* kernels = kernels_for(bits, G);
 #endif
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
@@ -166,8 +223,8 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
         const int64_t rows = std::min(kMaxRows, M - m0);
         const float* xr = xp + m0 * K;
         float* out = yp + m0 * N + n;
-#ifdef LMF_AVX2
-        kernels[bits == 4 ? 0 : 1][rows - 1](xr, K, c, s, z, K, G, out, N);
+#ifdef LMF_SIMD
+        kernels[rows - 1](xr, K, c, s, z, K, out, N);
 #else
         dot_rows_portable(xr, K, rows, c, s, z, K, G, static_cast<int>(bits), out, N);
 #endif
@@ -176,6 +233,26 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
   });
   return y;
 }
+
+#ifdef LMF_SIMD
+// Row n's dense weights: each group dequantized in registers as the kernel does, then stored.
+template <int BITS, int G>
+void dequantize_row(const uint8_t* codes, const float* scale, const float* zero, int64_t K, float* w) {
+  constexpr int CPG = G / Vec::L;
+  for (int64_t g = 0; g < K / G; ++g) {
+    const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
+    typename Vec::T v[CPG];
+    if constexpr (BITS == 4) {
+      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+      const __m128i mask = _mm_set1_epi8(0x0F);
+      Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, v);
+    } else {
+      for (int c = 0; c < CPG; ++c) v[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
+    }
+    for (int c = 0; c < CPG; ++c) Vec::store(w + g * G + c * Vec::L, v[c]);
+  }
+}
+#endif
 
 // The dense (N, K) float32 weight, for large batches (prefill), which run as one float32 GEMM.
 torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scale,
@@ -189,24 +266,34 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scale,
   const float* zp = zero.numel() ? zero.data_ptr<float>() : nullptr;
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t k = 0; k < K; ++k)
-        wp[n * K + k] = weight_at(cp + n * row_bytes, sp + n * groups, zp ? zp + n * groups : nullptr,
-                                  k, G, static_cast<int>(bits));
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* c = cp + n * row_bytes;
+      const float* s = sp + n * groups;
+      const float* z = zp ? zp + n * groups : nullptr;
+#ifdef LMF_SIMD
+      if (bits == 4) dequantize_row<4, 32>(c, s, z, K, wp + n * K);
+      else if (G == 32) dequantize_row<8, 32>(c, s, z, K, wp + n * K);
+      else dequantize_row<8, 16>(c, s, z, K, wp + n * K);
+#else
+      for (int64_t k = 0; k < K; ++k) wp[n * K + k] = weight_at(c, s, z, k, G, static_cast<int>(bits));
+#endif
+    }
   });
   return w;
 }
 
-bool has_avx2() {
-#ifdef LMF_AVX2
-  return true;
+std::string isa() {  // which vector path was compiled in
+#if LMF_SIMD == 512
+  return "AVX-512";
+#elif LMF_SIMD == 256
+  return "AVX2";
 #else
-  return false;
+  return "portable C++";
 #endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ W^T with W in 4- or 8-bit groups (float32 x)");
   m.def("dequantize", &dequantize, "the dense float32 weight of 4- or 8-bit groups");
-  m.def("has_avx2", &has_avx2, "whether the AVX2/FMA path was compiled in");
+  m.def("isa", &isa, "the vector instruction set the kernel was compiled for");
 }

@@ -18,6 +18,7 @@ from lmforge.models.multi_lora import (
     lora_targets,
 )
 from lmforge.models.packing import PackedLinear, can_pack
+from lmforge.models.quant_linear import QuantLinear
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -31,9 +32,9 @@ def adapters(tiny_llama_dir, tmp_path_factory, make_peft_adapter):
                                    ["k_proj", "o_proj", "gate_proj", "up_proj"])}
 
 
-def make_engine(model_dir, adapters, max_loras=8, budget=512) -> LLMEngine:
+def make_engine(model_dir, adapters, max_loras=8, budget=512, quantization=None) -> LLMEngine:
     engine = LLMEngine(EngineConfig(
-        model=ModelConfig(model=str(model_dir), dtype="float32"),
+        model=ModelConfig(model=str(model_dir), dtype="float32", quantization=quantization),
         cache=CacheConfig(block_size=4, num_blocks=256, max_loras=max_loras),
         scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget)))
     for name, directory in adapters.items():
@@ -143,6 +144,17 @@ def test_async_engine_adds_adapters_between_steps(tiny_llama_dir, adapters, alon
         assert asyncio.run(main()) == alone[1]
     finally:
         engine.shutdown()
+
+
+def test_adapters_apply_on_quantized_base_layers(tiny_llama_dir, adapters):
+    """--quantization int8: MultiLoRALinear wraps QuantLinear layers; a mixed batch still equals
+    each request alone, and the adapters still change the output."""
+    engine = make_engine(tiny_llama_dir, adapters, quantization="int8")
+    wrapped = [m for m in engine.model_runner.model.modules() if isinstance(m, MultiLoRALinear)]
+    assert wrapped and all(isinstance(m.base, QuantLinear) for m in wrapped)
+    alone_q = [run(engine, [job])[0] for job in JOBS]
+    assert run(engine, JOBS) == alone_q
+    assert alone_q[0] != alone_q[5] != alone_q[6]  # the same prompt: base, "a", "b"
 
 
 @pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")),

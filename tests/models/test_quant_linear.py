@@ -1,6 +1,8 @@
 """Quantized weights kept quantized: GGUF block conversion against gguf's numpy dequantization
 (every supported type, random blocks), and the compiled kernel against the PyTorch reference."""
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -77,7 +79,9 @@ def test_kernel_matches_the_pytorch_reference(type_name, rows):
     # float32 sums of 512 products in another order: relative to the outputs' scale
     torch.testing.assert_close(compiled(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(reference(x), ref, rtol=0, atol=0)
-    assert torch.equal(ext.dequantize(w.codes, w.scale, w.zero, w.bits), w.dequantize())
+    # one fused multiply-add per weight against PyTorch's multiply, then add: 1 ulp at most
+    torch.testing.assert_close(ext.dequantize(w.codes, w.scale, w.zero, w.bits), w.dequantize(),
+                               rtol=2e-7, atol=0)
 
 
 @needs_ext
@@ -150,3 +154,22 @@ def test_without_a_compiler_the_dense_path_runs_and_says_why(smollm2_gguf_path, 
     assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())
     assert loaded.kernels == ("float32 dense (quantized kernels off: no C++ compiler (c++) "
                               "on the PATH)")
+
+
+# --- opt-in: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (Q5_0, Q4_K, Q6_K, Q8_0 layers) ---------------
+
+QWEN = os.environ.get("LMFORGE_TEST_QWEN_GGUF")
+
+
+@needs_ext
+@pytest.mark.skipif(not QWEN, reason="opt-in: LMFORGE_TEST_QWEN_GGUF=$(python benchmarks/qwen_gguf.py)")
+def test_qwen_k_quants_keep_their_codes_and_match_the_dense_model():
+    codes, dense = load(QWEN), load(QWEN, gguf_int4=False)
+    kinds = {(m.weight_q.bits, m.weight_q.group_size)
+             for m in codes.model.modules() if isinstance(m, QuantLinear)}
+    assert (8, 16) in kinds and (8, 32) in kinds  # Q6_K (fused with Q4_K parts), Q5_0 / Q8_0
+    ids = codes.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.")
+    ref = prefill_logits(dense, ids, force_int4=False)
+    out = prefill_logits(codes, ids, force_int4=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=5e-3)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
