@@ -86,6 +86,20 @@ struct Vec {  // AVX2: 8 floats
 #endif
 
 #ifdef LMF_SIMD
+// The G weights of group g of one output row, dequantized into G / Vec::L vectors.
+template <int BITS, int G>
+inline void group_weights(const uint8_t* codes, const float* scale, const float* zero, int64_t g,
+                          typename Vec::T* w) {
+  const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
+  if constexpr (BITS == 4) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, w);
+  } else {
+    for (int c = 0; c < G / Vec::L; ++c) w[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
+  }
+}
+
 // Group g of one output row into the accumulators of MR activation rows. BASE offsets the
 // accumulator each vector of the group feeds, so that consecutive groups use other FMA chains;
 // every index is a compile-time constant once the loops unroll, so acc stays in registers.
@@ -93,15 +107,8 @@ template <int MR, int BITS, int G, int NA, int BASE>
 inline void group(typename Vec::T (&acc)[MR][NA], const float* x, int64_t ldx,
                   const uint8_t* codes, const float* scale, const float* zero, int64_t g) {
   constexpr int CPG = G / Vec::L;  // vectors per group
-  const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
   typename Vec::T w[CPG];
-  if constexpr (BITS == 4) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, w);
-  } else {
-    for (int c = 0; c < CPG; ++c) w[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
-  }
+  group_weights<BITS, G>(codes, scale, zero, g, w);
   const float* xg = x + g * G;
   for (int c = 0; c < CPG; ++c)
     for (int m = 0; m < MR; ++m)
@@ -240,15 +247,8 @@ template <int BITS, int G>
 void dequantize_row(const uint8_t* codes, const float* scale, const float* zero, int64_t K, float* w) {
   constexpr int CPG = G / Vec::L;
   for (int64_t g = 0; g < K / G; ++g) {
-    const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
     typename Vec::T v[CPG];
-    if constexpr (BITS == 4) {
-      const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
-      const __m128i mask = _mm_set1_epi8(0x0F);
-      Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, v);
-    } else {
-      for (int c = 0; c < CPG; ++c) v[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
-    }
+    group_weights<BITS, G>(codes, scale, zero, g, v);
     for (int c = 0; c < CPG; ++c) Vec::store(w + g * G + c * Vec::L, v[c]);
   }
 }

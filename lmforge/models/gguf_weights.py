@@ -48,9 +48,9 @@ def gguf_weights(reader: GGUFFile, config: ModelConfigs, *, dense: bool = True,
     Args:
         dense: return every tensor dequantized to float32; else only the quantized forms.
         quant: None, ``"int4"`` (Q4_0/Q4_1 projections as ``quant.Q4Weight``) or ``"codes"``
-            (projections and the LM head of any supported block type as
+            (projections, LM head and token embedding of any supported block type as
             ``quant_linear.QuantWeight``; their dense weights are then zero-stride placeholders
-            of the right shape, as the layers that hold the codes replace them).
+            of the right shape, as the modules that hold the codes replace them).
 
     Raises:
         ModelLoadError: for a tensor the name table does not know.
@@ -70,14 +70,12 @@ def gguf_weights(reader: GGUFFile, config: ModelConfigs, *, dense: bool = True,
             raise ModelLoadError(f"unexpected tensor {t.name} in {reader.path.name}")
         hf_name = f"{names[base]}.{suffix}"
         q = _quantized(t, base, suffix, quant, config)
-        if q is not None and base == "token_embd":  # the tied LM head reads the embedding's codes
-            quantized["lm_head.weight"] = q
-        elif q is not None:
+        if q is not None:
             quantized[hf_name] = q
         if not dense:
             continue
-        if q is not None and quant == "codes" and base != "token_embd":
-            w = torch.zeros(1).expand(q.shape)  # replaced by the QuantLinear holding the codes
+        if q is not None and quant == "codes":
+            w = torch.zeros(1).expand(q.shape)  # replaced by the module holding the codes
         elif q is not None and quant == "int4":  # decoded once: the 4-bit weight, dequantized
             w = q.dequantize()
         else:
@@ -94,9 +92,9 @@ def _quantized(t, base: str, suffix: str, quant: str | None, config: ModelConfig
     if quant == "int4":
         q = read_q4_blocks(t.data, t.tensor_type.name) if base.startswith("blk.") else None
     else:
-        lm_head = base == "output" or (base == "token_embd" and config.tie_word_embeddings)
-        projection = base.startswith("blk.") and not base.endswith("norm")
-        q = read_quant(t.data, t.tensor_type.name) if projection or lm_head else None
+        matrix = base in ("output", "token_embd") or (base.startswith("blk.")
+                                                          and not base.endswith("norm"))
+        q = read_quant(t.data, t.tensor_type.name) if matrix else None
     return None if q is None else q.map_rows(lambda rows: _unpermute(rows, base, config))
 
 

@@ -127,6 +127,10 @@ def _fuse_and_quantize_(model: CausalLM, quantized: dict, mode: QuantMode, *, fu
             quantized.pop(f"{part}.weight", None)
     with phase(profile, "quantized layers"):
         if mode.form == "codes":
+            embedding = model.get_input_embeddings()
+            name = next(n for n, m in model.named_modules() if m is embedding)
+            if model.lm_head.weight is embedding.weight and f"{name}.weight" in quantized:
+                quantized["lm_head.weight"] = quantized[f"{name}.weight"]  # tied: one copy
             attach_quant_(model, quantized, mode.ext)
         if mode.bits:  # --quantization: what is still dense
             quantize_linears_(model, mode.bits, mode.ext)
@@ -153,9 +157,10 @@ def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, quant: str | 
 
 def cacheable_state_dict(model: CausalLM, config: ModelConfigs) -> dict[str, torch.Tensor]:
     """The fused model's weights on the CPU as ``build_model(..., fused=True)`` takes them (and
-    ``QuantLinear``s' codes, scales and zeros): a head tied to the embedding is left out."""
-    tied = "lm_head.weight" if config.tie_word_embeddings else None
-    return {k: v.detach().cpu() for k, v in model.state_dict().items() if k != tied}
+    quantized modules' codes, scales and zeros): a head tied to the embedding is left out."""
+    tied = config.tie_word_embeddings
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()
+            if not (tied and k.startswith("lm_head."))}
 
 
 def fuse_rows(weights: dict, fused_parts: dict[str, list[tuple[str, int]]], concat) -> dict:

@@ -31,7 +31,7 @@ KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 G
 class QuantWeight:
     """An (N, K) weight as codes in groups of G along K.
 
-    ``codes``: (N, K / 2) uint8 for 4 bits (group g's 32 codes in bytes 16g..16g+15, low nibble
+    All three are contiguous, ``scale`` and ``zero`` float32. ``codes``: (N, K / 2) uint8 for 4 bits (group g's 32 codes in bytes 16g..16g+15, low nibble
     code j, high nibble code j + 16, GGUF's Q4_0 order), (N, K) int8 for 8 bits. ``scale``:
     (N, K / G) float32. ``zero``: (N, K / G) float32, or a 0-element tensor for zero = 0.
     """
@@ -114,9 +114,9 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, ext=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("codes", weight.codes.contiguous())
-        self.register_buffer("scale", weight.scale.float().contiguous())
-        self.register_buffer("zero", weight.zero.float().contiguous())
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero", weight.zero)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.ext = ext
 
@@ -183,8 +183,29 @@ def quantize_linears_(model: nn.Module, bits: int, ext) -> int:
     return len(targets)
 
 
+class QuantEmbedding(nn.Module):
+    """``ids (T,) -> (T, embedding_dim) float32``: the rows of a ``QuantWeight``, dequantized.
+
+    The codes stay shared with a tied ``QuantLinear`` head (one copy of the vocabulary matrix).
+    """
+
+    def __init__(self, weight: QuantWeight):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("zero", weight.zero)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        zero = self.zero[flat] if self.zero.numel() else self.zero
+        rows = QuantWeight(self.codes[flat], self.scale[flat], zero).dequantize()
+        return rows.view(*ids.shape, self.embedding_dim)
+
+
 def attach_quant_(model: nn.Module, weights: dict[str, QuantWeight], ext) -> int:
-    """Replace each linear layer that has a quantized weight by a ``QuantLinear``, in place.
+    """Replace each linear layer (``QuantLinear``) or embedding (``QuantEmbedding``) that has a
+    quantized weight, in place; the same ``QuantWeight`` given twice (a tied head) is shared.
 
     Args:
         model: the loaded (fused) model.
@@ -192,13 +213,15 @@ def attach_quant_(model: nn.Module, weights: dict[str, QuantWeight], ext) -> int
         ext: the compiled module, or None for the PyTorch reference path.
 
     Returns:
-        the number of layers replaced.
+        the number of modules replaced.
     """
     for name, weight in weights.items():
         parent_name, _, child = name.removesuffix(".weight").rpartition(".")
         parent = model.get_submodule(parent_name)
-        bias = getattr(getattr(parent, child), "bias", None)
-        setattr(parent, child, QuantLinear(weight, bias, ext))
+        old = getattr(parent, child)
+        new = (QuantEmbedding(weight) if isinstance(old, nn.Embedding)
+               else QuantLinear(weight, getattr(old, "bias", None), ext))
+        setattr(parent, child, new)
     return len(weights)
 
 

@@ -32,3 +32,19 @@ def test_memory_freed_under_a_live_block_goes_back_to_the_os():
     assert rss_mb() < before - 128
     del top
 
+
+
+def test_a_kv_cache_is_resident_only_where_written():
+    """``model_runner.zeroed``: 256 MiB of zero pages; one write every 4 MiB makes ~64 pages
+    resident, not 64 transparent huge pages (128 MiB) as numpy's huge-page-advised zeros did."""
+    import torch
+
+    from lmforge.engine.model_runner import zeroed
+
+    before = rss_mb()
+    cache = zeroed((64, 1024, 1024), torch.float32, torch.device("cpu"))  # 256 MiB
+    assert rss_mb() - before < 16
+    cache[:, 0, 0] = 1.0  # one float per 4 MiB
+    assert rss_mb() - before < 16
+    # (reading untouched pages would make them resident too; the engine reads written blocks only)
+    assert float(cache[:, 0, 0].sum()) == 64.0 and float(cache[1, 0, 1]) == 0.0

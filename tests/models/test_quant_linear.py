@@ -15,7 +15,14 @@ from lmforge.models import quant_linear
 from lmforge.models.cpu_ext import quant_ext
 from lmforge.models.loader import load_model
 from lmforge.models.gguf_quant import SUPPORTED, read_quant
-from lmforge.models.quant_linear import KERNEL_MAX_ROWS, QuantLinear, QuantWeight, concat_rows
+from lmforge.engine.memory import tensor_bytes
+from lmforge.models.quant_linear import (
+    KERNEL_MAX_ROWS,
+    QuantEmbedding,
+    QuantLinear,
+    QuantWeight,
+    concat_rows,
+)
 
 # bytes per block, and the byte offsets of each f16 scale in it (ggml-common.h)
 LAYOUT = {"Q4_0": (18, [0]), "Q4_1": (20, [0, 2]), "Q5_0": (22, [0]), "Q5_1": (24, [0, 2]),
@@ -112,6 +119,12 @@ def test_smollm2_keeps_its_codes_and_matches_the_dense_model(smollm2_gguf_path, 
     layers = [m for m in codes.model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 4 * codes.config.num_hidden_layers + 1  # qkv, o, gate_up, down; head
     assert isinstance(codes.model.lm_head, QuantLinear) and codes.model.lm_head.weight_q.bits == 8
+    embedding = codes.model.model.embed_tokens  # Q8_0, tied: one copy of the codes for both
+    assert isinstance(embedding, QuantEmbedding)
+    assert embedding.codes.data_ptr() == codes.model.lm_head.codes.data_ptr()
+    torch.testing.assert_close(embedding(torch.tensor([[5, 7000]])),
+                               dense.model.model.embed_tokens(torch.tensor([[5, 7000]])), rtol=0, atol=0)
+    assert tensor_bytes(codes.model) < 0.25 * tensor_bytes(dense.model)  # 105 vs 517 MiB
     assert not any(isinstance(m, QuantLinear) for m in dense.model.modules())
     assert "compiled kernel: 120 4-bit and 1 8-bit layers" in codes.kernels
     assert "quantized kernels off: --no-gguf-int4" in dense.kernels
@@ -137,7 +150,7 @@ def test_smollm2_codes_come_back_from_the_weight_cache(smollm2_gguf_path, tmp_pa
     for a, b in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1]), a[0]
     assert isinstance(second.model.lm_head, QuantLinear)
-    assert second.model.model.embed_tokens.weight.shape == (second.config.vocab_size, 576)
+    assert second.model.model.embed_tokens.codes.data_ptr() == second.model.lm_head.codes.data_ptr()
 
 
 def test_without_a_compiler_the_dense_path_runs_and_says_why(smollm2_gguf_path, tmp_path,
