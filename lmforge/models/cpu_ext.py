@@ -44,6 +44,7 @@ def cpu_flags() -> str:
 
 
 def build_key() -> str:
+    """16 hex digits naming this build: the source, PyTorch, Python and this CPU's flags."""
     raw = "\0".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_flags()))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 

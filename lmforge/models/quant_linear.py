@@ -42,14 +42,17 @@ class QuantWeight:
 
     @property
     def bits(self) -> int:
+        """4 (uint8 codes, two a byte) or 8 (int8 codes)."""
         return 4 if self.codes.dtype == torch.uint8 else 8
 
     @property
     def shape(self) -> tuple[int, int]:
+        """(N, K) of the dense weight."""
         return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
 
     @property
     def group_size(self) -> int:
+        """G, the weights along K that share a scale and zero (16 or 32)."""
         return self.shape[1] // self.scale.shape[1]
 
     def int_codes(self) -> torch.Tensor:
@@ -122,6 +125,7 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_q(self) -> QuantWeight:
+        """The layer's weight as a ``QuantWeight`` (its buffers, not a copy)."""
         return QuantWeight(self.codes, self.scale, self.zero)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

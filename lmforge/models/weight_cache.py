@@ -1,4 +1,5 @@
-"""A GGUF model's dequantized, fused weights, cached as safetensors and memory-mapped back.
+"""A GGUF model's fused weights, cached as safetensors and memory-mapped back: dequantized, or
+(the ``"codes"`` variant) with the quantized modules' codes, scales and zeros.
 
 Reading a GGUF means dequantizing every tensor and then fusing q|k|v and gate|up with copies:
 1.6 s of the default model's start-up on a 2-core VM. The result depends only on the file,
