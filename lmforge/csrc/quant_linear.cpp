@@ -10,9 +10,12 @@
 // Layouts (models/gguf_quant.py converts GGUF's blocks into them):
 //   bits 4: codes (N, K/2) uint8; group g's 32 weights sit in bytes [16g, 16g + 16): byte j holds
 //           weight 32g + j in its low nibble and 32g + j + 16 in its high one (GGUF's Q4_0 order).
+//   bits 5: the 4-bit layout for the low four bits, plus high (N, K/32) int32 whose bit j is the
+//           fifth bit of weight 32g + j (GGUF's Q5_0 qh order).
 //   bits 8: codes (N, K) int8.
-//   scale (N, K/G) float32; zero (N, K/G) float32, or an empty tensor for zero = 0.
-// G is 32 for 4-bit codes and 16 or 32 for 8-bit ones.
+//   scale (N, K/G) float32; zero (N, K/G) float32, or an empty tensor for zero = 0; high is an
+//   empty tensor unless bits is 5.
+// G is 32 for 4- and 5-bit codes and 16 or 32 for 8-bit ones.
 //
 // Vector paths: AVX-512 or AVX2+FMA, whichever -march=native allows; portable C++ otherwise.
 // Threads: at::parallel_for over output rows, i.e. PyTorch's own intra-op pool and thread count.
@@ -85,18 +88,38 @@ struct Vec {  // AVX2: 8 floats
 };
 #endif
 
+// One output row's weight: where its codes, scales, zeros and fifth bits start.
+struct Row {
+  const uint8_t* codes;
+  const float* scale;
+  const float* zero;    // nullptr: zero = 0
+  const uint32_t* high;  // nullptr unless 5-bit
+};
+
 #ifdef LMF_SIMD
+// 16 bits of h -> 16 bytes: 16 where bit j is set, else 0 (SSSE3).
+inline __m128i fifth_bits(uint32_t h) {
+  const __m128i spread = _mm_shuffle_epi8(_mm_set1_epi32(static_cast<int>(h)),
+                                          _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+  const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+  return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(16));
+}
+
 // The G weights of group g of one output row, dequantized into G / Vec::L vectors.
 template <int BITS, int G>
-inline void group_weights(const uint8_t* codes, const float* scale, const float* zero, int64_t g,
-                          typename Vec::T* w) {
-  const typename Vec::T s = Vec::set1(scale[g]), z = Vec::set1(zero ? zero[g] : 0.0f);
-  if constexpr (BITS == 4) {
-    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+inline void group_weights(const Row& r, int64_t g, typename Vec::T* w) {
+  const typename Vec::T s = Vec::set1(r.scale[g]), z = Vec::set1(r.zero ? r.zero[g] : 0.0f);
+  if constexpr (BITS == 4 || BITS == 5) {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r.codes + g * 16));
     const __m128i mask = _mm_set1_epi8(0x0F);
-    Vec::nibbles(_mm_and_si128(packed, mask), _mm_and_si128(_mm_srli_epi16(packed, 4), mask), s, z, w);
+    __m128i lo = _mm_and_si128(packed, mask), hi = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    if constexpr (BITS == 5) {
+      lo = _mm_or_si128(lo, fifth_bits(r.high[g] & 0xFFFF));
+      hi = _mm_or_si128(hi, fifth_bits(r.high[g] >> 16));
+    }
+    Vec::nibbles(lo, hi, s, z, w);
   } else {
-    for (int c = 0; c < G / Vec::L; ++c) w[c] = Vec::fma(Vec::i8(codes + g * G + c * Vec::L), s, z);
+    for (int c = 0; c < G / Vec::L; ++c) w[c] = Vec::fma(Vec::i8(r.codes + g * G + c * Vec::L), s, z);
   }
 }
 
@@ -104,11 +127,11 @@ inline void group_weights(const uint8_t* codes, const float* scale, const float*
 // accumulator each vector of the group feeds, so that consecutive groups use other FMA chains;
 // every index is a compile-time constant once the loops unroll, so acc stays in registers.
 template <int MR, int BITS, int G, int NA, int BASE>
-inline void group(typename Vec::T (&acc)[MR][NA], const float* x, int64_t ldx,
-                  const uint8_t* codes, const float* scale, const float* zero, int64_t g) {
+inline void group(typename Vec::T (&acc)[MR][NA], const float* x, int64_t ldx, const Row& r,
+                  int64_t g) {
   constexpr int CPG = G / Vec::L;  // vectors per group
   typename Vec::T w[CPG];
-  group_weights<BITS, G>(codes, scale, zero, g, w);
+  group_weights<BITS, G>(r, g, w);
   const float* xg = x + g * G;
   for (int c = 0; c < CPG; ++c)
     for (int m = 0; m < MR; ++m)
@@ -117,8 +140,7 @@ inline void group(typename Vec::T (&acc)[MR][NA], const float* x, int64_t ldx,
 
 // One output row against MR activation rows: out[m * ldo] = sum_k x[m, k] * w[k].
 template <int MR, int BITS, int G>
-void dot_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* scale,
-              const float* zero, int64_t K, float* out, int64_t ldo) {
+void dot_rows(const float* x, int64_t ldx, const Row& r, int64_t K, float* out, int64_t ldo) {
   constexpr int CPG = G / Vec::L;
   constexpr int NA = MR <= 2 ? 4 : MR <= 4 ? 2 : 1;  // independent FMA chains per row
   constexpr int GPI = NA > CPG ? NA / CPG : 1;       // groups per iteration to feed them all
@@ -128,14 +150,14 @@ void dot_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* sc
   const int64_t groups = K / G;
   int64_t g = 0;
   for (; g + GPI <= groups; g += GPI) {
-    group<MR, BITS, G, NA, 0>(acc, x, ldx, codes, scale, zero, g);
-    if constexpr (GPI >= 2) group<MR, BITS, G, NA, CPG>(acc, x, ldx, codes, scale, zero, g + 1);
+    group<MR, BITS, G, NA, 0>(acc, x, ldx, r, g);
+    if constexpr (GPI >= 2) group<MR, BITS, G, NA, CPG>(acc, x, ldx, r, g + 1);
     if constexpr (GPI >= 4) {
-      group<MR, BITS, G, NA, 2 * CPG>(acc, x, ldx, codes, scale, zero, g + 2);
-      group<MR, BITS, G, NA, 3 * CPG>(acc, x, ldx, codes, scale, zero, g + 3);
+      group<MR, BITS, G, NA, 2 * CPG>(acc, x, ldx, r, g + 2);
+      group<MR, BITS, G, NA, 3 * CPG>(acc, x, ldx, r, g + 3);
     }
   }
-  for (; g < groups; ++g) group<MR, BITS, G, NA, 0>(acc, x, ldx, codes, scale, zero, g);
+  for (; g < groups; ++g) group<MR, BITS, G, NA, 0>(acc, x, ldx, r, g);
   for (int m = 0; m < MR; ++m) {
     typename Vec::T t = acc[m][0];
     for (int a = 1; a < NA; ++a) t = Vec::add(t, acc[m][a]);
@@ -143,8 +165,7 @@ void dot_rows(const float* x, int64_t ldx, const uint8_t* codes, const float* sc
   }
 }
 
-using Kernel = void (*)(const float*, int64_t, const uint8_t*, const float*, const float*,
-                        int64_t, float*, int64_t);
+using Kernel = void (*)(const float*, int64_t, const Row&, int64_t, float*, int64_t);
 
 template <int BITS, int G>
 struct Kernels {  // indexed by rows - 1
@@ -155,85 +176,98 @@ struct Kernels {  // indexed by rows - 1
 
 const Kernel* kernels_for(int64_t bits, int64_t G) {
   if (bits == 4) return Kernels<4, 32>::by_rows;
+  if (bits == 5) return Kernels<5, 32>::by_rows;
   return G == 32 ? Kernels<8, 32>::by_rows : Kernels<8, 16>::by_rows;
+}
+
+// Row n's dense weights: each group dequantized in registers as the kernel does, then stored.
+template <int BITS, int G>
+void dequantize_row(const Row& r, int64_t K, float* w) {
+  constexpr int CPG = G / Vec::L;
+  for (int64_t g = 0; g < K / G; ++g) {
+    typename Vec::T v[CPG];
+    group_weights<BITS, G>(r, g, v);
+    for (int c = 0; c < CPG; ++c) Vec::store(w + g * G + c * Vec::L, v[c]);
+  }
 }
 #endif
 
-// The weight w[k] of one output row, for the portable path and for dequantize().
-inline float weight_at(const uint8_t* codes, const float* scale, const float* zero, int64_t k,
-                       int64_t G, int bits) {
+// The weight w[k] of one output row, for the portable path.
+inline float weight_at(const Row& r, int64_t k, int64_t G, int bits) {
   const int64_t g = k / G;
   float q;
-  if (bits == 4) {
-    const int64_t j = k % 32;
-    const uint8_t byte = codes[g * 16 + (j % 16)];
-    q = static_cast<float>(j < 16 ? (byte & 0x0F) : (byte >> 4));
+  if (bits == 8) {
+    q = static_cast<float>(reinterpret_cast<const int8_t*>(r.codes)[k]);
   } else {
-    q = static_cast<float>(reinterpret_cast<const int8_t*>(codes)[k]);
+    const int64_t j = k % 32;
+    const uint8_t byte = r.codes[g * 16 + (j % 16)];
+    uint32_t code = j < 16 ? (byte & 0x0F) : (byte >> 4);
+    if (bits == 5) code |= ((r.high[g] >> j) & 1u) << 4;
+    q = static_cast<float>(code);
   }
-  return q * scale[g] + (zero ? zero[g] : 0.0f);
-}
-
-void dot_rows_portable(const float* x, int64_t ldx, int64_t rows, const uint8_t* codes,
-                       const float* scale, const float* zero, int64_t K, int64_t G, int bits,
-                       float* out, int64_t ldo) {
-  for (int64_t m = 0; m < rows; ++m) {
-    float acc = 0.0f;
-    for (int64_t k = 0; k < K; ++k) acc += x[m * ldx + k] * weight_at(codes, scale, zero, k, G, bits);
-    out[m * ldo] = acc;
-  }
+  return q * r.scale[g] + (r.zero ? r.zero[g] : 0.0f);
 }
 
 void check_weight(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
-                  int64_t bits, int64_t K) {
-  TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
-  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(),
-              "codes, scale and zero must be contiguous");
+                  const torch::Tensor& high, int64_t bits, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "bits must be 4, 5 or 8, got ", bits);
+  TORCH_CHECK(codes.is_contiguous() && scale.is_contiguous() && zero.is_contiguous() &&
+              high.is_contiguous(), "codes, scale, zero and high must be contiguous");
   TORCH_CHECK(codes.dim() == 2 && scale.dim() == 2, "codes and scale must be 2-D");
-  TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == K, "codes do not hold K = ", K, " columns");
+  TORCH_CHECK(codes.size(1) * (bits == 8 ? 1 : 2) == K, "codes do not hold K = ", K, " columns");
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.size(0) == codes.size(0),
               "scale must be float32 with one row per output");
   TORCH_CHECK(scale.size(1) > 0 && K % scale.size(1) == 0, "K must be a multiple of the groups");
   const int64_t G = K / scale.size(1);
-  TORCH_CHECK(bits == 4 ? G == 32 : (G == 16 || G == 32), "unsupported group size ", G, " for ",
+  TORCH_CHECK(bits == 8 ? (G == 16 || G == 32) : G == 32, "unsupported group size ", G, " for ",
               bits, " bits");
   TORCH_CHECK(zero.numel() == 0 || zero.sizes() == scale.sizes(), "zero must match scale or be empty");
+  TORCH_CHECK(bits == 5 ? (high.scalar_type() == torch::kInt32 && high.sizes() == scale.sizes())
+                        : high.numel() == 0,
+              "high must be (N, K/32) int32 for 5-bit codes and empty otherwise");
+}
+
+// Row n of a checked weight.
+Row row_of(const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& zero,
+           const torch::Tensor& high, int64_t n) {
+  const int64_t groups = scale.size(1);
+  return Row{static_cast<const uint8_t*>(codes.data_ptr()) + n * codes.size(1),
+             scale.data_ptr<float>() + n * groups,
+             zero.numel() ? zero.data_ptr<float>() + n * groups : nullptr,
+             high.numel() ? reinterpret_cast<const uint32_t*>(high.data_ptr<int32_t>()) + n * groups
+                          : nullptr};
 }
 
 }  // namespace
 
-// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale and zero (see the layouts above).
+// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale, zero and high (the layouts above).
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
-                           const torch::Tensor& scale, const torch::Tensor& zero, int64_t bits) {
+                           const torch::Tensor& scale, const torch::Tensor& zero,
+                           const torch::Tensor& high, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous (M, K) float32 tensor");
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  check_weight(codes, scale, zero, bits, K);
+  check_weight(codes, scale, zero, high, bits, K);
   const int64_t G = K / scale.size(1);
-  const int64_t row_bytes = codes.size(1);
   auto y = torch::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.numel() ? zero.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
-  const int64_t groups = K / G;
 #ifdef LMF_SIMD
   const Kernel* kernels = kernels_for(bits, G);
 #endif
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* c = cp + n * row_bytes;
-      const float* s = sp + n * groups;
-      const float* z = zp ? zp + n * groups : nullptr;
+      const Row r = row_of(codes, scale, zero, high, n);
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int64_t rows = std::min(kMaxRows, M - m0);
-        const float* xr = xp + m0 * K;
-        float* out = yp + m0 * N + n;
 #ifdef LMF_SIMD
-        kernels[rows - 1](xr, K, c, s, z, K, out, N);
+        kernels[rows - 1](xp + m0 * K, K, r, K, yp + m0 * N + n, N);
 #else
-        dot_rows_portable(xr, K, rows, c, s, z, K, G, static_cast<int>(bits), out, N);
+        for (int64_t m = m0; m < m0 + rows; ++m) {
+          float acc = 0.0f;
+          for (int64_t k = 0; k < K; ++k) acc += xp[m * K + k] * weight_at(r, k, G, static_cast<int>(bits));
+          yp[m * N + n] = acc;
+        }
 #endif
       }
     }
@@ -241,41 +275,24 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
   return y;
 }
 
-#ifdef LMF_SIMD
-// Row n's dense weights: each group dequantized in registers as the kernel does, then stored.
-template <int BITS, int G>
-void dequantize_row(const uint8_t* codes, const float* scale, const float* zero, int64_t K, float* w) {
-  constexpr int CPG = G / Vec::L;
-  for (int64_t g = 0; g < K / G; ++g) {
-    typename Vec::T v[CPG];
-    group_weights<BITS, G>(codes, scale, zero, g, v);
-    for (int c = 0; c < CPG; ++c) Vec::store(w + g * G + c * Vec::L, v[c]);
-  }
-}
-#endif
-
 // The dense (N, K) float32 weight, for large batches (prefill), which run as one float32 GEMM.
 torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scale,
-                         const torch::Tensor& zero, int64_t bits) {
-  const int64_t N = codes.size(0), K = codes.size(1) * (bits == 4 ? 2 : 1);
-  check_weight(codes, scale, zero, bits, K);
-  const int64_t G = K / scale.size(1), groups = K / G, row_bytes = codes.size(1);
+                         const torch::Tensor& zero, const torch::Tensor& high, int64_t bits) {
+  const int64_t N = codes.size(0), K = codes.size(1) * (bits == 8 ? 1 : 2);
+  check_weight(codes, scale, zero, high, bits, K);
+  const int64_t G = K / scale.size(1);
   auto w = torch::empty({N, K}, scale.options());
-  const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* sp = scale.data_ptr<float>();
-  const float* zp = zero.numel() ? zero.data_ptr<float>() : nullptr;
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* c = cp + n * row_bytes;
-      const float* s = sp + n * groups;
-      const float* z = zp ? zp + n * groups : nullptr;
+      const Row r = row_of(codes, scale, zero, high, n);
 #ifdef LMF_SIMD
-      if (bits == 4) dequantize_row<4, 32>(c, s, z, K, wp + n * K);
-      else if (G == 32) dequantize_row<8, 32>(c, s, z, K, wp + n * K);
-      else dequantize_row<8, 16>(c, s, z, K, wp + n * K);
+      if (bits == 4) dequantize_row<4, 32>(r, K, wp + n * K);
+      else if (bits == 5) dequantize_row<5, 32>(r, K, wp + n * K);
+      else if (G == 32) dequantize_row<8, 32>(r, K, wp + n * K);
+      else dequantize_row<8, 16>(r, K, wp + n * K);
 #else
-      for (int64_t k = 0; k < K; ++k) wp[n * K + k] = weight_at(c, s, z, k, G, static_cast<int>(bits));
+      for (int64_t k = 0; k < K; ++k) wp[n * K + k] = weight_at(r, k, G, static_cast<int>(bits));
 #endif
     }
   });
@@ -293,7 +310,7 @@ std::string isa() {  // which vector path was compiled in
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_linear", &quant_linear, "y = x @ W^T with W in 4- or 8-bit groups (float32 x)");
-  m.def("dequantize", &dequantize, "the dense float32 weight of 4- or 8-bit groups");
+  m.def("quant_linear", &quant_linear, "y = x @ W^T with W in 4-, 5- or 8-bit groups (float32 x)");
+  m.def("dequantize", &dequantize, "the dense float32 weight of 4-, 5- or 8-bit groups");
   m.def("isa", &isa, "the vector instruction set the kernel was compiled for");
 }

@@ -151,9 +151,13 @@ class BeamSearchParams:
                     ) -> SamplingParams:
         """The params of one step's one-token request: greedy, since only the ``num_logprobs``
         (up to ``MAX_BEAM_LOGPROBS``) likeliest tokens it reports are used, not the token it
-        picks."""
+        picks. Seeded beam sampling seeds them too (greedy ignores it): like any seeded request
+        they then recompute their prompt instead of reading the prefix cache, whose kernels
+        round differently in bf16 (``Request.reads_prefix_cache``), so the same seed gives the
+        same beams whatever an earlier request left in the cache, at the cost of the reuse."""
+        seed = self.seed if self.do_sample else None
         return _StepParams(max_tokens=1, temperature=0.0, logprobs=num_logprobs,
-                           prompt_logprobs=prompt_logprobs)
+                           prompt_logprobs=prompt_logprobs, seed=seed)
 
 
 class _StepParams(SamplingParams):

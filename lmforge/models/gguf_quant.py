@@ -10,14 +10,14 @@ sub-scale are exact. Layouts follow ggml's ``block_*`` structs (ggml-common.h) a
 | Q4_0 | 18 | 4-bit | 32 | -8 d |
 | Q4_1 | 20 | 4-bit | 32 | m |
 | Q4_K | 18 | 4-bit | 32 | -dmin * m_j |
-| Q5_0 | 22 | 8-bit (q - 16) | 32 | none |
-| Q5_1 | 24 | 8-bit | 32 | m |
-| Q5_K | 22 | 8-bit | 32 | -dmin * m_j |
+| Q5_0 | 22 | 5-bit | 32 | -16 d |
+| Q5_1 | 24 | 5-bit | 32 | m |
+| Q5_K | 22 | 5-bit | 32 | -dmin * m_j |
 | Q6_K | 26.25 | 8-bit (q - 32) | 16 | none |
 | Q8_0 | 34 | 8-bit | 32 | none |
 
 4-bit codes with an f32 scale and zero per 32 weights take 6 bits a weight (GGUF's Q4_K: 4.5),
-8-bit ones 9-10. Other types (F16, F32, BF16, Q2_K, Q3_K, IQ*) return None: they stay dense.
+5-bit ones 7 (Q5_0: 5.5), 8-bit ones 9-10. Other types (F16, F32, BF16, Q2_K, Q3_K, IQ*) return None: they stay dense.
 """
 
 from __future__ import annotations
@@ -44,12 +44,17 @@ def read_quant(data: np.ndarray, type_name: str) -> QuantWeight | None:
     rows = data.shape[0]
     blocks = np.ascontiguousarray(data).reshape(rows, -1, size)  # (N, blocks, bytes)
     codes, scale, zero = _DECODERS[type_name](blocks)
-    if codes.dtype == np.uint8:  # 4-bit: pack as GGUF's Q4_0 (code j low, j + 16 high nibble)
+    high = np.zeros(0, np.int32)
+    if codes.dtype == np.uint8:  # 4/5-bit: low nibbles as GGUF's Q4_0 (j low, j + 16 high)
         g = codes.reshape(rows, -1, 32)
+        if type_name.startswith("Q5"):  # the fifth bits, bit j of a group's int32 for code j
+            high = np.packbits(g >> 4, axis=-1, bitorder="little").view("<u4").view(np.int32)
+            g = g & 0x0F
         codes = g[..., :16] | (g[..., 16:] << 4)
     empty = np.zeros(0, np.float32)
-    return QuantWeight(*(torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1))
-                         for a in (codes, scale, empty if zero is None else zero)))
+    return QuantWeight(*(torch.from_numpy(np.ascontiguousarray(a).reshape(rows, -1) if a.size
+                                          else a)
+                         for a in (codes, scale, empty if zero is None else zero, high)))
 
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
@@ -78,13 +83,12 @@ def _q4_1(b):
 
 
 def _q5_0(b):
-    q = (_nibbles(b[..., 6:22]) | _high_bits(b[..., 2:6])).astype(np.int8) - 16
-    return q.astype(np.int8), _f16(b, 0), None
+    d = _f16(b, 0)
+    return _nibbles(b[..., 6:22]) | _high_bits(b[..., 2:6]), d, -16 * d
 
 
 def _q5_1(b):
-    q = _nibbles(b[..., 8:24]) | _high_bits(b[..., 4:8])
-    return q.astype(np.int8), _f16(b, 0), _f16(b, 2)
+    return _nibbles(b[..., 8:24]) | _high_bits(b[..., 4:8]), _f16(b, 0), _f16(b, 2)
 
 
 def _q8_0(b):
@@ -123,8 +127,7 @@ def _q5_k(b):
     qh = b[..., 16:48]  # bit 2j of qh[l] -> weight 64j + l, bit 2j + 1 -> weight 64j + 32 + l
     bits = np.unpackbits(qh[..., None], axis=-1, bitorder="little")  # (N, blocks, 32, 8)
     high = np.moveaxis(bits, -1, -2).reshape(*qh.shape[:-1], 256) << 4  # bit i -> 32i + l
-    q = _k_low_nibbles(b[..., 48:176]) | high
-    return q.astype(np.int8), scale, zero
+    return _k_low_nibbles(b[..., 48:176]) | high, scale, zero
 
 
 def _q6_k(b):

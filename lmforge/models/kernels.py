@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,13 +74,14 @@ def kernel_path(dtype: torch.dtype, device: torch.device, cfg: ModelConfig, mode
         return f"{dtype_name(dtype)} dense on {device}"
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if layers:
-        four = sum(m.weight_q.bits == 4 for m in layers)
+        counts = Counter(m.weight_q.bits for m in layers)
+        kinds = [f"{counts[b]} {b}-bit" for b in sorted(counts)]
         what = (f"--quantization {cfg.quantization}" if mode.bits
                 else "the GGUF's quantized weights, kept as codes")
         how = ("lmforge's compiled kernel" if mode.ext is not None
                else f"PyTorch reference path, slow: {mode.why_not}")
-        return (f"float32 activations on {what} ({how}: {four} 4-bit and {len(layers) - four} "
-                "8-bit layers)")
+        return (f"float32 activations on {what} ({how}: {', '.join(kinds[:-1])}"
+                f"{' and ' if len(kinds) > 1 else ''}{kinds[-1]} layers)")
     if dtype != torch.bfloat16:
         off = f": {mode.why_not}" if mode.why_not else ""
         return f"{dtype_name(dtype)} dense (quantized kernels off{off})"

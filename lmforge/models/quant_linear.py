@@ -18,7 +18,7 @@ at 4 rows, 33 vs 54 ms at 16 rows (4-bit); 8-bit codes 7.7 / 15 / 36 ms.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,24 +31,29 @@ KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 G
 class QuantWeight:
     """An (N, K) weight as codes in groups of G along K.
 
-    All three are contiguous, ``scale`` and ``zero`` float32. ``codes``: (N, K / 2) uint8 for 4 bits (group g's 32 codes in bytes 16g..16g+15, low nibble
-    code j, high nibble code j + 16, GGUF's Q4_0 order), (N, K) int8 for 8 bits. ``scale``:
-    (N, K / G) float32. ``zero``: (N, K / G) float32, or a 0-element tensor for zero = 0.
+    All contiguous. ``codes``: (N, K / 2) uint8 for 4 and 5 bits (group g's 32 codes in bytes
+    16g..16g+15, low nibble code j, high nibble code j + 16, GGUF's Q4_0 order), (N, K) int8 for
+    8 bits. ``scale``: (N, K / G) float32. ``zero``: (N, K / G) float32, or a 0-element tensor
+    for zero = 0. ``high``: for 5 bits, (N, K / 32) int32 whose bit j is the fifth bit of code
+    32g + j (GGUF's Q5_0 order); else a 0-element tensor.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+    high: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32))
 
     @property
     def bits(self) -> int:
-        """4 (uint8 codes, two a byte) or 8 (int8 codes)."""
-        return 4 if self.codes.dtype == torch.uint8 else 8
+        """4 (uint8 codes, two a byte), 5 (the same plus ``high``) or 8 (int8 codes)."""
+        if self.codes.dtype != torch.uint8:
+            return 8
+        return 5 if self.high.numel() else 4
 
     @property
     def shape(self) -> tuple[int, int]:
         """(N, K) of the dense weight."""
-        return self.codes.shape[0], self.codes.shape[1] * (2 if self.bits == 4 else 1)
+        return self.codes.shape[0], self.codes.shape[1] * (1 if self.bits == 8 else 2)
 
     @property
     def group_size(self) -> int:
@@ -56,12 +61,16 @@ class QuantWeight:
         return self.shape[1] // self.scale.shape[1]
 
     def int_codes(self) -> torch.Tensor:
-        """The (N, K) codes as int16 (4-bit ones unpacked, 0..15)."""
+        """The (N, K) codes as int16 (4-bit ones unpacked, 0..15; 5-bit ones 0..31)."""
         if self.bits == 8:
             return self.codes.to(torch.int16)
         n, k = self.shape
         packed = self.codes.view(n, k // 32, 16)
-        return torch.cat([packed & 0x0F, packed >> 4], dim=-1).view(n, k).to(torch.int16)
+        codes = torch.cat([packed & 0x0F, packed >> 4], dim=-1).to(torch.int16)  # (N, K/32, 32)
+        if self.bits == 5:
+            bit = (self.high[..., None] >> torch.arange(32, dtype=torch.int32)) & 1
+            codes = codes | (bit.to(torch.int16) << 4)
+        return codes.view(n, k)
 
     def dequantize(self) -> torch.Tensor:
         """The dense (N, K) float32 weight (the reference the kernel is tested against)."""
@@ -73,9 +82,9 @@ class QuantWeight:
         return w.view(n, k)
 
     def map_rows(self, fn) -> QuantWeight:
-        """Apply a row permutation ``fn`` ((N, ...) -> (N, ...)) to codes, scale and zero."""
-        return QuantWeight(fn(self.codes), fn(self.scale),
-                           fn(self.zero) if self.zero.numel() else self.zero)
+        """Apply a row permutation ``fn`` ((N, ...) -> (N, ...)) to every tensor."""
+        return QuantWeight(*(fn(t) if t.numel() else t
+                             for t in (self.codes, self.scale, self.zero, self.high)))
 
     def widened(self, group_size: int, with_zero: bool) -> QuantWeight:
         """The same weight as 8-bit codes in groups of ``group_size`` (dividing G), with an
@@ -96,10 +105,9 @@ def concat_rows(weights: list[QuantWeight]) -> QuantWeight:
         group = min(w.group_size for w in weights)
         with_zero = any(w.zero.numel() for w in weights)
         weights = [w.widened(group, with_zero) for w in weights]
-    zero = (torch.cat([w.zero for w in weights]) if weights[0].zero.numel()
-            else weights[0].zero)
-    return QuantWeight(torch.cat([w.codes for w in weights]),
-                       torch.cat([w.scale for w in weights]), zero)
+    return QuantWeight(*(torch.cat([getattr(w, f) for w in weights])
+                         if getattr(weights[0], f).numel() else getattr(weights[0], f)
+                         for f in ("codes", "scale", "zero", "high")))
 
 
 class QuantLinear(nn.Module):
@@ -117,16 +125,15 @@ class QuantLinear(nn.Module):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None, ext=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scale", weight.scale)
-        self.register_buffer("zero", weight.zero)
+        for name in ("codes", "scale", "zero", "high"):
+            self.register_buffer(name, getattr(weight, name))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.ext = ext
 
     @property
     def weight_q(self) -> QuantWeight:
         """The layer's weight as a ``QuantWeight`` (its buffers, not a copy)."""
-        return QuantWeight(self.codes, self.scale, self.zero)
+        return QuantWeight(self.codes, self.scale, self.zero, self.high)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -135,9 +142,10 @@ class QuantLinear(nn.Module):
         if self.ext is None:
             y = F.linear(x2, self.weight_q.dequantize(), self.bias)
         elif x2.shape[0] > KERNEL_MAX_ROWS:
-            y = F.linear(x2, self.ext.dequantize(self.codes, self.scale, self.zero, bits), self.bias)
+            dense = self.ext.dequantize(self.codes, self.scale, self.zero, self.high, bits)
+            y = F.linear(x2, dense, self.bias)
         else:
-            y = self.ext.quant_linear(x2, self.codes, self.scale, self.zero, bits)
+            y = self.ext.quant_linear(x2, self.codes, self.scale, self.zero, self.high, bits)
             y = y if self.bias is None else y + self.bias
         return y.view(*lead, self.out_features)
 
@@ -196,14 +204,13 @@ class QuantEmbedding(nn.Module):
     def __init__(self, weight: QuantWeight):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("codes", weight.codes)
-        self.register_buffer("scale", weight.scale)
-        self.register_buffer("zero", weight.zero)
+        for name in ("codes", "scale", "zero", "high"):
+            self.register_buffer(name, getattr(weight, name))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        zero = self.zero[flat] if self.zero.numel() else self.zero
-        rows = QuantWeight(self.codes[flat], self.scale[flat], zero).dequantize()
+        rows = QuantWeight(*(t[flat] if t.numel() else t
+                             for t in (self.codes, self.scale, self.zero, self.high))).dequantize()
         return rows.view(*ids.shape, self.embedding_dim)
 
 
@@ -234,12 +241,13 @@ def split_codes(state_dict: dict[str, torch.Tensor], tied_head: bool
     """Undo ``QuantLinear``'s ``state_dict``: (the other tensors, plus a zero-stride placeholder
     ``<layer>.weight`` of the right shape for ``build_model``; ``<layer>.weight`` -> QuantWeight).
     ``tied_head``: the LM head is tied to the embedding, so it gets no placeholder."""
-    dense = {k: v for k, v in state_dict.items() if not k.endswith((".codes", ".scale", ".zero"))}
+    parts = ("codes", "scale", "zero", "high")
+    dense = {k: v for k, v in state_dict.items() if not k.endswith(tuple(f".{f}" for f in parts))}
     quantized = {}
     for key in state_dict:
         if key.endswith(".codes"):
             layer = key.removesuffix(".codes")
-            weight = QuantWeight(*(state_dict[f"{layer}.{f}"] for f in ("codes", "scale", "zero")))
+            weight = QuantWeight(*(state_dict[f"{layer}.{f}"] for f in parts))
             quantized[f"{layer}.weight"] = weight
             if not (tied_head and layer == "lm_head"):
                 dense[f"{layer}.weight"] = torch.zeros(1).expand(weight.shape)

@@ -26,7 +26,7 @@ from lmforge.config import file_cache_key, lmforge_cache
 logger = logging.getLogger(__name__)
 
 # bump when the loader's output for the same file changes (names, fusing, dequantization)
-FORMAT = 2
+FORMAT = 3
 
 
 def cache_path(gguf_path: Path, dtype: torch.dtype, variant: str = "dense") -> Path:

@@ -51,7 +51,7 @@ def test_blocks_convert_exactly_as_gguf_dequantizes(type_name):
     w = read_quant(data, type_name)
     ref = gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, type_name))
     assert w.shape == ref.shape == (12, 512)
-    assert w.bits == (4 if type_name.startswith("Q4") else 8)
+    assert w.bits == {"Q4": 4, "Q5": 5}.get(type_name[:2], 8)
     assert w.group_size == (16 if type_name == "Q6_K" else 32)
     torch.testing.assert_close(w.dequantize(), torch.from_numpy(ref), rtol=1e-6, atol=1e-7)
 
@@ -65,6 +65,8 @@ def test_fusing_parts_of_different_formats_is_exact():
     parts = [read_quant(random_blocks(t, seed=i), t) for i, t in enumerate(["Q4_K", "Q6_K", "Q8_0"])]
     fused = concat_rows(parts)
     assert (fused.bits, fused.group_size, fused.zero.numel() > 0) == (8, 16, True)
+    five = concat_rows([read_quant(random_blocks(t, seed=i), t) for i, t in enumerate(["Q5_0", "Q5_K"])])
+    assert five.bits == 5 and five.high.shape == (24, 16)
     assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
     same = concat_rows(parts[:1] * 2)
     assert same.bits == 4 and torch.equal(same.dequantize(), parts[0].dequantize().repeat(2, 1))
@@ -75,7 +77,7 @@ needs_ext = pytest.mark.skipif(ext is None, reason=f"no compiled kernel: {why}")
 
 
 @needs_ext
-@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11, KERNEL_MAX_ROWS + 5])
 def test_kernel_matches_the_pytorch_reference(type_name, rows):
     w = read_quant(random_blocks(type_name, rows=40), type_name)
@@ -87,7 +89,7 @@ def test_kernel_matches_the_pytorch_reference(type_name, rows):
     torch.testing.assert_close(compiled(x), ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
     torch.testing.assert_close(reference(x), ref, rtol=0, atol=0)
     # one fused multiply-add per weight against PyTorch's multiply, then add: 1 ulp at most
-    torch.testing.assert_close(ext.dequantize(w.codes, w.scale, w.zero, w.bits), w.dequantize(),
+    torch.testing.assert_close(ext.dequantize(w.codes, w.scale, w.zero, w.high, w.bits), w.dequantize(),
                                rtol=2e-7, atol=0)
 
 
@@ -95,14 +97,16 @@ def test_kernel_matches_the_pytorch_reference(type_name, rows):
 def test_kernel_refuses_bad_shapes_with_a_clear_error():
     w = read_quant(random_blocks("Q4_0"), "Q4_0")
     with pytest.raises(RuntimeError, match="codes do not hold K"):
-        ext.quant_linear(torch.randn(1, 256), w.codes, w.scale, w.zero, 4)
-    with pytest.raises(RuntimeError, match="bits must be 4 or 8"):
-        ext.quant_linear(torch.randn(1, 512), w.codes, w.scale, w.zero, 3)
+        ext.quant_linear(torch.randn(1, 256), w.codes, w.scale, w.zero, w.high, 4)
+    with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
+        ext.quant_linear(torch.randn(1, 512), w.codes, w.scale, w.zero, w.high, 3)
+    with pytest.raises(RuntimeError, match="high must be"):  # 5 bits without the fifth bits
+        ext.quant_linear(torch.randn(1, 512), w.codes, w.scale, w.zero, w.high, 5)
 
 
 def test_quant_linear_keeps_codes_not_a_dense_weight():
     layer = QuantLinear(read_quant(random_blocks("Q4_K"), "Q4_K"), None, None)
-    assert set(layer.state_dict()) == {"codes", "scale", "zero"}
+    assert set(layer.state_dict()) == {"codes", "scale", "zero", "high"}
     assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (12, 256)
     assert isinstance(layer.weight_q, QuantWeight)
 
@@ -180,7 +184,7 @@ def test_qwen_k_quants_keep_their_codes_and_match_the_dense_model():
     codes, dense = load(QWEN), load(QWEN, gguf_int4=False)
     kinds = {(m.weight_q.bits, m.weight_q.group_size)
              for m in codes.model.modules() if isinstance(m, QuantLinear)}
-    assert (8, 16) in kinds and (8, 32) in kinds  # Q6_K (fused with Q4_K parts), Q5_0 / Q8_0
+    assert (8, 16) in kinds and (5, 32) in kinds  # Q6_K (fused with Q4_K parts), Q5_0
     ids = codes.tokenizer.encode("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.")
     ref = prefill_logits(dense, ids, force_int4=False)
     out = prefill_logits(codes, ids, force_int4=False)

@@ -90,11 +90,13 @@ def test_memory_gauges_split_weights_kv_cache_and_runtime(http, model, engine):
     llm = engine.engine
     params = sum(p.numel() * p.element_size() for p in llm.model_runner.model.parameters())
     # the tiny Llama's weights, its 128 blocks x 16 tokens of KV (2 layers x K,V x 2 heads x 16
-    # dims x 4 bytes per token), and at least one block written by now
+    # dims x the cache's bytes per element: 4 in float32, 2 where --dtype auto picks bf16), and
+    # at least one block written by now
     assert value(samples, "lmforge:memory_weights_bytes") >= params > 0
     assert value(samples, "lmforge:kv_cache_tokens") == 128 * 16
     cfg = llm.model_runner.model.config
-    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4
+    itemsize = llm.model_runner.kv_caches[0][0].element_size()
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
     assert value(samples, "lmforge:memory_kv_cache_bytes") == 128 * 16 * per_token
     used = value(samples, "lmforge:memory_kv_cache_used_bytes")
     assert 16 * per_token <= used <= 128 * 16 * per_token
