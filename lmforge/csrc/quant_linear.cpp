@@ -1,8 +1,8 @@
 // Weight-only quantized linear layers for CPUs without bfloat16 math: y = x @ W^T, with W kept
-// in 4-bit or 8-bit codes and float32 activations.
+// in 4-, 5- or 8-bit codes and float32 activations.
 //
 // A decode step reads every weight once per token, so it is bound by memory bandwidth: reading
-// 4- or 8-bit codes instead of float32 weights is the lever (llama.cpp's design). Unlike
+// 4- to 8-bit codes instead of float32 weights is the lever (llama.cpp's design). Unlike
 // llama.cpp, the activations stay float32: each group of weights is dequantized in registers
 // (w = q * scale + zero) and multiplied in float32, so the result equals a float32 matmul of the
 // dequantized weight up to summation order (models/quant_linear.py holds that reference).
@@ -97,13 +97,18 @@ struct Row {
 };
 
 #ifdef LMF_SIMD
-// 16 bits of h -> 16 bytes: 16 where bit j is set, else 0 (SSSE3).
+// 16 bits of h -> 16 bytes: 16 where bit j is set, else 0 (AVX-512BW: one masked move;
+// otherwise SSSE3: spread the two bytes, test each lane's bit).
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __m128i fifth_bits(uint32_t h) { return _mm_maskz_set1_epi8(static_cast<__mmask16>(h), 16); }
+#else
 inline __m128i fifth_bits(uint32_t h) {
   const __m128i spread = _mm_shuffle_epi8(_mm_set1_epi32(static_cast<int>(h)),
                                           _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
   const __m128i bit = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
   return _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(spread, bit), bit), _mm_set1_epi8(16));
 }
+#endif
 
 // The G weights of group g of one output row, dequantized into G / Vec::L vectors.
 template <int BITS, int G>

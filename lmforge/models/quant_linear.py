@@ -1,4 +1,4 @@
-"""Linear layers whose weights stay quantized: 4- or 8-bit codes in groups, float32 activations.
+"""Linear layers whose weights stay quantized: 4-, 5- or 8-bit codes in groups, float32 activations.
 
 A float32 decode step on a CPU without bf16 math reads 4 bytes per weight; a GGUF's own codes
 are 0.5-1 byte. ``QuantLinear`` keeps them (converted from any GGUF block type by
