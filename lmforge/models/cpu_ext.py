@@ -43,18 +43,23 @@ def cpu_flags() -> str:
     return platform.machine()
 
 
-def build_key() -> str:
-    """16 hex digits naming this build: the source, PyTorch, Python and this CPU's flags."""
-    raw = "\0".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_flags()))
+def build_key(march: str = "native") -> str:
+    """16 hex digits naming this build: the source, PyTorch, Python, this CPU's flags and the
+    target (``-march``)."""
+    raw = "\0".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_flags(), march))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=1)
-def quant_ext() -> tuple[ModuleType | None, str]:
-    """(the compiled quantized-linear module or None, why it is None: "" when it loaded)."""
+@functools.lru_cache(maxsize=None)
+def quant_ext(march: str = "native") -> tuple[ModuleType | None, str]:
+    """(the compiled quantized-linear module or None, why it is None: "" when it loaded).
+
+    ``march``: the compiler's ``-march``; ``native`` serves, the tests also build ``haswell``
+    (AVX2) and ``x86-64`` (no vector path) to check the kernel's other code paths here.
+    """
     if os.environ.get("LMFORGE_NO_COMPILE") == "1":
         return None, "LMFORGE_NO_COMPILE=1"
-    key = build_key()
+    key = build_key(march)
     name = f"lmforge_quant_{key}"
     build_dir = lmforge_cache() / "ext" / key
     built = build_dir / f"{name}.so"
@@ -67,7 +72,7 @@ def quant_ext() -> tuple[ModuleType | None, str]:
     if shutil.which(compiler) is None:
         return None, f"no C++ compiler ({compiler}) on the PATH"
     try:
-        return _build(name, build_dir), ""
+        return _build(name, build_dir, march), ""
     except Exception as e:  # compiler errors, a missing ninja, an unwritable cache
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         logger.warning("could not build the quantized kernels: %s", e)
@@ -81,7 +86,7 @@ def _import(name: str, path: Path) -> ModuleType:
     return module
 
 
-def _build(name: str, build_dir: Path) -> ModuleType:
+def _build(name: str, build_dir: Path, march: str) -> ModuleType:
     from torch.utils import cpp_extension
 
     try:  # the ninja wheel: its binary is not on the PATH of an unactivated venv
@@ -94,4 +99,4 @@ def _build(name: str, build_dir: Path) -> ModuleType:
     logger.info("compiling lmforge's quantized CPU kernels into %s (once per machine)", build_dir)
     return cpp_extension.load(
         name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-        extra_cflags=["-O3", "-march=native", "-fopenmp"], verbose=False)
+        extra_cflags=["-O3", f"-march={march}", "-fopenmp"], verbose=False)

@@ -2,6 +2,7 @@
 (every supported type, random blocks), and the compiled kernel against the PyTorch reference."""
 
 import os
+import platform
 
 import gguf
 import numpy as np
@@ -91,6 +92,29 @@ def test_kernel_matches_the_pytorch_reference(type_name, rows):
     # one fused multiply-add per weight against PyTorch's multiply, then add: 1 ulp at most
     torch.testing.assert_close(ext.dequantize(w.codes, w.scale, w.zero, w.high, w.bits), w.dequantize(),
                                rtol=2e-7, atol=0)
+
+
+@needs_ext
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("march, isa", [("haswell", "AVX2"), ("x86-64", "portable C++")])
+def test_the_other_vector_paths_match_the_reference_too(march, isa):
+    """The served build is ``-march=native`` (AVX-512 on some machines, AVX2 on others); the
+    AVX2 and the portable C++ paths are built here too, so every path is tested on any CPU."""
+    if ext.isa() == isa:
+        pytest.skip(f"the native build is already {isa}")
+    other, why = quant_ext(march)
+    assert other is not None, why
+    assert other.isa() == isa
+    gen = torch.Generator().manual_seed(0)
+    for type_name in ("Q4_1", "Q5_K", "Q6_K", "Q8_0"):
+        w = read_quant(random_blocks(type_name, rows=40), type_name)
+        for rows in (1, 5, 8, 13):
+            x = torch.randn(rows, 512, generator=gen)
+            ref = F.linear(x, w.dequantize())
+            out = other.quant_linear(x, w.codes, w.scale, w.zero, w.high, w.bits)
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
+        torch.testing.assert_close(other.dequantize(w.codes, w.scale, w.zero, w.high, w.bits),
+                                   w.dequantize(), rtol=2e-7, atol=0)
 
 
 @needs_ext
