@@ -80,7 +80,9 @@ def bare_python(tmp_path_factory) -> tuple[Path, set[str]]:
                                 "print(sysconfig.get_paths()['purelib'])"],
                                check=True, capture_output=True, text=True).stdout.strip())
     installed = Path(sysconfig.get_paths()["purelib"])
-    allowed = {"lmforge"}
+    # site's own hooks, which some interpreters ship (Debian's python3 has a sitecustomize):
+    # imported at start-up by every program, not by the client
+    allowed = {"lmforge", "sitecustomize", "usercustomize"}
     for dist in closure("httpx", "pydantic").values():
         for name in top_level(dist):
             (site / name).symlink_to(installed / name)
