@@ -127,6 +127,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         for name in ("codes", "scale", "zero", "high"):
             self.register_buffer(name, getattr(weight, name))
+        self.bits = weight.bits  # once: forward runs ~120 times a decode step
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.ext = ext
 
@@ -138,7 +139,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        bits = self.weight_q.bits
+        bits = self.bits
         if self.ext is None:
             y = F.linear(x2, self.weight_q.dequantize(), self.bias)
         elif x2.shape[0] > KERNEL_MAX_ROWS:
