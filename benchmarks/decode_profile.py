@@ -9,7 +9,9 @@ offline step).
 
 Timers wrap the engine's functions (module hooks on the linear and norm layers, wrappers on
 ``paged_attention``, ``RotaryEmbedding.apply``, the sampler, the runner); each step's parts are
-summed over the decode steps of one greedy request and printed per step in ms. Results go to
+summed over the decode steps of one greedy request and printed per step in ms. Where the
+fused decoder runs (a quantized float32 model), its one call holds every decoder layer's
+linear layers, attention, norms and RoPE, and is timed as one part. Results go to
 ``--out`` as JSON; no test asserts them.
 """
 
@@ -23,6 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+FUSED = "decoder layers in one compiled call (models/fused_decode.py)"
 LINEAR_TYPES = ("Linear", "PackedLinear", "Int4DecodeLinear", "QuantLinear", "BatchInvariantLinear",
                 "MultiLoRALinear")
 
@@ -55,6 +58,7 @@ def instrument(llm, timers: Timers) -> None:
     """Wrap the engine's parts in ``timers`` (in place)."""
     import lmforge.models.gpt as gpt
     import lmforge.models.llama as llama
+    from lmforge.models.fused_decode import FusedDecoder
     from lmforge.models.layers import RotaryEmbedding
 
     engine = llm.engine
@@ -75,6 +79,7 @@ def instrument(llm, timers: Timers) -> None:
             mod.paged_attention = timers.wrap(mod.paged_attention, "attention")
             mod.write_kv = timers.wrap(mod.write_kv, "attention")
     RotaryEmbedding.apply = staticmethod(timers.wrap(RotaryEmbedding.apply, "norms and RoPE"))
+    FusedDecoder.__call__ = timers.wrap(FusedDecoder.__call__, FUSED)
     runner = engine.model_runner
     runner.execute = timers.wrap(runner.execute, "execute")
     engine.sampler.sample = timers.wrap(engine.sampler.sample, "sampler")
@@ -84,10 +89,10 @@ def instrument(llm, timers: Timers) -> None:
 def breakdown(seconds: dict[str, float], steps: int) -> dict[str, float]:
     """Per-step milliseconds by part; the composite timers become remainders."""
     ms = {k: v / steps * 1e3 for k, v in seconds.items()}
-    parts = {k: ms.get(k, 0.0) for k in ("linear layers", "attention", "norms and RoPE",
+    parts = {k: ms.get(k, 0.0) for k in (FUSED, "linear layers", "attention", "norms and RoPE",
                                            "LM head", "sampler")}
     parts["other model ops (embedding, residuals, activation, Python)"] = (
-        ms.get("model forward", 0.0) - parts["linear layers"] - parts["attention"]
+        ms.get("model forward", 0.0) - parts[FUSED] - parts["linear layers"] - parts["attention"]
         - parts["norms and RoPE"])
     parts["model runner (inputs, metadata)"] = (ms.get("execute", 0.0) - ms.get("model forward", 0.0)
                                                 - parts["LM head"])

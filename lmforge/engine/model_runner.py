@@ -195,6 +195,9 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(to), block_size=bs, num_decodes=num_decodes,
             decode_rows=None if decode_rows is None else decode_rows.to(to),
             decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
+        if num_decodes:
+            meta.decode_tables = block_table[:num_decodes, :width].contiguous().to(to)
+            meta.decode_lens = ctx_lens[:num_decodes].to(to)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 
     def _invariant_meta(self, block_table: torch.Tensor, starts: torch.Tensor,

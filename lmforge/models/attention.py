@@ -68,6 +68,11 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # (Bd * n_kv * W,) int64 block rows of the decode contexts
     decode_bias: torch.Tensor | None  # (Bd, 1, 1, W * block_size) float32: 0, or -inf on padding
     prefills: list[PrefillChunk]
+    # the decode rows' contexts for the fused decoder (models/fused_decode.py), which reads the
+    # cache slot by slot: (Bd, W) int64 block ids (padded with 0) and (Bd,) int64 lengths, this
+    # step's token included
+    decode_tables: torch.Tensor | None = None
+    decode_lens: torch.Tensor | None = None
     # set in batch-invariant mode: every request's rows (decodes and prefills alike) attend
     # through ``models.invariant.invariant_attention`` instead, and the fields above are unused
     invariant: list[ContextChunk] | None = None

@@ -1,6 +1,6 @@
 """lmforge's compiled CPU kernels (``lmforge/csrc``), built once per machine and cached.
 
-``quant_ext()`` compiles ``csrc/quant_linear.cpp`` with ``torch.utils.cpp_extension`` (the
+``quant_ext()`` compiles ``csrc/*.cpp`` (the quantized linear layer and the fused decode step) with ``torch.utils.cpp_extension`` (the
 compiler on the PATH, ``-O3 -march=native``, OpenMP so that ``at::parallel_for`` uses PyTorch's
 own thread pool) into ``$LMFORGE_CACHE/ext/<key>/`` and imports it; later processes import the
 built module directly (~10 ms). The key hashes the source, the PyTorch and Python versions and
@@ -29,7 +29,12 @@ from lmforge.config import lmforge_cache
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_linear.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+
+
+def sources() -> list[Path]:
+    """The extension's C++ files, sorted: its ``.cpp`` files and the headers they include."""
+    return sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h"))
 
 
 def cpu_flags() -> str:
@@ -46,7 +51,8 @@ def cpu_flags() -> str:
 def build_key(march: str = "native") -> str:
     """16 hex digits naming this build: the source, PyTorch, Python, this CPU's flags and the
     target (``-march``)."""
-    raw = "\0".join((SOURCE.read_text(), torch.__version__, sys.version, cpu_flags(), march))
+    code = "\0".join(p.name + "\0" + p.read_text() for p in sources())
+    raw = "\0".join((code, torch.__version__, sys.version, cpu_flags(), march))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -98,5 +104,6 @@ def _build(name: str, build_dir: Path, march: str) -> ModuleType:
     build_dir.mkdir(parents=True, exist_ok=True)
     logger.info("compiling lmforge's quantized CPU kernels into %s (once per machine)", build_dir)
     return cpp_extension.load(
-        name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+        name=name, sources=[str(p) for p in sources() if p.suffix == ".cpp"],
+        build_directory=str(build_dir),
         extra_cflags=["-O3", f"-march={march}", "-fopenmp"], verbose=False)

@@ -118,8 +118,10 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches, meta, fused=None):
         x = self.embed_tokens(input_ids)  # (T, hidden)
+        if fused is not None and fused.applies(x, kv_caches, meta):  # models/fused_decode.py
+            return self.norm(fused(x, positions, kv_caches, meta))
         rope = self.rotary.table(positions)  # gathered once per step, shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(rope, x, kv_cache, meta)
@@ -149,10 +151,13 @@ class LlamaForCausalLM(nn.Module):
         # fused layer name -> [(HF part name, output size)] in output order; fuse_projections_
         # fills it (``model.layers.0.self_attn.qkv_proj`` -> [(``...q_proj``, 576), ...])
         self.fused_parts: dict[str, list[tuple[str, int]]] = {}
+        # decode steps in one compiled call, where the loader could build one
+        # (models/fused_decode.py); None = every step through the layers below
+        self.fused_decoder = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[KVCache], meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta)
+        return self.model(input_ids, positions, kv_caches, meta, self.fused_decoder)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

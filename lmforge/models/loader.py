@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lmforge.config import ModelConfig
 from lmforge.errors import ModelLoadError
 from lmforge.models import weight_cache
+from lmforge.models.fused_decode import attach_fused_decoder_
 from lmforge.models.gguf_file import GGUFFile
 from lmforge.models.gguf_weights import (  # noqa: F401  (_unpermute_qk: the tests' handle)
     ModelConfigs,
@@ -109,8 +110,8 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
             pack_linears_(model)  # every projection and the LM head (a packed copy when tied)
         if mode.form == "int4" and quantized:
             attach_int4_(model, quantized)
-    return LoadedModel(model, tokenizer, config, served,
-                       kernel_path(dtype, device, cfg, mode, model, bool(quantized)))
+    kernels = kernel_path(dtype, device, cfg, mode, model, bool(quantized))
+    return LoadedModel(model, tokenizer, config, served, kernels + attach_fused_decoder_(model))
 
 
 def _fuse_and_quantize_(model: CausalLM, quantized: dict, mode: QuantMode, *, fused: bool,

@@ -276,6 +276,8 @@ class LoRAManager:
         if self.layers is not None:
             return
         self.layers = {}
+        if getattr(self.model, "fused_decoder", None) is not None:
+            self.model.fused_decoder = None  # it would run the unwrapped projections
         for name, parts in lora_targets(self.model).items():
             parent_name, _, attr = name.rpartition(".")
             parent = self.model.get_submodule(parent_name)

@@ -152,6 +152,7 @@ def test_adapters_apply_on_quantized_base_layers(tiny_llama_dir, adapters):
     engine = make_engine(tiny_llama_dir, adapters, quantization="int8")
     wrapped = [m for m in engine.model_runner.model.modules() if isinstance(m, MultiLoRALinear)]
     assert wrapped and all(isinstance(m.base, QuantLinear) for m in wrapped)
+    assert engine.model_runner.model.fused_decoder is None  # it would skip the wrappers
     alone_q = [run(engine, [job])[0] for job in JOBS]
     assert run(engine, JOBS) == alone_q
     assert alone_q[0] != alone_q[5] != alone_q[6]  # the same prompt: base, "a", "b"

@@ -1,0 +1,211 @@
+// A decode step through every decoder layer of a Llama-family model in one call.
+//
+// At one sequence a decode step of SmolLM2-135M is ~1000 small PyTorch ops (30 layers of norms,
+// RoPE, cache writes, attention, residuals, activations, four projections); each costs 5-20 us
+// of dispatch and Python before any arithmetic, about as much as the arithmetic itself. Here the
+// whole stack runs in C++: the projections through the quantized kernel (quant_kernels.h), the
+// rest as plain loops over the few rows of a decode batch. It computes what models/llama.py
+// computes (Hugging Face's Llama: Touvron et al. 2023), in float32, up to summation order:
+//
+//   h = RMSNorm(x);  q|k|v = h @ Wqkv^T (+ b);  q, k = RoPE(q), RoPE(k);  cache[slot] = k, v
+//   x += softmax(q k^T / sqrt(D)) v @ Wo^T      (grouped-query, over the paged context)
+//   h = RMSNorm(x);  g|u = h @ Wgu^T;  x += (silu(g) * u) @ Wdown^T
+//
+// Threads: the projections run on at::parallel_for over output rows (PyTorch's pool); attention
+// over (sequence, query head) pairs; norms, RoPE and the activation are a few thousand floats
+// and stay on the calling thread.
+
+#include "decode_layer.h"
+
+#include <cmath>
+#include <limits>
+
+namespace lmf {
+namespace {
+
+// sum_i a[i] * b[i]
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef LMF_SIMD
+  typename Vec::T acc = Vec::zero();
+  for (; i + Vec::L <= n; i += Vec::L) acc = Vec::fma(Vec::load(a + i), Vec::load(b + i), acc);
+  s = Vec::sum(acc);
+#endif
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, one (hidden,) row
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const float inv = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
+}
+
+// Rotate-half RoPE of one head in place: x[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]
+void rope(float* x, const float* cos, const float* sin, int64_t d, float* tmp) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < d; ++i) tmp[i] = x[i];
+  for (int64_t i = 0; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + half) % d] * sin[i];
+}
+
+struct Context {  // where each decode row's context lives in one layer's paged cache
+  const float* k_cache;  // (n_kv, num_slots, D)
+  const float* v_cache;
+  int64_t num_slots;
+  const int64_t* tables;  // (M, W)
+  int64_t width;
+  const int64_t* lens;  // (M,)
+  int64_t block_size;
+
+  int64_t slot(int64_t b, int64_t t) const {
+    return tables[b * width + t / block_size] * block_size + t % block_size;
+  }
+};
+
+// out (M, H * D) = attention of the queries in qkv (row stride ldq, heads first) over each row's
+// context: softmax(q k^T * scale) v, query head h reading KV head h / (H / n_kv).
+void attention(const float* qkv, int64_t ldq, int64_t M, int64_t H, int64_t n_kv, int64_t D,
+               const Context& ctx, float* out) {
+  const int64_t group = H / n_kv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / H, h = i % H, kv = h / group, len = ctx.lens[b];
+      const float* q = qkv + b * ldq + h * D;
+      const float* keys = ctx.k_cache + kv * ctx.num_slots * D;
+      const float* values = ctx.v_cache + kv * ctx.num_slots * D;
+      p.resize(len);
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < len; ++t) {
+        p[t] = dot(q, keys + ctx.slot(b, t) * D, D) * scale;
+        mx = std::max(mx, p[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < len; ++t) total += (p[t] = std::exp(p[t] - mx));
+      float* o = out + b * H * D + h * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      for (int64_t t = 0; t < len; ++t) {
+        const float* v = values + ctx.slot(b, t) * D;
+        const float w = p[t];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
+      }
+      const float inv = 1.0f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+}
+
+void check_cache(const torch::Tensor& c, int64_t n_kv, int64_t D) {
+  TORCH_CHECK(c.scalar_type() == torch::kFloat32 && c.is_contiguous() && c.dim() == 3 &&
+                  c.size(0) == n_kv && c.size(2) == D,
+              "each KV cache must be a contiguous (n_kv_heads, num_slots, head_dim) float32 tensor");
+}
+
+}  // namespace
+
+Decoder::Decoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double rms_norm_eps)
+    : n_heads_(n_heads), n_kv_heads_(n_kv_heads), head_dim_(head_dim),
+      eps_(static_cast<float>(rms_norm_eps)) {
+  TORCH_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0 && head_dim % 2 == 0,
+              "n_heads must be a multiple of n_kv_heads and head_dim even");
+}
+
+void Decoder::add_layer(torch::Tensor input_layernorm, const QuantMatrix& qkv_proj,
+                        torch::Tensor qkv_bias, const QuantMatrix& o_proj,
+                        torch::Tensor post_attention_layernorm, const QuantMatrix& gate_up_proj,
+                        const QuantMatrix& down_proj) {
+  const int64_t hidden = input_layernorm.numel(), q_out = n_heads_ * head_dim_;
+  TORCH_CHECK(qkv_proj.K == hidden && qkv_proj.N == q_out + 2 * n_kv_heads_ * head_dim_,
+              "qkv_proj must be (q + 2 kv, hidden)");
+  TORCH_CHECK(o_proj.K == q_out && o_proj.N == hidden, "o_proj must be (hidden, q)");
+  TORCH_CHECK(gate_up_proj.K == hidden && gate_up_proj.N % 2 == 0 &&
+                  down_proj.K == gate_up_proj.N / 2 && down_proj.N == hidden,
+              "gate_up_proj must be (2 I, hidden) and down_proj (hidden, I)");
+  TORCH_CHECK(qkv_bias.numel() == 0 || qkv_bias.numel() == qkv_proj.N, "qkv_bias has the wrong size");
+  for (const auto* t : {&input_layernorm, &post_attention_layernorm, &qkv_bias})
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(),
+                "norm weights and biases must be contiguous float32");
+  layers_.push_back(DecoderLayer{input_layernorm, qkv_bias, post_attention_layernorm, qkv_proj,
+                                 o_proj, gate_up_proj, down_proj});
+}
+
+torch::Tensor Decoder::forward(const torch::Tensor& x, const torch::Tensor& cos,
+                               const torch::Tensor& sin, const torch::Tensor& positions,
+                               const std::vector<torch::Tensor>& k_caches,
+                               const std::vector<torch::Tensor>& v_caches,
+                               const torch::Tensor& slots, const torch::Tensor& tables,
+                               const torch::Tensor& lens, int64_t block_size) const {
+  const int64_t L = num_layers(), H = n_heads_, n_kv = n_kv_heads_, D = head_dim_;
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L &&
+                  static_cast<int64_t>(v_caches.size()) == L,
+              "one K and one V cache per layer");
+  const int64_t hidden = layers_[0].input_layernorm.numel();
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden && x.scalar_type() == torch::kFloat32,
+              "x must be (M, hidden) float32");
+  const int64_t M = x.size(0);
+  for (const auto* t : {&positions, &slots, &lens})
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous() && t->numel() == M,
+                "positions, slots and lens must be (M,) int64");
+  TORCH_CHECK(tables.scalar_type() == torch::kInt64 && tables.is_contiguous() && tables.dim() == 2 &&
+                  tables.size(0) == M, "tables must be (M, W) int64");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(1) == D &&
+                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
+              "cos and sin must be contiguous (P, head_dim) float32");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t* len = lens.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(pos[m] >= 0 && pos[m] < cos.size(0) && len[m] > 0 &&
+                    len[m] <= tables.size(1) * block_size, "a position or length out of range");
+
+  const int64_t n_qkv = layers_[0].qkv_proj.N, inter = layers_[0].down_proj.K;
+  torch::Tensor out = x.contiguous().clone();
+  auto buf = [&](int64_t n) { return std::vector<float>(static_cast<size_t>(M * n)); };
+  std::vector<float> h = buf(hidden), qkv = buf(n_qkv), attn = buf(H * D), proj = buf(hidden),
+                     gate_up = buf(2 * inter), act = buf(inter), tmp(D);
+  float* xs = out.data_ptr<float>();
+  for (int64_t l = 0; l < L; ++l) {
+    const DecoderLayer& w = layers_[l];
+    check_cache(k_caches[l], n_kv, D);
+    check_cache(v_caches[l], n_kv, D);
+    const int64_t num_slots = k_caches[l].size(1);
+    float* kc = k_caches[l].data_ptr<float>();
+    float* vc = v_caches[l].data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      rms_norm(xs + m * hidden, w.input_layernorm.data_ptr<float>(), hidden, eps_, h.data() + m * hidden);
+    w.qkv_proj.matmul(h.data(), M, qkv.data());
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = qkv.data() + m * n_qkv;
+      if (w.qkv_bias.numel())
+        for (int64_t j = 0; j < n_qkv; ++j) row[j] += w.qkv_bias.data_ptr<float>()[j];
+      const float* c = cos.data_ptr<float>() + pos[m] * D;
+      const float* s = sin.data_ptr<float>() + pos[m] * D;
+      for (int64_t head = 0; head < H + n_kv; ++head) rope(row + head * D, c, s, D, tmp.data());
+      TORCH_CHECK(slot[m] >= 0 && slot[m] < num_slots, "a cache slot out of range");
+      for (int64_t g = 0; g < n_kv; ++g) {
+        std::copy_n(row + (H + g) * D, D, kc + (g * num_slots + slot[m]) * D);
+        std::copy_n(row + (H + n_kv + g) * D, D, vc + (g * num_slots + slot[m]) * D);
+      }
+    }
+    const Context ctx{kc, vc, num_slots, tables.data_ptr<int64_t>(), tables.size(1), len, block_size};
+    attention(qkv.data(), n_qkv, M, H, n_kv, D, ctx, attn.data());
+    w.o_proj.matmul(attn.data(), M, proj.data());
+    for (int64_t i = 0; i < M * hidden; ++i) xs[i] += proj[i];
+    for (int64_t m = 0; m < M; ++m)
+      rms_norm(xs + m * hidden, w.post_attention_layernorm.data_ptr<float>(), hidden, eps_,
+               h.data() + m * hidden);
+    w.gate_up_proj.matmul(h.data(), M, gate_up.data());
+    for (int64_t m = 0; m < M; ++m) {
+      const float* g = gate_up.data() + m * 2 * inter;
+      for (int64_t j = 0; j < inter; ++j)
+        act[m * inter + j] = g[j] / (1.0f + std::exp(-g[j])) * g[inter + j];
+    }
+    w.down_proj.matmul(act.data(), M, proj.data());
+    for (int64_t i = 0; i < M * hidden; ++i) xs[i] += proj[i];
+  }
+  return out;
+}
+
+}  // namespace lmf

@@ -1,0 +1,125 @@
+"""The fused decode step (``models/fused_decode.py``, ``csrc/decode_layer.cpp``): every decoder
+layer in one compiled call must generate what the layer-by-layer PyTorch path generates."""
+
+import platform
+
+import pytest
+import torch
+
+from lmforge.engine.llm import LLM
+from lmforge.engine.request import SamplingParams
+from lmforge.models.attention import AttentionMetadata, PrefillChunk
+from lmforge.models.cpu_ext import quant_ext
+from lmforge.models.fused_decode import FusedDecoder
+
+ext, why = quant_ext()
+pytestmark = pytest.mark.skipif(ext is None, reason=f"no compiled kernel: {why}")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a village at the edge of a very old forest, there lived",
+           "Water boils at", "1, 2, 3, 5, 8,", "Translate to German: good morning"]
+
+
+def generate_both(llm: LLM, fused: FusedDecoder, monkeypatch, max_tokens: int = 24):
+    """Greedy outputs of PROMPTS (one batch) with the fused decoder and without, and how many
+    steps the fused decoder ran."""
+    calls = []
+    call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__",
+                        lambda self, *a: calls.append(a[0].shape[0]) or call(self, *a))
+    model = llm.engine.model_runner.model
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=1)
+    outputs = []
+    for decoder in (fused, None):
+        model.fused_decoder = decoder
+        outputs.append(llm.generate(PROMPTS, params, use_tqdm=False))
+    model.fused_decoder = fused
+    return outputs, calls
+
+
+def assert_same_generations(fused_out, plain_out, atol: float):
+    for a, b in zip(fused_out, plain_out):
+        assert a.token_ids == b.token_ids
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert abs(x.logprob - y.logprob) <= atol
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf_path):
+    return LLM(str(smollm2_gguf_path), dtype="float32")
+
+
+def test_smollm2_fused_steps_generate_what_the_layers_generate(smollm2, monkeypatch):
+    model = smollm2.engine.model_runner.model
+    assert isinstance(model.fused_decoder, FusedDecoder)
+    assert model.fused_decoder.decoder.num_layers() == 30
+    (fused, plain), calls = generate_both(smollm2, model.fused_decoder, monkeypatch)
+    assert_same_generations(fused, plain, atol=2e-3)
+    # every decode step ran fused: batches of 6 rows, then fewer as the shortest ones finish
+    assert calls and max(calls) == len(PROMPTS) and len(calls) >= 23
+
+
+def test_qwen2_biases_and_grouped_query_heads_under_int8(tiny_qwen2_dir, monkeypatch):
+    llm = LLM(str(tiny_qwen2_dir), quantization="int8")
+    model = llm.engine.model_runner.model
+    assert model.model.layers[0].self_attn.qkv_proj.bias is not None
+    (fused, plain), calls = generate_both(llm, model.fused_decoder, monkeypatch)
+    assert calls
+    assert_same_generations(fused, plain, atol=1e-4)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 targets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_the_other_vector_paths_generate_the_same(smollm2, monkeypatch, march):
+    """The AVX2 and portable C++ builds of the decoder, on this CPU."""
+    other, why_not = quant_ext(march)
+    assert other is not None, why_not
+    model = smollm2.engine.model_runner.model
+    (fused, plain), calls = generate_both(smollm2, FusedDecoder(model, other), monkeypatch,
+                                          max_tokens=8)
+    assert calls
+    assert_same_generations(fused, plain, atol=2e-3)
+
+
+def test_only_steps_of_single_token_decodes_over_float32_caches_apply():
+    caches = [(torch.zeros(3, 8, 64), torch.zeros(3, 8, 64))]
+    x = torch.zeros(2, 576)
+    decode = AttentionMetadata(torch.arange(2), 4, num_decodes=2, decode_rows=None,
+                               decode_bias=None, prefills=[], decode_tables=torch.zeros(2, 1),
+                               decode_lens=torch.ones(2))
+    assert FusedDecoder.applies(x, caches, decode)
+    mixed = AttentionMetadata(torch.arange(2), 4, num_decodes=1, decode_rows=None,
+                              decode_bias=None, prefills=[PrefillChunk(1, 2, None, None)],
+                              decode_tables=torch.zeros(1, 1), decode_lens=torch.ones(1))
+    assert not FusedDecoder.applies(x, caches, mixed)
+    assert not FusedDecoder.applies(torch.zeros(33, 576), caches, decode)  # over 32 rows
+    bf16 = [(c.bfloat16(), c.bfloat16()) for c, _ in caches]
+    assert not FusedDecoder.applies(x, bf16, decode)
+
+
+def test_layer_path_models_build_no_fused_decoder(smollm2_gguf_path, tiny_gpt2_dir):
+    dense = LLM(str(smollm2_gguf_path), dtype="float32", gguf_int4=False)
+    assert dense.engine.model_runner.model.fused_decoder is None  # no QuantLinear layers
+    deterministic = LLM(str(smollm2_gguf_path), dtype="float32", deterministic=True)
+    assert deterministic.engine.model_runner.model.fused_decoder is None
+    gpt2 = LLM(str(tiny_gpt2_dir), quantization="int8")  # not a Llama-family stack
+    assert getattr(gpt2.engine.model_runner.model, "fused_decoder", None) is None
+
+
+def test_the_decoder_refuses_inputs_that_do_not_fit(smollm2):
+    decoder = smollm2.engine.model_runner.model.fused_decoder.decoder
+    rotary = smollm2.engine.model_runner.model.model.rotary
+    caches = [torch.zeros(3, 16, 64)] * 30
+    one = torch.zeros(1, dtype=torch.int64)
+    args = dict(x=torch.zeros(1, 576), cos=rotary.cos, sin=rotary.sin, positions=one,
+                k_caches=caches, v_caches=caches, slots=one, tables=torch.zeros(1, 4, dtype=torch.int64),
+                lens=torch.ones(1, dtype=torch.int64), block_size=4)
+    decoder.forward(*args.values())  # fits
+    for change, message in [({"k_caches": [c.bfloat16() for c in caches]}, "float32 tensor"),
+                            ({"k_caches": caches[:2]}, "one K and one V cache per layer"),
+                            ({"positions": one + 10**7}, "out of range"),
+                            ({"slots": one + 16}, "slot out of range"),
+                            ({"lens": one * 17}, "out of range"),
+                            ({"x": torch.zeros(1, 64)}, "must be \\(M, hidden\\)")]:
+        with pytest.raises(RuntimeError, match=message):
+            decoder.forward(*{**args, **change}.values())
