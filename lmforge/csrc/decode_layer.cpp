@@ -49,9 +49,42 @@ void rope(float* x, const float* cos, const float* sin, int64_t d, float* tmp) {
   for (int64_t i = 0; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + half) % d] * sin[i];
 }
 
+// A KV cache element (float, c10::Half or c10::BFloat16): L of them as floats.
+#ifdef LMF_SIMD
+inline typename Vec::T load_kv(const float* p) { return Vec::load(p); }
+inline typename Vec::T load_kv(const c10::Half* p) { return Vec::f16(reinterpret_cast<const uint16_t*>(p)); }
+inline typename Vec::T load_kv(const c10::BFloat16* p) { return Vec::bf16(reinterpret_cast<const uint16_t*>(p)); }
+#endif
+
+// sum_i q[i] * k[i], k a cached key
+template <typename T>
+inline float dot_kv(const float* q, const T* k, int64_t n) {
+  int64_t i = 0;
+  float s = 0.0f;
+#ifdef LMF_SIMD
+  typename Vec::T acc = Vec::zero();
+  for (; i + Vec::L <= n; i += Vec::L) acc = Vec::fma(Vec::load(q + i), load_kv(k + i), acc);
+  s = Vec::sum(acc);
+#endif
+  for (; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
+// o += w * v, v a cached value
+template <typename T>
+inline void axpy_kv(float w, const T* v, float* o, int64_t n) {
+  int64_t i = 0;
+#ifdef LMF_SIMD
+  const typename Vec::T wv = Vec::set1(w);
+  for (; i + Vec::L <= n; i += Vec::L) Vec::store(o + i, Vec::fma(wv, load_kv(v + i), Vec::load(o + i)));
+#endif
+  for (; i < n; ++i) o[i] += w * static_cast<float>(v[i]);
+}
+
+template <typename T>
 struct Context {  // where each decode row's context lives in one layer's paged cache
-  const float* k_cache;  // (n_kv, num_slots, D)
-  const float* v_cache;
+  const T* k_cache;  // (n_kv, num_slots, D)
+  const T* v_cache;
   int64_t num_slots;
   const int64_t* tables;  // (M, W)
   int64_t width;
@@ -65,8 +98,9 @@ struct Context {  // where each decode row's context lives in one layer's paged 
 
 // out (M, H * D) = attention of the queries in qkv (row stride ldq, heads first) over each row's
 // context: softmax(q k^T * scale) v, query head h reading KV head h / (H / n_kv).
+template <typename T>
 void attention(const float* qkv, int64_t ldq, int64_t M, int64_t H, int64_t n_kv, int64_t D,
-               const Context& ctx, float* out) {
+               const Context<T>& ctx, float* out) {
   const int64_t group = H / n_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
@@ -74,33 +108,29 @@ void attention(const float* qkv, int64_t ldq, int64_t M, int64_t H, int64_t n_kv
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / H, h = i % H, kv = h / group, len = ctx.lens[b];
       const float* q = qkv + b * ldq + h * D;
-      const float* keys = ctx.k_cache + kv * ctx.num_slots * D;
-      const float* values = ctx.v_cache + kv * ctx.num_slots * D;
+      const T* keys = ctx.k_cache + kv * ctx.num_slots * D;
+      const T* values = ctx.v_cache + kv * ctx.num_slots * D;
       p.resize(len);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t t = 0; t < len; ++t) {
-        p[t] = dot(q, keys + ctx.slot(b, t) * D, D) * scale;
+        p[t] = dot_kv(q, keys + ctx.slot(b, t) * D, D) * scale;
         mx = std::max(mx, p[t]);
       }
       float total = 0.0f;
       for (int64_t t = 0; t < len; ++t) total += (p[t] = std::exp(p[t] - mx));
       float* o = out + b * H * D + h * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-      for (int64_t t = 0; t < len; ++t) {
-        const float* v = values + ctx.slot(b, t) * D;
-        const float w = p[t];
-        for (int64_t d = 0; d < D; ++d) o[d] += w * v[d];
-      }
+      std::fill_n(o, D, 0.0f);
+      for (int64_t t = 0; t < len; ++t) axpy_kv(p[t], values + ctx.slot(b, t) * D, o, D);
       const float inv = 1.0f / total;
       for (int64_t d = 0; d < D; ++d) o[d] *= inv;
     }
   });
 }
 
-void check_cache(const torch::Tensor& c, int64_t n_kv, int64_t D) {
-  TORCH_CHECK(c.scalar_type() == torch::kFloat32 && c.is_contiguous() && c.dim() == 3 &&
-                  c.size(0) == n_kv && c.size(2) == D,
-              "each KV cache must be a contiguous (n_kv_heads, num_slots, head_dim) float32 tensor");
+void check_cache(const torch::Tensor& c, const torch::Tensor& first, int64_t n_kv, int64_t D) {
+  TORCH_CHECK(c.scalar_type() == first.scalar_type() && c.is_contiguous() && c.dim() == 3 &&
+                  c.size(0) == n_kv && c.size(1) == first.size(1) && c.size(2) == D,
+              "each KV cache must be a contiguous (n_kv_heads, num_slots, head_dim) tensor like the first");
 }
 
 }  // namespace
@@ -131,16 +161,32 @@ void Decoder::add_layer(torch::Tensor input_layernorm, const QuantMatrix& qkv_pr
                                  o_proj, gate_up_proj, down_proj});
 }
 
+struct Decoder::Step {
+  const float* cos;  // (P, D)
+  const float* sin;
+  const int64_t* positions;  // (M,)
+  const int64_t* slots;
+  const int64_t* lens;
+  const int64_t* tables;  // (M, width)
+  int64_t width, block_size, num_slots;
+  const std::vector<torch::Tensor>& k_caches;
+  const std::vector<torch::Tensor>& v_caches;
+};
+
 torch::Tensor Decoder::forward(const torch::Tensor& x, const torch::Tensor& cos,
                                const torch::Tensor& sin, const torch::Tensor& positions,
                                const std::vector<torch::Tensor>& k_caches,
                                const std::vector<torch::Tensor>& v_caches,
                                const torch::Tensor& slots, const torch::Tensor& tables,
                                const torch::Tensor& lens, int64_t block_size) const {
-  const int64_t L = num_layers(), H = n_heads_, n_kv = n_kv_heads_, D = head_dim_;
+  const int64_t L = num_layers(), D = head_dim_;
   TORCH_CHECK(L > 0 && static_cast<int64_t>(k_caches.size()) == L &&
                   static_cast<int64_t>(v_caches.size()) == L,
               "one K and one V cache per layer");
+  for (int64_t l = 0; l < L; ++l) {
+    check_cache(k_caches[l], k_caches[0], n_kv_heads_, D);
+    check_cache(v_caches[l], k_caches[0], n_kv_heads_, D);
+  }
   const int64_t hidden = layers_[0].input_layernorm.numel();
   TORCH_CHECK(x.dim() == 2 && x.size(1) == hidden && x.scalar_type() == torch::kFloat32,
               "x must be (M, hidden) float32");
@@ -153,26 +199,36 @@ torch::Tensor Decoder::forward(const torch::Tensor& x, const torch::Tensor& cos,
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(1) == D &&
                   sin.sizes() == cos.sizes() && sin.is_contiguous(),
               "cos and sin must be contiguous (P, head_dim) float32");
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t* len = lens.data_ptr<int64_t>();
-  for (int64_t m = 0; m < M; ++m)
-    TORCH_CHECK(pos[m] >= 0 && pos[m] < cos.size(0) && len[m] > 0 &&
-                    len[m] <= tables.size(1) * block_size, "a position or length out of range");
-
-  const int64_t n_qkv = layers_[0].qkv_proj.N, inter = layers_[0].down_proj.K;
+  const Step step{cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+                  slots.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), tables.data_ptr<int64_t>(),
+                  tables.size(1), block_size, k_caches[0].size(1), k_caches, v_caches};
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(step.positions[m] >= 0 && step.positions[m] < cos.size(0) && step.lens[m] > 0 &&
+                    step.lens[m] <= step.width * block_size, "a position or length out of range");
+    TORCH_CHECK(step.slots[m] >= 0 && step.slots[m] < step.num_slots, "a cache slot out of range");
+  }
   torch::Tensor out = x.contiguous().clone();
+  switch (k_caches[0].scalar_type()) {
+    case torch::kFloat32: run_layers<float>(out.data_ptr<float>(), M, step); break;
+    case torch::kFloat16: run_layers<c10::Half>(out.data_ptr<float>(), M, step); break;
+    case torch::kBFloat16: run_layers<c10::BFloat16>(out.data_ptr<float>(), M, step); break;
+    default: TORCH_CHECK(false, "KV caches must be float32, float16 or bfloat16");
+  }
+  return out;
+}
+
+template <typename T>
+void Decoder::run_layers(float* xs, int64_t M, const Step& step) const {
+  const int64_t H = n_heads_, n_kv = n_kv_heads_, D = head_dim_, S = step.num_slots;
+  const int64_t hidden = layers_[0].input_layernorm.numel();
+  const int64_t n_qkv = layers_[0].qkv_proj.N, inter = layers_[0].down_proj.K;
   auto buf = [&](int64_t n) { return std::vector<float>(static_cast<size_t>(M * n)); };
   std::vector<float> h = buf(hidden), qkv = buf(n_qkv), attn = buf(H * D), proj = buf(hidden),
                      gate_up = buf(2 * inter), act = buf(inter), tmp(D);
-  float* xs = out.data_ptr<float>();
-  for (int64_t l = 0; l < L; ++l) {
+  for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& w = layers_[l];
-    check_cache(k_caches[l], n_kv, D);
-    check_cache(v_caches[l], n_kv, D);
-    const int64_t num_slots = k_caches[l].size(1);
-    float* kc = k_caches[l].data_ptr<float>();
-    float* vc = v_caches[l].data_ptr<float>();
+    T* kc = step.k_caches[l].data_ptr<T>();
+    T* vc = step.v_caches[l].data_ptr<T>();
     for (int64_t m = 0; m < M; ++m)
       rms_norm(xs + m * hidden, w.input_layernorm.data_ptr<float>(), hidden, eps_, h.data() + m * hidden);
     w.qkv_proj.matmul(h.data(), M, qkv.data());
@@ -180,16 +236,16 @@ torch::Tensor Decoder::forward(const torch::Tensor& x, const torch::Tensor& cos,
       float* row = qkv.data() + m * n_qkv;
       if (w.qkv_bias.numel())
         for (int64_t j = 0; j < n_qkv; ++j) row[j] += w.qkv_bias.data_ptr<float>()[j];
-      const float* c = cos.data_ptr<float>() + pos[m] * D;
-      const float* s = sin.data_ptr<float>() + pos[m] * D;
+      const float* c = step.cos + step.positions[m] * D;
+      const float* s = step.sin + step.positions[m] * D;
       for (int64_t head = 0; head < H + n_kv; ++head) rope(row + head * D, c, s, D, tmp.data());
-      TORCH_CHECK(slot[m] >= 0 && slot[m] < num_slots, "a cache slot out of range");
-      for (int64_t g = 0; g < n_kv; ++g) {
-        std::copy_n(row + (H + g) * D, D, kc + (g * num_slots + slot[m]) * D);
-        std::copy_n(row + (H + n_kv + g) * D, D, vc + (g * num_slots + slot[m]) * D);
-      }
+      for (int64_t g = 0; g < n_kv; ++g)  // this token's K and V into the cache
+        for (int64_t d = 0; d < D; ++d) {
+          kc[(g * S + step.slots[m]) * D + d] = static_cast<T>(row[(H + g) * D + d]);
+          vc[(g * S + step.slots[m]) * D + d] = static_cast<T>(row[(H + n_kv + g) * D + d]);
+        }
     }
-    const Context ctx{kc, vc, num_slots, tables.data_ptr<int64_t>(), tables.size(1), len, block_size};
+    const Context<T> ctx{kc, vc, S, step.tables, step.width, step.lens, step.block_size};
     attention(qkv.data(), n_qkv, M, H, n_kv, D, ctx, attn.data());
     w.o_proj.matmul(attn.data(), M, proj.data());
     for (int64_t i = 0; i < M * hidden; ++i) xs[i] += proj[i];
@@ -205,7 +261,6 @@ torch::Tensor Decoder::forward(const torch::Tensor& x, const torch::Tensor& cos,
     w.down_proj.matmul(act.data(), M, proj.data());
     for (int64_t i = 0; i < M * hidden; ++i) xs[i] += proj[i];
   }
-  return out;
 }
 
 }  // namespace lmf

@@ -30,9 +30,10 @@ class Decoder {
 
   // The hidden states (M, hidden) after every layer, from the embeddings x (M, hidden):
   //   cos, sin (P, head_dim) float32: RoPE tables, cos = [c, c], sin = [-s, s] (RotaryEmbedding);
-  //   positions (M,) int64; k_caches, v_caches: one (n_kv_heads, num_slots, head_dim) float32
-  //   cache per layer, this step's K/V written at slots (M,) int64; tables (M, W) int64 block
-  //   ids of each row's context and lens (M,) int64 its length, this token included.
+  //   positions (M,) int64; k_caches, v_caches: one (n_kv_heads, num_slots, head_dim) cache per
+  //   layer (float32, float16 or bfloat16, all alike), this step's K/V written at slots (M,)
+  //   int64; tables (M, W) int64 block ids of each row's context and lens (M,) int64 its
+  //   length, this token included.
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                         const torch::Tensor& positions, const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slots,
@@ -40,6 +41,10 @@ class Decoder {
                         int64_t block_size) const;
 
  private:
+  struct Step;  // one forward call's inputs, checked
+  template <typename T>  // the KV cache's element type: float, c10::Half or c10::BFloat16
+  void run_layers(float* x, int64_t M, const Step& step) const;
+
   int64_t n_heads_, n_kv_heads_, head_dim_;
   float eps_;
   std::vector<DecoderLayer> layers_;
