@@ -166,6 +166,45 @@ void dot_rows(const float* x, int64_t ldx, const Row& r, int64_t K, float* out, 
   }
 }
 
+#if LMF_SIMD == 512
+// A kTileM x kTileN tile: kTileM activation rows against kTileN output rows,
+// out[m * ldo + j] = x_m . w_j. Each dequantized group serves 8 rows and each x vector 2 output
+// rows, so per FMA there is half an x load, against one in dot_rows: from 16 rows on, 1.3-1.4x
+// faster (3072 x 576 4-bit weight, 2 threads, AVX-512: 406 vs 520 us at 16 rows, 802 vs 1114
+// at 32), where a 4 x 4 tile gained less (432, 853). 16 accumulators + 4 weight vectors fit
+// AVX-512's 32 registers, not AVX2's 16: that path keeps dot_rows.
+constexpr int kTileM = 8, kTileN = 2;
+constexpr int64_t kTileMinRows = 16;  // below it dot_rows is as fast (and for 9-15 rows faster)
+
+template <int BITS, int G>
+void tile(const float* x, int64_t ldx, const Row* rows, int64_t K, float* out, int64_t ldo) {
+  constexpr int CPG = G / Vec::L;
+  typename Vec::T acc[kTileM][kTileN];
+  for (int m = 0; m < kTileM; ++m)
+    for (int j = 0; j < kTileN; ++j) acc[m][j] = Vec::zero();
+  for (int64_t g = 0; g < K / G; ++g) {
+    typename Vec::T w[kTileN][CPG];
+    for (int j = 0; j < kTileN; ++j) group_weights<BITS, G>(rows[j], g, w[j]);
+    const float* xg = x + g * G;
+    for (int c = 0; c < CPG; ++c)
+      for (int m = 0; m < kTileM; ++m) {
+        const typename Vec::T xv = Vec::load(xg + m * ldx + c * Vec::L);
+        for (int j = 0; j < kTileN; ++j) acc[m][j] = Vec::fma(w[j][c], xv, acc[m][j]);
+      }
+  }
+  for (int m = 0; m < kTileM; ++m)
+    for (int j = 0; j < kTileN; ++j) out[m * ldo + j] = Vec::sum(acc[m][j]);
+}
+
+using TileKernel = void (*)(const float*, int64_t, const Row*, int64_t, float*, int64_t);
+
+inline TileKernel tile_for(int64_t bits, int64_t G) {
+  if (bits == 4) return tile<4, 32>;
+  if (bits == 5) return tile<5, 32>;
+  return G == 32 ? tile<8, 32> : tile<8, 16>;
+}
+#endif
+
 using Kernel = void (*)(const float*, int64_t, const Row&, int64_t, float*, int64_t);
 
 template <int BITS, int G>
@@ -261,6 +300,9 @@ struct QuantMatrix {
   // y[m * N + n] = sum_k x[m * K + k] * w[n, k] for m < M: one output row per task of
   // at::parallel_for, each against up to kMaxRows activation rows at a time.
   void matmul(const float* x, int64_t M, float* y) const {
+#if LMF_SIMD == 512
+    if (M >= kTileMinRows) return matmul_tiles(x, M, y);
+#endif
 #ifdef LMF_SIMD
     const Kernel* kernels = kernels_for(bits, G);
 #endif
@@ -282,6 +324,32 @@ struct QuantMatrix {
       }
     });
   }
+
+#if LMF_SIMD == 512
+  // matmul for M >= kTileMinRows: kTileN output rows at a time, in tiles of kTileM activation rows;
+  // the rows past the last full tile (of M, and of N) through dot_rows.
+  void matmul_tiles(const float* x, int64_t M, float* y) const {
+    const TileKernel tiled = tile_for(bits, G);
+    const Kernel* kernels = kernels_for(bits, G);
+    const int64_t full_m = M / kTileM * kTileM;
+    at::parallel_for(0, (N + kTileN - 1) / kTileN, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const int64_t n0 = b * kTileN, n1 = std::min(N, n0 + kTileN);
+        int64_t m0 = 0;
+        if (n1 - n0 == kTileN) {
+          Row rows[kTileN];
+          for (int j = 0; j < kTileN; ++j) rows[j] = row(n0 + j);
+          for (; m0 < full_m; m0 += kTileM) tiled(x + m0 * K, K, rows, K, y + m0 * N + n0, N);
+        }
+        for (int64_t n = n0; n < n1; ++n)
+          for (int64_t m = m0; m < M; m += kMaxRows) {
+            const int64_t rows = std::min(kMaxRows, M - m);
+            kernels[rows - 1](x + m * K, K, row(n), K, y + m * N + n, N);
+          }
+      }
+    });
+  }
+#endif
 };
 
 }  // namespace lmf

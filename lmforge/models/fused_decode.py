@@ -7,7 +7,7 @@ model is a compiled ``QuantLinear`` (a GGUF kept as codes, or ``--quantization``
 ``FusedDecoder`` hands steps made only of single-token decodes to the C++ ``Decoder``, which
 runs the same arithmetic in float32: equal to the PyTorch path up to summation order
 (``tests/models/test_fused_decode.py``). Prefills, mixed steps, batches over
-``KERNEL_MAX_ROWS`` rows and ``--deterministic`` take the PyTorch path,
+``kernel_max_rows`` rows and ``--deterministic`` take the PyTorch path,
 as does a model whose projections a LoRA wrapper replaced (``MultiLoRALinear`` drops the fused
 decoder when it wraps them).
 """
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lmforge.models.attention import AttentionMetadata
-from lmforge.models.quant_linear import KERNEL_MAX_ROWS, QuantLinear
+from lmforge.models.quant_linear import QuantLinear, kernel_max_rows
 
 KV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what csrc's Decoder reads
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
@@ -36,6 +36,7 @@ class FusedDecoder:
     def __init__(self, model: nn.Module, ext):
         cfg = model.config
         self.rotary = model.model.rotary
+        self.max_rows = kernel_max_rows(ext)
         self.decoder = ext.Decoder(cfg.num_attention_heads, cfg.num_key_value_heads,
                                    cfg.head_dim, cfg.rms_norm_eps)
 
@@ -72,12 +73,12 @@ class FusedDecoder:
             return None
         return FusedDecoder(model, exts.pop())
 
-    @staticmethod
-    def applies(x: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
-        """A step of single-token decodes only, at most ``KERNEL_MAX_ROWS`` of them, over
-        float32, float16 or bfloat16 caches, outside batch-invariant mode."""
+    def applies(self, x: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
+        """A step of single-token decodes only, at most ``max_rows`` of them (where the
+        kernel beats dequantize + GEMM), over float32, float16 or bfloat16 caches, outside
+        batch-invariant mode."""
         t = x.shape[0]
-        return (meta.invariant is None and meta.num_decodes == t and 0 < t <= KERNEL_MAX_ROWS
+        return (meta.invariant is None and meta.num_decodes == t and 0 < t <= self.max_rows
                 and meta.decode_tables is not None and kv_caches[0][0].dtype in KV_DTYPES)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list,

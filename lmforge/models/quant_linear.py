@@ -6,7 +6,7 @@ are 0.5-1 byte. ``QuantLinear`` keeps them (converted from any GGUF block type b
 
     w[n, k] = codes[n, k] * scale[n, k // G] + zero[n, k // G]     y = x @ w.T (+ bias)
 
-Rows up to ``KERNEL_MAX_ROWS`` (decoding) run the kernel, which dequantizes each group in
+Rows up to ``kernel_max_rows(ext)`` (decoding, short prefills) run the kernel, which dequantizes each group in
 registers; larger batches (prefills) dequantize the weight once and run one float32 GEMM. The
 pure-PyTorch reference (``QuantWeight.dequantize`` + ``F.linear``) is the fallback and the
 test oracle; both agree to float32 summation order.
@@ -24,7 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 GEMM
+KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 GEMM (AVX2)
+# AVX-512 builds tile from 16 rows on (csrc/quant_kernels.h) and stay ahead far longer: 1.3-2.6x
+# faster than dequantize + GEMM at 64-128 rows, 1.15-1.25x at 256, even at 512 (three of
+# SmolLM2's and Qwen2.5-0.5B's projection shapes, 2 threads)
+TILED_KERNEL_MAX_ROWS = 256
+
+
+def kernel_max_rows(ext) -> int:
+    """Rows up to which ``ext``'s kernel runs a batch (more: dequantize + GEMM); 0 without it."""
+    if ext is None:
+        return 0
+    return TILED_KERNEL_MAX_ROWS if ext.isa() == "AVX-512" else KERNEL_MAX_ROWS
 
 
 @dataclass
@@ -128,6 +139,7 @@ class QuantLinear(nn.Module):
         for name in ("codes", "scale", "zero", "high"):
             self.register_buffer(name, getattr(weight, name))
         self.bits = weight.bits  # once: forward runs ~120 times a decode step
+        self.max_rows = kernel_max_rows(ext)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.ext = ext
 
@@ -142,7 +154,7 @@ class QuantLinear(nn.Module):
         bits = self.bits
         if self.ext is None:
             y = F.linear(x2, self.weight_q.dequantize(), self.bias)
-        elif x2.shape[0] > KERNEL_MAX_ROWS:
+        elif x2.shape[0] > self.max_rows:
             dense = self.ext.dequantize(self.codes, self.scale, self.zero, self.high, bits)
             y = F.linear(x2, dense, self.bias)
         else:

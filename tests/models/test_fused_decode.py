@@ -60,10 +60,11 @@ def test_smollm2_fused_steps_generate_what_the_layers_generate(smollm2, monkeypa
     assert calls and max(calls) == len(PROMPTS) and len(calls) >= 23
 
 
-# bfloat16's 8-bit mantissa: K/V that differ in the last float32 bits (summation order) can
-# round to neighbouring bfloat16 values. Measured: fused vs layer path 0.014 with a bfloat16
-# cache, where the bfloat16 cache itself moves the layer path's logprobs by 0.045 from float32's
-@pytest.mark.parametrize("kv_dtype, atol", [("float16", 2e-3), ("bfloat16", 0.03)])
+# A K or V that differs in its last float32 bits (summation order) can round to the neighbouring
+# float16 or bfloat16 value, and that difference then compounds over layers and tokens.
+# Measured, max |logprob difference| fused vs layer path: 0.003 (float16), 0.004-0.014
+# (bfloat16); the bfloat16 cache itself moves the layer path's logprobs by 0.04 from float32's.
+@pytest.mark.parametrize("kv_dtype, atol", [("float16", 0.01), ("bfloat16", 0.03)])
 def test_half_precision_kv_caches(smollm2_gguf_path, monkeypatch, kv_dtype, atol):
     """K/V stored as float16 (llama.cpp's default) or bfloat16: the decoder rounds what it writes
     as PyTorch's cast does and reads it back in float32, as the layer path does."""
@@ -99,20 +100,22 @@ def test_the_other_vector_paths_generate_the_same(smollm2, monkeypatch, march):
     assert_same_generations(fused, plain, atol=2e-3)
 
 
-def test_only_steps_of_single_token_decodes_over_float32_caches_apply():
+def test_only_steps_of_single_token_decodes_apply(smollm2):
+    fused = smollm2.engine.model_runner.model.fused_decoder
     caches = [(torch.zeros(3, 8, 64), torch.zeros(3, 8, 64))]
     x = torch.zeros(2, 576)
     decode = AttentionMetadata(torch.arange(2), 4, num_decodes=2, decode_rows=None,
                                decode_bias=None, prefills=[], decode_tables=torch.zeros(2, 1),
                                decode_lens=torch.ones(2))
-    assert FusedDecoder.applies(x, caches, decode)
+    assert fused.applies(x, caches, decode)
     mixed = AttentionMetadata(torch.arange(2), 4, num_decodes=1, decode_rows=None,
                               decode_bias=None, prefills=[PrefillChunk(1, 2, None, None)],
                               decode_tables=torch.zeros(1, 1), decode_lens=torch.ones(1))
-    assert not FusedDecoder.applies(x, caches, mixed)
-    assert not FusedDecoder.applies(torch.zeros(33, 576), caches, decode)  # over 32 rows
+    assert not fused.applies(x, caches, mixed)
+    too_many = torch.zeros(fused.max_rows + 1, 576)  # dequantize + GEMM is faster there
+    assert fused.max_rows >= 32 and not fused.applies(too_many, caches, decode)
     int8 = [(c.to(torch.int8), c.to(torch.int8)) for c, _ in caches]
-    assert not FusedDecoder.applies(x, int8, decode)
+    assert not fused.applies(x, int8, decode)
 
 
 def test_layer_path_models_build_no_fused_decoder(smollm2_gguf_path, tiny_gpt2_dir):

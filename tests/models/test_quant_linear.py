@@ -12,13 +12,12 @@ import torch.nn.functional as F
 from support.forward import prefill_logits
 
 from lmforge.config import ModelConfig
-from lmforge.models import quant_linear
 from lmforge.models.cpu_ext import quant_ext
 from lmforge.models.loader import load_model
 from lmforge.models.gguf_quant import SUPPORTED, read_quant
 from lmforge.engine.memory import tensor_bytes
 from lmforge.models.quant_linear import (
-    KERNEL_MAX_ROWS,
+    TILED_KERNEL_MAX_ROWS,
     QuantEmbedding,
     QuantLinear,
     QuantWeight,
@@ -79,7 +78,8 @@ needs_ext = pytest.mark.skipif(ext is None, reason=f"no compiled kernel: {why}")
 
 @needs_ext
 @pytest.mark.parametrize("type_name", ["Q4_1", "Q4_K", "Q5_0", "Q5_K", "Q6_K", "Q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 8, 11, KERNEL_MAX_ROWS + 5])
+# 16, 21: tiles on AVX-512; TILED_KERNEL_MAX_ROWS + 5: dequantize + GEMM on every build
+@pytest.mark.parametrize("rows", [1, 3, 8, 11, 16, 21, TILED_KERNEL_MAX_ROWS + 5])
 def test_kernel_matches_the_pytorch_reference(type_name, rows):
     w = read_quant(random_blocks(type_name, rows=40), type_name)
     gen = torch.Generator().manual_seed(rows)
@@ -160,7 +160,8 @@ def test_smollm2_keeps_its_codes_and_matches_the_dense_model(smollm2_gguf_path, 
                                  "first ground grains into flour and mixed it with water.")
     ref = prefill_logits(dense, ids, force_int4=False)
     for max_rows in (10**9, 0):  # every row through the kernel; every row dequantized + GEMM
-        monkeypatch.setattr(quant_linear, "KERNEL_MAX_ROWS", max_rows)
+        for layer in layers:
+            layer.max_rows = max_rows
         out = prefill_logits(codes, ids, force_int4=False)
         # the same weights (the codes decode exactly as gguf dequantizes): summation order only
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-3)
