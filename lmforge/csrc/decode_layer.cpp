@@ -12,7 +12,7 @@
 //   h = RMSNorm(x);  g|u = h @ Wgu^T;  x += (silu(g) * u) @ Wdown^T
 //
 // Threads: the projections run on at::parallel_for over output rows (PyTorch's pool); attention
-// over (sequence, query head) pairs; norms, RoPE and the activation are a few thousand floats
+// over (sequence, KV head) pairs; norms, RoPE and the activation are a few thousand floats
 // and stay on the calling thread.
 
 #include "decode_layer.h"
@@ -45,8 +45,9 @@ void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
 // Rotate-half RoPE of one head in place: x[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]
 void rope(float* x, const float* cos, const float* sin, int64_t d, float* tmp) {
   const int64_t half = d / 2;
-  for (int64_t i = 0; i < d; ++i) tmp[i] = x[i];
-  for (int64_t i = 0; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[(i + half) % d] * sin[i];
+  std::copy_n(x, d, tmp);
+  for (int64_t i = 0; i < half; ++i) x[i] = tmp[i] * cos[i] + tmp[i + half] * sin[i];
+  for (int64_t i = half; i < d; ++i) x[i] = tmp[i] * cos[i] + tmp[i - half] * sin[i];
 }
 
 // A KV cache element (float, c10::Half or c10::BFloat16): L of them as floats.
@@ -81,6 +82,37 @@ inline void axpy_kv(float w, const T* v, float* o, int64_t n) {
   for (; i < n; ++i) o[i] += w * static_cast<float>(v[i]);
 }
 
+// p[i] = e^(p[i] - mx) for i < n; returns their sum
+inline float exp_shifted(float* p, int64_t n, float mx) {
+  int64_t i = 0;
+  float total = 0.0f;
+#ifdef LMF_SIMD
+  typename Vec::T acc = Vec::zero();
+  for (; i + Vec::L <= n; i += Vec::L) {
+    const typename Vec::T e = Vec::exp(Vec::sub(Vec::load(p + i), Vec::set1(mx)));
+    Vec::store(p + i, e);
+    acc = Vec::add(acc, e);
+  }
+  total = Vec::sum(acc);
+#endif
+  for (; i < n; ++i) total += (p[i] = std::exp(p[i] - mx));
+  return total;
+}
+
+// act[j] = silu(gate[j]) * up[j] = gate[j] / (1 + e^-gate[j]) * up[j], for j < n
+inline void silu_mul(const float* gate, const float* up, int64_t n, float* act) {
+  int64_t j = 0;
+#ifdef LMF_SIMD
+  const typename Vec::T one = Vec::set1(1.0f);
+  for (; j + Vec::L <= n; j += Vec::L) {
+    const typename Vec::T g = Vec::load(gate + j);
+    const typename Vec::T e = Vec::exp(Vec::sub(Vec::zero(), g));
+    Vec::store(act + j, Vec::mul(Vec::div(g, Vec::add(one, e)), Vec::load(up + j)));
+  }
+#endif
+  for (; j < n; ++j) act[j] = gate[j] / (1.0f + std::exp(-gate[j])) * up[j];
+}
+
 template <typename T>
 struct Context {  // where each decode row's context lives in one layer's paged cache
   const T* k_cache;  // (n_kv, num_slots, D)
@@ -91,38 +123,48 @@ struct Context {  // where each decode row's context lives in one layer's paged 
   const int64_t* lens;  // (M,)
   int64_t block_size;
 
-  int64_t slot(int64_t b, int64_t t) const {
-    return tables[b * width + t / block_size] * block_size + t % block_size;
+  // f(t, slot) for the cache slot of every context position t < lens[b], block by block
+  template <typename F>
+  void for_each_slot(int64_t b, F&& f) const {
+    const int64_t len = lens[b];
+    for (int64_t t0 = 0, i = 0; t0 < len; t0 += block_size, ++i) {
+      const int64_t base = tables[b * width + i] * block_size, n = std::min(block_size, len - t0);
+      for (int64_t o = 0; o < n; ++o) f(t0 + o, base + o);
+    }
   }
 };
 
 // out (M, H * D) = attention of the queries in qkv (row stride ldq, heads first) over each row's
-// context: softmax(q k^T * scale) v, query head h reading KV head h / (H / n_kv).
+// context: softmax(q k^T * scale) v, query head h reading KV head h / (H / n_kv). One task per
+// (row, KV head): its group of query heads reads each cached key and value once.
 template <typename T>
 void attention(const float* qkv, int64_t ldq, int64_t M, int64_t H, int64_t n_kv, int64_t D,
                const Context<T>& ctx, float* out) {
   const int64_t group = H / n_kv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, M * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M * n_kv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / H, h = i % H, kv = h / group, len = ctx.lens[b];
-      const float* q = qkv + b * ldq + h * D;
+      const int64_t b = i / n_kv, kv = i % n_kv, len = ctx.lens[b];
+      const float* q = qkv + b * ldq + kv * group * D;  // the group's query heads, side by side
       const T* keys = ctx.k_cache + kv * ctx.num_slots * D;
       const T* values = ctx.v_cache + kv * ctx.num_slots * D;
-      p.resize(len);
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < len; ++t) {
-        p[t] = dot_kv(q, keys + ctx.slot(b, t) * D, D) * scale;
-        mx = std::max(mx, p[t]);
+      p.resize(static_cast<size_t>(group * len));
+      ctx.for_each_slot(b, [&](int64_t t, int64_t slot) {
+        for (int64_t g = 0; g < group; ++g) p[g * len + t] = dot_kv(q + g * D, keys + slot * D, D) * scale;
+      });
+      float* o = out + b * H * D + kv * group * D;
+      std::fill_n(o, group * D, 0.0f);
+      std::vector<float> inv(group);
+      for (int64_t g = 0; g < group; ++g) {
+        float* pg = p.data() + g * len;
+        inv[g] = 1.0f / exp_shifted(pg, len, *std::max_element(pg, pg + len));
       }
-      float total = 0.0f;
-      for (int64_t t = 0; t < len; ++t) total += (p[t] = std::exp(p[t] - mx));
-      float* o = out + b * H * D + h * D;
-      std::fill_n(o, D, 0.0f);
-      for (int64_t t = 0; t < len; ++t) axpy_kv(p[t], values + ctx.slot(b, t) * D, o, D);
-      const float inv = 1.0f / total;
-      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      ctx.for_each_slot(b, [&](int64_t t, int64_t slot) {
+        for (int64_t g = 0; g < group; ++g) axpy_kv(p[g * len + t], values + slot * D, o + g * D, D);
+      });
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t d = 0; d < D; ++d) o[g * D + d] *= inv[g];
     }
   });
 }
@@ -229,13 +271,14 @@ void Decoder::run_layers(float* xs, int64_t M, const Step& step) const {
     const DecoderLayer& w = layers_[l];
     T* kc = step.k_caches[l].data_ptr<T>();
     T* vc = step.v_caches[l].data_ptr<T>();
+    const float* bias = w.qkv_bias.numel() ? w.qkv_bias.data_ptr<float>() : nullptr;
     for (int64_t m = 0; m < M; ++m)
       rms_norm(xs + m * hidden, w.input_layernorm.data_ptr<float>(), hidden, eps_, h.data() + m * hidden);
     w.qkv_proj.matmul(h.data(), M, qkv.data());
     for (int64_t m = 0; m < M; ++m) {
       float* row = qkv.data() + m * n_qkv;
-      if (w.qkv_bias.numel())
-        for (int64_t j = 0; j < n_qkv; ++j) row[j] += w.qkv_bias.data_ptr<float>()[j];
+      if (bias)
+        for (int64_t j = 0; j < n_qkv; ++j) row[j] += bias[j];
       const float* c = step.cos + step.positions[m] * D;
       const float* s = step.sin + step.positions[m] * D;
       for (int64_t head = 0; head < H + n_kv; ++head) rope(row + head * D, c, s, D, tmp.data());
@@ -255,8 +298,7 @@ void Decoder::run_layers(float* xs, int64_t M, const Step& step) const {
     w.gate_up_proj.matmul(h.data(), M, gate_up.data());
     for (int64_t m = 0; m < M; ++m) {
       const float* g = gate_up.data() + m * 2 * inter;
-      for (int64_t j = 0; j < inter; ++j)
-        act[m * inter + j] = g[j] / (1.0f + std::exp(-g[j])) * g[inter + j];
+      silu_mul(g, g + inter, inter, act.data() + m * inter);
     }
     w.down_proj.matmul(act.data(), M, proj.data());
     for (int64_t i = 0; i < M * hidden; ++i) xs[i] += proj[i];

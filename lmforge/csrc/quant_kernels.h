@@ -33,6 +33,25 @@ struct Vec {  // AVX-512: 16 floats
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm512_div_ps(a, b); }
+  static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
+  // e^x (Cephes' expf polynomial, ~1 ulp; x clamped to [-87.3, 88.4], so -inf gives ~1e-38)
+  static T exp(T x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, set1(88.3762626647949f)), set1(-87.3365478515625f));
+    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_scalef_ps(exp_poly(n, x), n);
+  }
+  // e^r for r = x - n ln2 (|r| <= ln2 / 2), the degree-6 polynomial of Cephes' expf
+  static T exp_poly(T n, T x) {
+    T r = fma(n, set1(-0.693359375f), x);
+    r = fma(n, set1(2.12194440e-4f), r);
+    T p = set1(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+      p = fma(p, r, set1(c));
+    return fma(p, mul(r, r), add(r, set1(1.0f)));
+  }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
   static T u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
   // L float16 or bfloat16 values (a KV cache read by decode_layer.cpp) as floats
@@ -60,6 +79,25 @@ struct Vec {  // AVX2: 8 floats
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
+  static T div(T a, T b) { return _mm256_div_ps(a, b); }
+  static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
+  static T exp(T x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, set1(88.3762626647949f)), set1(-87.3365478515625f));
+    const T n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(exp_poly(n, x), _mm256_castsi256_ps(e));
+  }
+  // e^r for r = x - n ln2 (|r| <= ln2 / 2), the degree-6 polynomial of Cephes' expf
+  static T exp_poly(T n, T x) {
+    T r = fma(n, set1(-0.693359375f), x);
+    r = fma(n, set1(2.12194440e-4f), r);
+    T p = set1(1.9875691500e-4f);
+    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+      p = fma(p, r, set1(c));
+    return fma(p, mul(r, r), add(r, set1(1.0f)));
+  }
   static float sum(T v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     r = _mm_add_ps(r, _mm_movehl_ps(r, r));
