@@ -9,12 +9,14 @@ form that the linear layers keep: ``"int4"`` (Q4_0/Q4_1 for PyTorch's bf16 int4 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
 from lmforge.errors import ModelLoadError
 from lmforge.models.gguf_file import GGUFFile
-from lmforge.models.gguf_quant import read_quant
+from lmforge.models.gguf_quant import SUPPORTED, read_quant
 from lmforge.models.gpt import GPTConfig
 from lmforge.models.gpt_hf import GGUF_NAMES as GPT_GGUF_NAMES
 from lmforge.models.gpt_hf import gpt_config_from_gguf
@@ -159,3 +161,10 @@ def gguf_config(reader: GGUFFile) -> ModelConfigs:
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names, architecture=arch,
         rope_freq_factors=rope_freqs.data.tolist() if rope_freqs is not None else None)
+
+
+def has_quantized_projections(path: Path) -> bool:
+    """Whether the GGUF at ``path`` stores any attention or MLP projection in a block type that
+    ``gguf_quant.read_quant`` keeps as codes (an F16/F32 file has none)."""
+    return any(t.tensor_type.name in SUPPORTED for t in GGUFFile(path).tensors
+               if t.name.endswith((".attn_q.weight", ".ffn_up.weight", ".ffn_down.weight")))

@@ -12,6 +12,7 @@ from lmforge.engine.request import SamplingParams
 from lmforge.models.attention import AttentionMetadata, PrefillChunk
 from lmforge.models.cpu_ext import quant_ext
 from lmforge.models.fused_decode import FusedDecoder
+from lmforge.models.loader import load_model, resolve_dtype, serving_dtype
 
 ext, why = quant_ext()
 pytestmark = pytest.mark.skipif(ext is None, reason=f"no compiled kernel: {why}")
@@ -146,3 +147,17 @@ def test_the_decoder_refuses_inputs_that_do_not_fit(smollm2):
                             ({"x": torch.zeros(1, 64)}, "must be \\(M, hidden\\)")]:
         with pytest.raises(RuntimeError, match=message):
             decoder.forward(*{**args, **change}.values())
+
+
+def test_auto_dtype_serves_a_quantized_gguf_in_float32(smollm2_gguf_path, tiny_llama_dir):
+    """``--dtype auto``: float32 (codes + the fused decoder) for a quantized GGUF where the
+    kernel builds; bf16-or-float32 by the CPU as before for the rest."""
+    cpu = torch.device("cpu")
+    gguf = ModelConfig(model=str(smollm2_gguf_path))
+    assert serving_dtype(gguf, smollm2_gguf_path, cpu) == torch.float32
+    assert "one compiled call" in load_model(gguf).kernels
+    for cfg, path in [(ModelConfig(model=str(smollm2_gguf_path), deterministic=True), smollm2_gguf_path),
+                      (ModelConfig(model=str(smollm2_gguf_path), gguf_int4=False), smollm2_gguf_path),
+                      (ModelConfig(model=str(tiny_llama_dir)), tiny_llama_dir)]:
+        assert serving_dtype(cfg, path, cpu) == resolve_dtype("auto", cpu)
+    assert serving_dtype(gguf, smollm2_gguf_path, cpu, for_training=True) == resolve_dtype("auto", cpu)
