@@ -89,7 +89,7 @@ inline float exp_shifted(float* p, int64_t n, float mx) {
 #ifdef LMF_SIMD
   typename Vec::T acc = Vec::zero();
   for (; i + Vec::L <= n; i += Vec::L) {
-    const typename Vec::T e = Vec::exp(Vec::sub(Vec::load(p + i), Vec::set1(mx)));
+    const typename Vec::T e = vec_exp(Vec::sub(Vec::load(p + i), Vec::set1(mx)));
     Vec::store(p + i, e);
     acc = Vec::add(acc, e);
   }
@@ -106,7 +106,7 @@ inline void silu_mul(const float* gate, const float* up, int64_t n, float* act) 
   const typename Vec::T one = Vec::set1(1.0f);
   for (; j + Vec::L <= n; j += Vec::L) {
     const typename Vec::T g = Vec::load(gate + j);
-    const typename Vec::T e = Vec::exp(Vec::sub(Vec::zero(), g));
+    const typename Vec::T e = vec_exp(Vec::sub(Vec::zero(), g));
     Vec::store(act + j, Vec::mul(Vec::div(g, Vec::add(one, e)), Vec::load(up + j)));
   }
 #endif

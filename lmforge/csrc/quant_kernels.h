@@ -36,22 +36,10 @@ struct Vec {  // AVX-512: 16 floats
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T div(T a, T b) { return _mm512_div_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  // e^x (Cephes' expf polynomial, ~1 ulp; x clamped to [-87.3, 88.4], so -inf gives ~1e-38)
-  static T exp(T x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, set1(88.3762626647949f)), set1(-87.3365478515625f));
-    const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    return _mm512_scalef_ps(exp_poly(n, x), n);
-  }
-  // e^r for r = x - n ln2 (|r| <= ln2 / 2), the degree-6 polynomial of Cephes' expf
-  static T exp_poly(T n, T x) {
-    T r = fma(n, set1(-0.693359375f), x);
-    r = fma(n, set1(2.12194440e-4f), r);
-    T p = set1(1.9875691500e-4f);
-    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-      p = fma(p, r, set1(c));
-    return fma(p, mul(r, r), add(r, set1(1.0f)));
-  }
+  static T min(T a, T b) { return _mm512_min_ps(a, b); }
+  static T max(T a, T b) { return _mm512_max_ps(a, b); }
+  static T round(T v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T times_pow2(T p, T n) { return _mm512_scalef_ps(p, n); }  // p * 2^n, n integral
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
   static T u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }  // 16 bytes
   // L float16 or bfloat16 values (a KV cache read by decode_layer.cpp) as floats
@@ -82,21 +70,12 @@ struct Vec {  // AVX2: 8 floats
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T div(T a, T b) { return _mm256_div_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  static T exp(T x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, set1(88.3762626647949f)), set1(-87.3365478515625f));
-    const T n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  static T min(T a, T b) { return _mm256_min_ps(a, b); }
+  static T max(T a, T b) { return _mm256_max_ps(a, b); }
+  static T round(T v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static T times_pow2(T p, T n) {  // p * 2^n, n integral in [-126, 127]
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(exp_poly(n, x), _mm256_castsi256_ps(e));
-  }
-  // e^r for r = x - n ln2 (|r| <= ln2 / 2), the degree-6 polynomial of Cephes' expf
-  static T exp_poly(T n, T x) {
-    T r = fma(n, set1(-0.693359375f), x);
-    r = fma(n, set1(2.12194440e-4f), r);
-    T p = set1(1.9875691500e-4f);
-    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-      p = fma(p, r, set1(c));
-    return fma(p, mul(r, r), add(r, set1(1.0f)));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
   static float sum(T v) {
     __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -120,6 +99,21 @@ struct Vec {  // AVX2: 8 floats
     w[3] = fma(u8(_mm_srli_si128(hi, 8)), s, z);
   }
 };
+#endif
+
+#ifdef LMF_SIMD
+// e^x, lane by lane: x = n ln2 + r, |r| <= ln2 / 2, e^r from Cephes' expf polynomial (~1 ulp);
+// x is clamped to [-87.3, 88.4], so e^-inf gives ~1e-38 rather than 0.
+inline Vec::T vec_exp(Vec::T x) {
+  x = Vec::max(Vec::min(x, Vec::set1(88.3762626647949f)), Vec::set1(-87.3365478515625f));
+  const Vec::T n = Vec::round(Vec::mul(x, Vec::set1(1.44269504088896341f)));
+  Vec::T r = Vec::fma(n, Vec::set1(-0.693359375f), x);
+  r = Vec::fma(n, Vec::set1(2.12194440e-4f), r);
+  Vec::T p = Vec::set1(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = Vec::fma(p, r, Vec::set1(c));
+  return Vec::times_pow2(Vec::fma(p, Vec::mul(r, r), Vec::add(r, Vec::set1(1.0f))), n);
+}
 #endif
 
 // One output row's weight: where its codes, scales, zeros and fifth bits start.
