@@ -26,11 +26,15 @@ PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "ml
 
 class FusedDecoder:
     """The decoder layers of a ``LlamaForCausalLM`` as one C++ ``Decoder`` (sharing the
-    model's weight tensors, no copy).
+    model's weight tensors, no copy); the arithmetic of Hugging Face's ``LlamaDecoderLayer``
+    (and Qwen2's, with its q/k/v biases), in float32.
 
     ``applies(x, kv_caches, meta)`` says whether a step can run here; ``__call__(x (M, hidden),
-    positions (M,), kv_caches, meta) -> (M, hidden)`` is the hidden state after the last layer,
-    before the final norm, as ``LlamaModel``'s layer loop returns it.
+    positions (M,) int64, kv_caches, meta) -> (M, hidden)`` float32 is the hidden state after
+    the last layer, before the final norm, as ``LlamaModel``'s layer loop returns it, and writes
+    this step's K/V into ``kv_caches`` (each (n_kv_heads, num_slots, head_dim)) at
+    ``meta.slot_mapping``. The C++ side checks every shape, dtype, position and slot and raises
+    RuntimeError on a mismatch rather than reading out of bounds.
     """
 
     def __init__(self, model: nn.Module, ext):

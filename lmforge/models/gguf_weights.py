@@ -165,6 +165,11 @@ def gguf_config(reader: GGUFFile) -> ModelConfigs:
 
 def has_quantized_projections(path: Path) -> bool:
     """Whether the GGUF at ``path`` stores any attention or MLP projection in a block type that
-    ``gguf_quant.read_quant`` keeps as codes (an F16/F32 file has none)."""
-    return any(t.tensor_type.name in SUPPORTED for t in GGUFFile(path).tensors
+    ``gguf_quant.read_quant`` keeps as codes (an F16/F32 file has none); False for a file that
+    does not read as a GGUF (loading it then raises the clear error)."""
+    try:
+        tensors = GGUFFile(path).tensors
+    except Exception:  # truncated, foreign, unreadable: the loader's error says which
+        return False
+    return any(t.tensor_type.name in SUPPORTED for t in tensors
                if t.name.endswith((".attn_q.weight", ".ffn_up.weight", ".ffn_down.weight")))
