@@ -23,25 +23,6 @@
 namespace lmf {
 namespace {
 
-// sum_i a[i] * b[i]
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.0f;
-#ifdef LMF_SIMD
-  typename Vec::T acc = Vec::zero();
-  for (; i + Vec::L <= n; i += Vec::L) acc = Vec::fma(Vec::load(a + i), Vec::load(b + i), acc);
-  s = Vec::sum(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y = x / sqrt(mean(x^2) + eps) * w, one (hidden,) row
-void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  const float inv = 1.0f / std::sqrt(dot(x, x, n) / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
-}
-
 // Rotate-half RoPE of one head in place: x[i] = x[i] cos[i] + x[(i + D/2) % D] sin[i]
 void rope(float* x, const float* cos, const float* sin, int64_t d, float* tmp) {
   const int64_t half = d / 2;
@@ -57,7 +38,7 @@ inline typename Vec::T load_kv(const c10::Half* p) { return Vec::f16(reinterpret
 inline typename Vec::T load_kv(const c10::BFloat16* p) { return Vec::bf16(reinterpret_cast<const uint16_t*>(p)); }
 #endif
 
-// sum_i q[i] * k[i], k a cached key
+// sum_i q[i] * k[i]: k a cached key (float, c10::Half or c10::BFloat16), or any float vector
 template <typename T>
 inline float dot_kv(const float* q, const T* k, int64_t n) {
   int64_t i = 0;
@@ -69,6 +50,12 @@ inline float dot_kv(const float* q, const T* k, int64_t n) {
 #endif
   for (; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
   return s;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, one (hidden,) row
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  const float inv = 1.0f / std::sqrt(dot_kv(x, x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * w[i];
 }
 
 // o += w * v, v a cached value

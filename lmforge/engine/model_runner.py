@@ -184,7 +184,8 @@ class ModelRunner:
         decode_rows = decode_bias = None
         if num_decodes:
             width = -(-int(ctx_lens[:num_decodes].max()) // bs)  # blocks in the longest context
-            decode_rows = self._rows(block_table[:num_decodes, :width])
+            decode_tables = block_table[:num_decodes, :width].contiguous()
+            decode_rows = self._rows(decode_tables)
             padding = torch.arange(width * bs)[None, :] >= ctx_lens[:num_decodes, None]  # (Bd, L)
             decode_bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))
             decode_bias = decode_bias[:, None, None, :]  # (Bd, 1, 1, L)
@@ -196,7 +197,7 @@ class ModelRunner:
             decode_rows=None if decode_rows is None else decode_rows.to(to),
             decode_bias=None if decode_bias is None else decode_bias.to(to), prefills=prefills)
         if num_decodes:
-            meta.decode_tables = block_table[:num_decodes, :width].contiguous().to(to)
+            meta.decode_tables = decode_tables.to(to)
             meta.decode_lens = ctx_lens[:num_decodes].to(to)
         return torch.tensor(tokens, device=to), positions.to(to), meta, last_rows
 

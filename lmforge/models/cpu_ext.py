@@ -1,7 +1,7 @@
 """lmforge's compiled CPU kernels (``lmforge/csrc``), built once per machine and cached.
 
-``quant_ext()`` compiles ``csrc/*.cpp`` (the quantized linear layer and the fused decode step) with ``torch.utils.cpp_extension`` (the
-compiler on the PATH, ``-O3 -march=native``, OpenMP so that ``at::parallel_for`` uses PyTorch's
+``quant_ext()`` compiles ``csrc/*.cpp`` (the quantized linear layer and the fused decode step)
+with ``torch.utils.cpp_extension`` (the compiler on the PATH, ``-O3 -march=native``, OpenMP so that ``at::parallel_for`` uses PyTorch's
 own thread pool) into ``$LMFORGE_CACHE/ext/<key>/`` and imports it; later processes import the
 built module directly (~10 ms). The key hashes the source, the PyTorch and Python versions and
 this CPU's instruction-set flags, since the CPU model can change under the same cache.

@@ -73,9 +73,7 @@ class FusedDecoder:
                 exts.add(proj.ext)
             if layer.input_layernorm.weight.dtype != torch.float32:
                 return None
-        if len(exts) != 1 or not hasattr(next(iter(exts)), "Decoder"):
-            return None
-        return FusedDecoder(model, exts.pop())
+        return FusedDecoder(model, exts.pop()) if len(exts) == 1 else None
 
     def applies(self, x: torch.Tensor, kv_caches: list, meta: AttentionMetadata) -> bool:
         """A step of single-token decodes only, at most ``max_rows`` of them (where the

@@ -74,7 +74,7 @@ def kernel_path(dtype: torch.dtype, device: torch.device, cfg: ModelConfig, mode
         return f"{dtype_name(dtype)} dense on {device}"
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     if layers:
-        counts = Counter(m.weight_q.bits for m in layers)
+        counts = Counter(m.bits for m in layers)
         kinds = [f"{counts[b]} {b}-bit" for b in sorted(counts)]
         what = (f"--quantization {cfg.quantization}" if mode.bits
                 else "the GGUF's quantized weights, kept as codes")

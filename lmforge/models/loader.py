@@ -186,12 +186,10 @@ def serving_dtype(cfg: ModelConfig, path: Path, device: torch.device,
     if cfg.dtype == "auto" and not for_training and device.type == "cpu":
         if cfg.quantization:
             return torch.float32
-        if (path.is_file() and cfg.gguf_int4 and not cfg.deterministic
-                and has_quantized_projections(path)):
-            from lmforge.models.cpu_ext import quant_ext
-
-            if quant_ext()[0] is not None:
-                return torch.float32
+        # the file first: an F16 GGUF on a bf16 CPU should not build the kernel for nothing
+        if (path.is_file() and has_quantized_projections(path)
+                and quant_mode(cfg, path, torch.float32, device).form == "codes"):
+            return torch.float32
     return resolve_dtype(cfg.dtype, device)
 
 

@@ -6,8 +6,8 @@ are 0.5-1 byte. ``QuantLinear`` keeps them (converted from any GGUF block type b
 
     w[n, k] = codes[n, k] * scale[n, k // G] + zero[n, k // G]     y = x @ w.T (+ bias)
 
-Rows up to ``kernel_max_rows(ext)`` (decoding, short prefills) run the kernel, which dequantizes each group in
-registers; larger batches (prefills) dequantize the weight once and run one float32 GEMM. The
+Rows up to ``kernel_max_rows(ext)`` (decoding, short prefills) run the kernel, which
+dequantizes each group in registers; larger batches (prefills) dequantize the weight once and run one float32 GEMM. The
 pure-PyTorch reference (``QuantWeight.dequantize`` + ``F.linear``) is the fallback and the
 test oracle; both agree to float32 summation order.
 
