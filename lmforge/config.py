@@ -62,6 +62,9 @@ class ModelConfig:
     # weight-only quantization of the dense linear layers at load (int8 | int4, groups of 32;
     # lmforge.models.quant_linear), float32 activations on the CPU; None keeps them as loaded
     quantization: str | None = None
+    # quantized layers multiply int8 activations (groups of 32, llama.cpp's Q8_0 scheme) in
+    # integer dot products: faster decoding, llama.cpp's numerics instead of float32's
+    int8_activations: bool = False
 
     def validate(self) -> None:
         if self.dtype not in _DTYPES:

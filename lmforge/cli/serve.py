@@ -66,6 +66,10 @@ class StartupError(click.ClickException):
               help="Weight-only quantization of the dense linear layers at load (groups of 32, "
                    "float32 activations, CPU; as --load_in_8bit). A GGUF's quantized weights "
                    "are kept as they are without it.")
+@click.option("--int8-activations", is_flag=True,
+              help="Quantized layers (a GGUF's codes, --quantization) multiply activations "
+                   "quantized to int8 in groups of 32, in integer dot products, as llama.cpp "
+                   "does: faster decoding, and llama.cpp's drift from float32 (float32 CPU).")
 @click.option("--deterministic", is_flag=True,
               help="Batch-invariant kernels: a request's output does not depend on the other "
                    "requests in its batch or on chunking (slower; no packed or 4-bit weights).")
@@ -262,7 +266,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
                   max_waiting_tokens: int | None = None,
                   max_background_prefill_tokens: int | None = None,
                   max_loras: int | None = None,
-                  quantization: str | None = None) -> EngineConfig:
+                  quantization: str | None = None,
+                  int8_activations: bool = False) -> EngineConfig:
     """``EngineConfig`` from CLI options; an option left out keeps the dataclass default."""
     def given(**kwargs: Any) -> dict[str, Any]:
         return {k: v for k, v in kwargs.items() if v is not None}
@@ -276,7 +281,8 @@ def engine_config(*, model: str, served_model_name: str | None, dtype: str, devi
         model=ModelConfig(model=model, served_model_name=served_model_name, dtype=dtype,
                           device=device, max_model_len=max_model_len,
                           chat_template=chat_template, seed=seed, gguf_int4=gguf_int4,
-                          deterministic=deterministic, quantization=quantization),
+                          deterministic=deterministic, quantization=quantization,
+                          int8_activations=int8_activations),
         cache=CacheConfig(enable_prefix_caching=not no_prefix_caching,
                           kv_cache_dtype=kv_cache_dtype,
                           **given(block_size=block_size, num_blocks=num_kv_blocks,

@@ -3,7 +3,7 @@
 
 #pragma once
 
-#include "quant_kernels.h"
+#include "quant_matrix.h"
 
 #include <vector>
 

@@ -5,14 +5,17 @@
 #include "quant_linear.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("quant_linear", &quant_linear, "y = x @ W^T with W in 4-, 5- or 8-bit groups (float32 x)");
+  m.def("quant_linear", &quant_linear, "y = x @ W^T with W in 4-, 5- or 8-bit groups (float32 x, or int8)",
+        py::arg("x"), py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("high"), py::arg("bits"),
+        py::arg("int8_activations") = false);
   m.def("dequantize", &dequantize, "the dense float32 weight of 4-, 5- or 8-bit groups");
   m.def("isa", &isa, "the vector instruction set the kernel was compiled for");
   // module_local: the tests load builds for other -march values beside the native one
   py::class_<lmf::QuantMatrix>(m, "QuantMatrix", "a checked (N, K) weight of 4-, 5- or 8-bit codes",
                                py::module_local())
-      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t>(),
-           py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("high"), py::arg("bits"));
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, bool>(),
+           py::arg("codes"), py::arg("scale"), py::arg("zero"), py::arg("high"), py::arg("bits"),
+           py::arg("int8_activations") = false);
   py::class_<lmf::Decoder>(m, "Decoder", "a Llama-family decoder stack for decode steps",
                            py::module_local())
       .def(py::init<int64_t, int64_t, int64_t, double>(), py::arg("n_heads"),

@@ -3,9 +3,11 @@
 //
 // A decode step reads every weight once per token, so it is bound by memory bandwidth: reading
 // 4- to 8-bit codes instead of float32 weights is the lever (llama.cpp's design). Unlike
-// llama.cpp, the activations stay float32: each group of weights is dequantized in registers
-// (w = q * scale + zero) and multiplied in float32, so the result equals a float32 matmul of the
-// dequantized weight up to summation order (models/quant_linear.py holds that reference).
+// llama.cpp, the activations stay float32 by default: each group of weights is dequantized in
+// registers (w = q * scale + zero) and multiplied in float32, so the result equals a float32
+// matmul of the dequantized weight up to summation order (models/quant_linear.py holds that
+// reference). With int8_activations (--int8-activations), x is first quantized to int8 in groups
+// of 32 and multiplied in integer dot products, as llama.cpp does (q8_kernels.h).
 //
 // Layouts (models/gguf_quant.py converts GGUF's blocks into them):
 //   bits 4: codes (N, K/2) uint8; group g's 32 weights sit in bytes [16g, 16g + 16): byte j holds
@@ -22,18 +24,19 @@
 
 #include "quant_linear.h"
 
-#include "quant_kernels.h"
+#include "quant_matrix.h"
 
 using namespace lmf;
 
 
-// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale, zero and high (the layouts above).
+// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale, zero and high (the layouts above);
+// with int8_activations, x's int8 codes in groups of 32 instead of x.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
                            const torch::Tensor& scale, const torch::Tensor& zero,
-                           const torch::Tensor& high, int64_t bits) {
+                           const torch::Tensor& high, int64_t bits, bool int8_activations) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "x must be a contiguous (M, K) float32 tensor");
-  const QuantMatrix w(codes, scale, zero, high, bits);
+  const QuantMatrix w(codes, scale, zero, high, bits, int8_activations);
   TORCH_CHECK(x.size(1) == w.K, "codes do not hold K = ", x.size(1), " columns");
   auto y = torch::empty({x.size(0), w.N}, x.options());
   w.matmul(x.data_ptr<float>(), x.size(0), y.data_ptr<float>());

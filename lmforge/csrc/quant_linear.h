@@ -6,10 +6,11 @@
 
 #include <string>
 
-// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale, zero and high.
+// y (M, N) = x (M, K) @ W^T, W (N, K) given as codes, scale, zero and high; with
+// int8_activations, x quantized to int8 in groups of 32 first.
 torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& codes,
                            const torch::Tensor& scale, const torch::Tensor& zero,
-                           const torch::Tensor& high, int64_t bits);
+                           const torch::Tensor& high, int64_t bits, bool int8_activations);
 
 // The dense (N, K) float32 weight, for large batches (prefill).
 torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scale,

@@ -45,7 +45,8 @@ class FusedDecoder:
                                    cfg.head_dim, cfg.rms_norm_eps)
 
         def matrix(layer: QuantLinear):
-            return ext.QuantMatrix(layer.codes, layer.scale, layer.zero, layer.high, layer.bits)
+            return ext.QuantMatrix(layer.codes, layer.scale, layer.zero, layer.high, layer.bits,
+                                   layer.int8_activations)
 
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp

@@ -42,12 +42,16 @@ def quant_mode(cfg: ModelConfig, path: Path, dtype: torch.dtype, device: torch.d
     turn both off, and an HF directory has no quantized weights.
 
     Raises:
-        ModelLoadError: ``--quantization`` with ``--deterministic``, or off a float32 CPU model.
+        ModelLoadError: ``--quantization`` or ``--int8-activations`` with ``--deterministic``,
+            or off a float32 CPU model.
     """
     bits = {"int8": 8, "int4": 4}.get(cfg.quantization)
     if bits and (cfg.deterministic or device.type != "cpu" or dtype != torch.float32):
         raise ModelLoadError(f"--quantization {cfg.quantization} runs float32 activations on the "
                              "CPU, without --deterministic (use --dtype float32 or auto)")
+    if cfg.int8_activations and (cfg.deterministic or device.type != "cpu" or dtype != torch.float32):
+        raise ModelLoadError("--int8-activations runs on lmforge's quantized kernel: float32 on "
+                             "the CPU, without --deterministic (use --dtype float32 or auto)")
     if cfg.deterministic or (path.is_dir() and not bits):
         return QuantMode(None, None, "")
     if not cfg.gguf_int4 and not bits:
@@ -80,11 +84,14 @@ def kernel_path(dtype: torch.dtype, device: torch.device, cfg: ModelConfig, mode
                 else "the GGUF's quantized weights, kept as codes")
         how = ("lmforge's compiled kernel" if mode.ext is not None
                else f"PyTorch reference path, slow: {mode.why_not}")
-        return (f"float32 activations on {what} ({how}: {', '.join(kinds[:-1])}"
+        acts = ("int8 activations (groups of 32, as llama.cpp)" if layers[0].int8_activations
+                else "float32 activations")
+        return (f"{acts} on {what} ({how}: {', '.join(kinds[:-1])}"
                 f"{' and ' if len(kinds) > 1 else ''}{kinds[-1]} layers)")
     if dtype != torch.bfloat16:
         off = f": {mode.why_not}" if mode.why_not else ""
-        return f"{dtype_name(dtype)} dense (quantized kernels off{off})"
+        int8 = "; --int8-activations has no quantized layer to act on" if cfg.int8_activations else ""
+        return f"{dtype_name(dtype)} dense (quantized kernels off{off}){int8}"
     parts = ["bfloat16 prepacked (oneDNN)" if can_pack(dtype, device)
              else "bfloat16 dense (this CPU has no oneDNN bf16 reorder)"]
     if has_q4 and mode.form == "int4":

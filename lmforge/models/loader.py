@@ -42,7 +42,8 @@ from lmforge.models.invariant import make_batch_invariant_
 from lmforge.models.llama import LlamaConfig, LlamaForCausalLM
 from lmforge.models.packing import can_pack, pack_linears_
 from lmforge.models.quant import attach_int4_, concat_rows
-from lmforge.models.quant_linear import attach_quant_, quantize_linears_, split_codes
+from lmforge.models.quant_linear import (attach_quant_, quantize_linears_, set_int8_activations_,
+                                         split_codes)
 from lmforge.models.quant_linear import concat_rows as concat_codes
 from lmforge.startup import StartupProfile, phase
 from lmforge.tokenizer import Tokenizer
@@ -97,7 +98,8 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
     served = cfg.served_model_name or name
     if for_training:
         return LoadedModel(model, tokenizer, config, served)
-    _fuse_and_quantize_(model, quantized, mode, fused=fused, profile=profile)
+    _fuse_and_quantize_(model, quantized, mode, fused=fused, profile=profile,
+                        int8_activations=cfg.int8_activations)
     if not fused and cache_file is not None:
         with phase(profile, "weight cache write"):
             weight_cache.save(cache_file, cacheable_state_dict(model, config))
@@ -115,9 +117,10 @@ def load_model(cfg: ModelConfig, *, for_training: bool = False,
 
 
 def _fuse_and_quantize_(model: CausalLM, quantized: dict, mode: QuantMode, *, fused: bool,
-                        profile: StartupProfile | None) -> None:
+                        profile: StartupProfile | None, int8_activations: bool = False) -> None:
     """Fuse q|k|v and gate|up (unless the weights came fused from the cache) and their quantized
-    forms alike (in ``quantized``, in place); in ``"codes"`` mode, put ``QuantLinear``s in."""
+    forms alike (in ``quantized``, in place); in ``"codes"`` mode, put ``QuantLinear``s in (with
+    ``int8_activations`` on, when asked)."""
     if not fused:
         with phase(profile, "fuse"):
             model.fuse_projections_()
@@ -135,6 +138,8 @@ def _fuse_and_quantize_(model: CausalLM, quantized: dict, mode: QuantMode, *, fu
             attach_quant_(model, quantized, mode.ext)
         if mode.bits:  # --quantization: what is still dense
             quantize_linears_(model, mode.bits, mode.ext)
+        if int8_activations:
+            set_int8_activations_(model)
 
 
 def _read_weights(path: Path, dtype: torch.dtype, *, cached: bool, quant: str | None

@@ -1,4 +1,5 @@
-"""Linear layers whose weights stay quantized: 4-, 5- or 8-bit codes in groups, float32 activations.
+"""Linear layers whose weights stay quantized: 4-, 5- or 8-bit codes in groups; float32
+activations, or int8 ones as llama.cpp's (``int8_activations``).
 
 A float32 decode step on a CPU without bf16 math reads 4 bytes per weight; a GGUF's own codes
 are 0.5-1 byte. ``QuantLinear`` keeps them (converted from any GGUF block type by
@@ -29,6 +30,27 @@ KERNEL_MAX_ROWS = 32  # rows up to which the kernel beats dequantize + float32 G
 # faster than dequantize + GEMM at 64-128 rows, 1.15-1.25x at 256, even at 512 (three of
 # SmolLM2's and Qwen2.5-0.5B's projection shapes, 2 threads)
 TILED_KERNEL_MAX_ROWS = 256
+ACT_GROUP = 32  # activation values per int8 scale (llama.cpp's Q8_0 block)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x (M, K) float32`` rounded to int8 codes in groups of 32, returned dequantized (M, K).
+
+    llama.cpp's Q8_0 activations (``ggml-quants.c``: ``quantize_row_q8_0``): per group,
+    ``d = amax / 127`` and ``q = round(x * (1 / d))`` half to even (0 where ``d`` is 0); the
+    values are ``q * d``. The compiled kernel (``csrc/q8_kernels.h``) computes the same codes bit
+    for bit and multiplies them as integers.
+
+    Raises:
+        ValueError: ``K`` is not a multiple of 32.
+    """
+    m, k = x.shape
+    if k % ACT_GROUP:
+        raise ValueError(f"int8 activations need in_features a multiple of {ACT_GROUP}, got {k}")
+    groups = x.float().reshape(m, k // ACT_GROUP, ACT_GROUP)
+    d = groups.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    return (torch.round(groups * inv) * d).reshape(m, k)
 
 
 def kernel_max_rows(ext) -> int:
@@ -129,6 +151,11 @@ class QuantLinear(nn.Module):
         bias: (out_features,) or None.
         ext: the compiled module (``cpu_ext.quant_ext()``), or None for the PyTorch reference.
 
+    ``int8_activations`` (False; ``--int8-activations`` sets it): multiply
+    ``quantize_activations(x)`` instead of ``x``, as llama.cpp does; the kernel then runs integer
+    dot products (``csrc/q8_kernels.h``). Either way every path (kernel, dequantize + GEMM, the
+    PyTorch reference) computes the same product up to float32 summation order.
+
     The codes, scales and zeros are buffers named ``codes``, ``scale``, ``zero``, so the model's
     ``state_dict`` (and the weight cache) holds them instead of a dense ``weight``.
     """
@@ -142,6 +169,7 @@ class QuantLinear(nn.Module):
         self.max_rows = kernel_max_rows(ext)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.ext = ext
+        self.int8_activations = False
 
     @property
     def weight_q(self) -> QuantWeight:
@@ -151,22 +179,23 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        bits = self.bits
+        bits, int8 = self.bits, self.int8_activations
+        if self.ext is not None and x2.shape[0] <= self.max_rows:
+            y = self.ext.quant_linear(x2, self.codes, self.scale, self.zero, self.high, bits, int8)
+            return (y if self.bias is None else y + self.bias).view(*lead, self.out_features)
         if self.ext is None:
-            y = F.linear(x2, self.weight_q.dequantize(), self.bias)
-        elif x2.shape[0] > self.max_rows:
-            dense = self.ext.dequantize(self.codes, self.scale, self.zero, self.high, bits)
-            y = F.linear(x2, dense, self.bias)
+            dense = self.weight_q.dequantize()
         else:
-            y = self.ext.quant_linear(x2, self.codes, self.scale, self.zero, self.high, bits)
-            y = y if self.bias is None else y + self.bias
+            dense = self.ext.dequantize(self.codes, self.scale, self.zero, self.high, bits)
+        y = F.linear(quantize_activations(x2) if int8 else x2, dense, self.bias)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         w = self.weight_q
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={w.bits}, group_size={w.group_size}, "
-                f"kernel={'compiled' if self.ext is not None else 'pytorch'}")
+                f"kernel={'compiled' if self.ext is not None else 'pytorch'}"
+                + (", int8_activations=True" if self.int8_activations else ""))
 
 
 
@@ -225,6 +254,15 @@ class QuantEmbedding(nn.Module):
         rows = QuantWeight(*(t[flat] if t.numel() else t
                              for t in (self.codes, self.scale, self.zero, self.high))).dequantize()
         return rows.view(*ids.shape, self.embedding_dim)
+
+
+def set_int8_activations_(model: nn.Module) -> int:
+    """Turn on ``int8_activations`` in every ``QuantLinear`` of ``model`` (before
+    ``attach_fused_decoder_``, which copies the setting); returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.int8_activations = True
+    return len(layers)
 
 
 def attach_quant_(model: nn.Module, weights: dict[str, QuantWeight], ext) -> int:

@@ -181,3 +181,18 @@ def test_bad_lora_options_exit_2(tiny_llama_dir, tmp_path):
     missing = CliRunner().invoke(main, ["serve", "--model", str(tiny_llama_dir),
                                         "--lora", f"x={tmp_path / 'none'}"])
     assert missing.exit_code == 2 and str(tmp_path / "none") in missing.output
+
+
+def test_int8_activations_flag_reaches_the_model_config(tiny_llama_dir, monkeypatch):
+    seen = []
+
+    def stop_at_precheck(config, server_config) -> str:
+        seen.append(config.model)
+        raise ValueError("stopped before loading")
+
+    monkeypatch.setattr(importlib.import_module("lmforge.cli.serve"), "precheck",
+                        stop_at_precheck)
+    model = ["serve", "--model", str(tiny_llama_dir)]
+    CliRunner().invoke(main, model + ["--int8-activations"])
+    CliRunner().invoke(main, model)
+    assert [m.int8_activations for m in seen] == [True, False]
