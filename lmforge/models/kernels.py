@@ -46,10 +46,11 @@ def quant_mode(cfg: ModelConfig, path: Path, dtype: torch.dtype, device: torch.d
             or off a float32 CPU model.
     """
     bits = {"int8": 8, "int4": 4}.get(cfg.quantization)
-    if bits and (cfg.deterministic or device.type != "cpu" or dtype != torch.float32):
+    kernel_ok = not cfg.deterministic and device.type == "cpu" and dtype == torch.float32
+    if bits and not kernel_ok:
         raise ModelLoadError(f"--quantization {cfg.quantization} runs float32 activations on the "
                              "CPU, without --deterministic (use --dtype float32 or auto)")
-    if cfg.int8_activations and (cfg.deterministic or device.type != "cpu" or dtype != torch.float32):
+    if cfg.int8_activations and not kernel_ok:
         raise ModelLoadError("--int8-activations runs on lmforge's quantized kernel: float32 on "
                              "the CPU, without --deterministic (use --dtype float32 or auto)")
     if cfg.deterministic or (path.is_dir() and not bits):
