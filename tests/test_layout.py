@@ -32,6 +32,8 @@ LAYER_RULES: list[tuple[str, tuple[str, ...]]] = [
     # the batch worker drives the server's app as an ASGI callable it is handed, never imports it
     ("lmforge/jobs/", ("lmforge.server", "lmforge.cli")),
     ("lmforge/server/", ("lmforge.cli",)),
+    # scale-out composes the layers below it on Ray; only the CLI sits above
+    ("lmforge/cluster/", ("lmforge.cli",)),
     # training runs the models it is handed or loads; the jobs worker calls it, never the reverse
     ("lmforge/training/", ("lmforge.server", "lmforge.jobs", "lmforge.cli")),
     # the preference pipeline is a client of OpenAI endpoints: no engine, no model, no torch

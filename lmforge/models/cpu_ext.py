@@ -12,6 +12,7 @@ with the reason, and the model runs its pure-PyTorch path (``LoadedModel.kernels
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -102,8 +103,34 @@ def _build(name: str, build_dir: Path, march: str) -> ModuleType:
     except ImportError:
         pass
     build_dir.mkdir(parents=True, exist_ok=True)
-    logger.info("compiling lmforge's quantized CPU kernels into %s (once per machine)", build_dir)
-    return cpp_extension.load(
-        name=name, sources=[str(p) for p in sources() if p.suffix == ".cpp"],
-        build_directory=str(build_dir),
-        extra_cflags=["-O3", f"-march={march}", "-fopenmp"], verbose=False)
+    with build_lock(build_dir):
+        built = build_dir / f"{name}.so"
+        if built.is_file():  # another process built it while this one waited
+            return _import(name, built)
+        logger.info("compiling lmforge's quantized CPU kernels into %s (once per machine)",
+                    build_dir)
+        return cpp_extension.load(
+            name=name, sources=[str(p) for p in sources() if p.suffix == ".cpp"],
+            build_directory=str(build_dir),
+            extra_cflags=["-O3", f"-march={march}", "-fopenmp"], verbose=False)
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path):
+    """One build at a time per directory, across processes, and no wait on a dead builder.
+
+    ``cpp_extension.load`` guards a build with a ``lock`` file that only a finishing build
+    removes: a build killed midway (Ctrl-C during the first start) leaves it, and every later
+    build of that directory then waits for it forever. This lock is an ``flock``, which the
+    kernel releases when its holder dies; whoever holds it is the only builder alive, so a
+    ``lock`` file it finds is stale and is removed.
+    """
+    import fcntl
+
+    with open(build_dir / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)  # torch's FileBaton, stale
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

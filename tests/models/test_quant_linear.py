@@ -270,3 +270,29 @@ def test_qwen_k_quants_keep_their_codes_and_match_the_dense_model():
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     int8 = prefill_logits(load(QWEN, int8_activations=True), ids, force_int4=False)
     assert_int8_activation_drift(int8, ref, kl_mean=0.003)
+
+
+def test_a_build_killed_midway_does_not_block_the_next_one(tmp_path):
+    """A stale ``cpp_extension`` lock file (its builder was killed) is cleared by the next
+    builder, which holds the flock; a second builder waits for the flock, not forever."""
+    import multiprocessing
+    import time
+
+    from lmforge.models.cpu_ext import build_lock
+
+    (tmp_path / "lock").write_text("")  # what a killed build leaves behind
+    with build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+        waiter = multiprocessing.get_context("fork").Process(target=_take_lock, args=(tmp_path,))
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive()  # it waits while this build runs
+    waiter.join(timeout=30)
+    assert waiter.exitcode == 0
+
+
+def _take_lock(build_dir):
+    from lmforge.models.cpu_ext import build_lock
+
+    with build_lock(build_dir):
+        pass

@@ -1,0 +1,24 @@
+"""One local Ray cluster for the session's cluster tests (``ray.init`` on 127.0.0.1 with 4
+logical CPUs on this 2-core machine: two engine replicas, the router and a data actor fit), so
+that Serve, Data and actor tests share its start-up; shut down when the session ends.
+
+The whole directory skips when Ray is not installed (the ``lmforge[ray]`` extra)."""
+
+from __future__ import annotations
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+CLUSTER_CPUS = 4
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The cluster's address (``host:port`` of its GCS), for ``ray.init(address=...)`` or a
+    CLI's ``--ray-address`` in a subprocess."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=CLUSTER_CPUS, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
