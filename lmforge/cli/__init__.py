@@ -24,6 +24,7 @@ COMMANDS = {
     "models": "lmforge.cli.models:models",
     "files": "lmforge.cli.files:files",
     "batches": "lmforge.cli.batches:batches",
+    "batch": "lmforge.cli.batches:batches",  # an alias: `lmforge batch run --ray ...`
     "fine-tune": "lmforge.cli.fine_tune:fine_tune",
     "tokenizer": "lmforge.cli.tokenizer:tokenizer",
     "pretrain": "lmforge.cli.pretrain:pretrain",

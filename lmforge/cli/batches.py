@@ -5,6 +5,11 @@ the same input file run in this process without a server (like ``vllm run-batch`
     lmforge batches wait batch_abc123
     lmforge files download <output_file_id> -o results.jsonl
     lmforge batches run requests.jsonl -o results.jsonl
+    lmforge batch run --ray --ray-address auto --replicas 4 requests.jsonl -o results.jsonl
+
+``run --ray`` puts the lines on Ray Data, one engine per actor (``cluster/batch_data.py``: how a
+rerun after a failure finishes the file with every line once). ``batch`` is an alias of
+``batches``.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
@@ -24,6 +29,9 @@ from lmforge.client import Batch, BatchJob, BatchStatus
 from lmforge.client.batch import ENDPOINTS
 from lmforge.config import DEFAULT_MODEL, EngineConfig, ModelConfig, ServerConfig
 from lmforge.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from lmforge.cluster.batch_data import RayBatchOptions
 
 BATCH_COLUMNS = (("id", "id"), ("status", "status"), ("endpoint", "endpoint"),
                  ("done/total", lambda b: _progress(b["request_counts"])),
@@ -139,14 +147,55 @@ def _progress(counts: dict[str, Any]) -> str:
               type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--max-model-len", type=int, default=None, help="Context length in tokens.")
-@click.option("--concurrency", type=int, default=64, show_default=True,
-              help="Lines in flight at once (the engine batches them).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Lines in flight at once per engine (the engine batches them).")
+@click.option("--ray", "on_ray", is_flag=True,
+              help="Run on a Ray cluster (Ray Data, one engine per actor); a rerun of a killed "
+                   "run resumes from <output>.parts/. Needs the lmforge[ray] extra.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="The Ray cluster to join (implies --ray; default: RAY_ADDRESS, else the "
+                   "cluster `ray start` made on this machine, else a new local one).")
+@click.option("--replicas", "--concurrency-actors", "replicas", type=click.IntRange(min=1),
+              default=None, help="With --ray: actors, each holding one engine [default: 1].")
+@click.option("--actor-cpus", type=click.FloatRange(min=0), default=None,
+              help="With --ray: CPUs per actor [default: 1].")
+@click.option("--actor-gpus", type=click.FloatRange(min=0), default=None,
+              help="With --ray: GPUs per actor [default: 1 if --device is cuda, else 0].")
 def run(input_file: Path, output_file: Path, model: str, served_model_name: str | None,
-              dtype: str, device: str, max_model_len: int | None, concurrency: int) -> None:
+        dtype: str, device: str, max_model_len: int | None, concurrency: int, on_ray: bool,
+        ray_address: str | None, replicas: int | None, actor_cpus: float | None,
+        actor_gpus: float | None) -> None:
     """Run a batch input file (OpenAI's format: one {"custom_id", "method", "url", "body"} per
     line, url /v1/chat/completions, /v1/completions or /v1/embeddings) in-process, like
     `vllm run-batch`, without a server. Each output line is OpenAI's batch output record; bodies are exactly what
-    the server's endpoints return. Invalid lines stop the run before any request (exit 2)."""
+    the server's endpoints return. Invalid lines stop the run before any request (exit 2).
+
+    With --ray the lines run on Ray Data, --replicas engines at once, and each finished batch
+    of results is committed to <output>.parts/: the same command run again after a failure
+    runs only the lines without a result, and the output has every custom_id once."""
+    config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
+                                            dtype=dtype, device=device,
+                                            max_model_len=max_model_len))
+    ray_flags = {"--replicas": replicas, "--actor-cpus": actor_cpus, "--actor-gpus": actor_gpus}
+    if not (on_ray or ray_address):
+        given = [name for name, value in ray_flags.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: only with --ray (add --ray to run on "
+                                   "a Ray cluster)")
+        _run_here(input_file, output_file, config, concurrency)
+        return
+    from lmforge.cluster.batch_data import RayBatchOptions
+
+    gpus = actor_gpus if actor_gpus is not None else float(device.startswith("cuda"))
+    _run_on_ray(input_file, output_file, config, RayBatchOptions(
+        address=ray_address, replicas=replicas or 1,
+        actor_cpus=1.0 if actor_cpus is None else actor_cpus, actor_gpus=gpus,
+        concurrency=concurrency))
+
+
+def _run_here(input_file: Path, output_file: Path, config: EngineConfig,
+              concurrency: int) -> None:
+    """``batches run`` in this process: load the engine, run every line, write the output."""
     from lmforge.engine.async_engine import AsyncEngine
     from lmforge.jobs.batch_lines import jsonl, parse_input
     from lmforge.jobs.offline import run_lines
@@ -155,9 +204,6 @@ def run(input_file: Path, output_file: Path, model: str, served_model_name: str 
 
     profile = StartupProfile()
     profile.since_start("imports")
-    config = EngineConfig(model=ModelConfig(model=model, served_model_name=served_model_name,
-                                            dtype=dtype, device=device,
-                                            max_model_len=max_model_len))
     try:
         with profile.phase("jobs store"):
             precheck(config, ServerConfig())
@@ -177,3 +223,23 @@ def run(input_file: Path, output_file: Path, model: str, served_model_name: str 
         engine.shutdown()
     output_file.write_bytes(jsonl([json.dumps(r.record, ensure_ascii=False) for r in results]))
     click.echo(f"{summary}; wrote {output_file}")
+
+
+def _run_on_ray(input_file: Path, output_file: Path, config: EngineConfig,
+                options: RayBatchOptions) -> None:
+    """``batches run --ray``: check Ray and the model here (before any actor starts), then
+    ``cluster.batch_data.run_file_on_ray``."""
+    from lmforge.cluster.batch_data import run_file_on_ray
+    from lmforge.cluster.ray_env import RayUnavailableError, import_ray
+
+    try:
+        import_ray()  # without the extra: one line naming it, before anything loads
+        model_name = precheck(config, ServerConfig())
+        summary, resumed = run_file_on_ray(input_file, output_file, config, model_name,
+                                           options)
+    except RayUnavailableError as e:
+        raise click.ClickException(str(e)) from e
+    except (ModelLoadError, ValueError) as e:
+        raise StartupError(str(e)) from e
+    earlier = f" ({resumed} lines were committed by an earlier run)" if resumed else ""
+    click.echo(f"{summary}; wrote {output_file}{earlier}")

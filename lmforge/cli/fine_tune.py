@@ -113,12 +113,18 @@ def create(model: str | None, training_path: Path | None, training_file: str | N
 @fine_tune.command("run")
 @click.argument("config_file", metavar="CONFIG.yaml",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def run(config_file: Path) -> None:
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="The Ray cluster of a YAML with logprob_processor_scaling_config or "
+                   "worker_resources (default: $RAY_ADDRESS, else a local one).")
+def run(config_file: Path, ray_address: str | None) -> None:
     """Fine-tune offline, in this process, from an Anyscale llmforge YAML (seed 002's keys:
     model_id, train_path, valid_path, task, context_length, learning_rate, num_epochs,
     preference_tuning_config.beta, lora_config, ...; see lmforge/training/llmforge_config.py).
     Writes OUTPUT_DIR/checkpoints/ and the best PEFT adapter in OUTPUT_DIR/adapter; a rerun
-    resumes after the last checkpoint."""
+    resumes after the last checkpoint. With preference_tuning_config.
+    logprob_processor_scaling_config the DPO reference log-probs are computed on Ray actors
+    while training runs; with worker_resources the training runs as a Ray task
+    (lmforge/cluster/reference_logprobs.py)."""
     from lmforge.errors import LMForgeError
     from lmforge.models.lora_merge import export_adapter
     from lmforge.training.events import MessageEvent
@@ -137,8 +143,16 @@ def run(config_file: Path) -> None:
             tqdm.write(event.message, file=sys.stderr)
 
     try:
-        result = train(plan.model, plan.train_path, plan.valid_path, plan.config,
-                       plan.output_dir / "checkpoints", on_event=on_event, resume=True)
+        if plan.on_ray:
+            from lmforge.cluster.ray_env import RayUnavailableError
+            from lmforge.cluster.reference_logprobs import run_on_ray
+            try:
+                result = run_on_ray(plan, address=ray_address, on_event=on_event)
+            except RayUnavailableError as e:
+                raise click.ClickException(str(e)) from None
+        else:
+            result = train(plan.model, plan.train_path, plan.valid_path, plan.config,
+                           plan.output_dir / "checkpoints", on_event=on_event, resume=True)
     except LMForgeError as e:
         raise click.ClickException(e.message) from None
     target = plan.output_dir / "adapter"

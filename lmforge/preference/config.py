@@ -2,6 +2,7 @@
 values as defaults. Every section and key is optional except the two endpoints' ``model``::
 
     run_dir: runs/summaries            # every stage writes its JSONL here (relative to the YAML)
+    ray_address: auto                  # optional: send each stage's requests from Ray Data tasks
     data:
       corpus: lee_background           # or input: articles.jsonl with text_field: article
       limit: 100                       # articles that become preference pairs
@@ -23,6 +24,14 @@ environment variable named by ``api_key_env``, ``OPENAI_API_KEY``, else "unused"
 ``/v1/batches`` for stages of ``batch_threshold`` requests or more when the server has the route;
 ``true``; ``false``), ``structured_output`` (``auto``: JSON-schema response formats when a probe
 request shows the server honours them; ``true``; ``false``) and ``timeout`` (seconds).
+
+``ray_address`` (default: unset, every request goes out from this process) runs each stage as a
+Ray Data ``map_batches`` over its requests (``lmforge.cluster.preference_data``; needs
+``pip install 'lmforge[ray]'``): ``auto`` joins the running cluster (``RAY_ADDRESS``, else the
+one ``ray start`` made on this machine), ``local`` starts a single-machine cluster for this run,
+and ``host:6379`` or ``ray://host:10001`` joins that one (Ray's own ``ray.init(address=...)``
+values). Each task sends up to ``max_concurrency`` requests at once; the files written are the
+same as without Ray, resumable the same way.
 
 The prompts are ``str.format`` templates: questions get ``{article}`` and ``{num_questions}``,
 candidates ``{article}``, answers ``{summary}`` and ``{questions}`` (numbered, with choices).
@@ -147,6 +156,7 @@ class PipelineConfig:
     policy: EndpointConfig
     run_dir: Path = Path("preference-run")
     seed: int = 21  # the seed's shuffle seed: the hold-out split
+    ray_address: str | None = None  # send the stages' requests from Ray Data tasks (see above)
     data: DataConfig = field(default_factory=DataConfig)
     questions: QuestionsConfig = field(default_factory=QuestionsConfig)
     candidates: CandidatesConfig = field(default_factory=CandidatesConfig)
@@ -210,6 +220,11 @@ def config_from_dict(raw: dict[str, Any]) -> PipelineConfig:
         kwargs["run_dir"] = Path(raw["run_dir"])
     if "seed" in raw:
         kwargs["seed"] = int(raw["seed"])
+    if raw.get("ray_address") is not None:
+        if not isinstance(raw["ray_address"], str) or not raw["ray_address"].strip():
+            raise ConfigError("'ray_address' must be auto, local, or a cluster address such as "
+                              "host:6379 or ray://host:10001 (leave it out to run without Ray)")
+        kwargs["ray_address"] = raw["ray_address"].strip()
     config = PipelineConfig(**kwargs)
     _check(config)
     return config

@@ -5,6 +5,10 @@ or the policy may be this lmforge server, another one, vLLM, or OpenAI itself.
 
 A batch's id is written to ``<state_dir>/<stage>.batch.json`` before it is awaited, so a run
 killed while a batch runs re-attaches to it when restarted instead of paying for it twice.
+
+With ``ray_address`` (the config's), a stage's requests go out from Ray Data tasks instead
+(``lmforge.cluster.preference_data``, imported only then): the same requests and callbacks, sent
+from the cluster's machines; ``/v1/batches`` is not used.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class StageStats:
     succeeded: int = 0
     errors: int = 0
     first_error: str | None = None
-    via: str = "requests"  # "requests" or "batch"
+    via: str = "requests"  # "requests", "batch" (/v1/batches) or "ray" (Ray Data tasks)
     structured: bool = False
 
     def fail(self, message: str) -> None:
@@ -61,6 +65,7 @@ class Endpoint:
 
     config: EndpointConfig
     model: str | None = None  # ask this model instead of config.model (evaluation, iterations)
+    ray_address: str | None = None  # send from Ray Data tasks on this cluster (config.py)
     _client: openai.AsyncOpenAI | None = field(default=None, repr=False)
     _structured: bool | None = None
     _batches: bool | None = None
@@ -136,7 +141,12 @@ class Endpoint:
         if not pending:
             return stats
         threshold = self.config.batch_threshold if self.config.batches == "auto" else 1
-        if len(pending) >= threshold and await self.has_batches():
+        if self.ray_address is not None:  # Ray is imported only here, only when asked
+            from lmforge.cluster.preference_data import send_on_ray
+
+            stats.via = "ray"
+            send_on_ray(self, list(pending.values()), on_result, stats, stage)
+        elif len(pending) >= threshold and await self.has_batches():
             stats.via = "batch"
             batch_id = await self._submit(list(pending.values()), stats.structured, stage)
             state.write_text(json.dumps({"batch_id": batch_id}))
@@ -156,6 +166,15 @@ class Endpoint:
             body["response_format"] = response_format(*call.schema)
         return body
 
+    async def complete(self, call: Call, structured: bool) -> tuple[list[str] | None, str]:
+        """Send one call: ``(choice texts, "")``, or ``(None, error)`` when the request failed
+        (after the SDK's own retries)."""
+        try:
+            reply = await self.client.chat.completions.create(**self._body(call, structured))
+        except openai.APIError as exc:
+            return None, f"{type(exc).__name__}: {exc}"
+        return [c.message.content or "" for c in reply.choices], ""
+
     async def _concurrent(self, calls: list[Call], on_result, stats: StageStats,
                           stage: str) -> None:
         limit = asyncio.Semaphore(self.config.max_concurrency)
@@ -163,13 +182,11 @@ class Endpoint:
 
         async def one(call: Call) -> None:
             async with limit:
-                try:
-                    reply = await self.client.chat.completions.create(
-                        **self._body(call, stats.structured))
-                except openai.APIError as exc:
-                    stats.fail(f"{type(exc).__name__}: {exc}")
+                texts, error = await self.complete(call, stats.structured)
+                if texts is None:
+                    stats.fail(error)
                 else:
-                    on_result(call, [c.message.content or "" for c in reply.choices])
+                    on_result(call, texts)
                     stats.succeeded += 1
                 bar.update()
 

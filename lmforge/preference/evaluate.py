@@ -29,8 +29,8 @@ from lmforge.preference.stages import (questions_stage, scores_stage, summaries_
 def model_endpoint(config: PipelineConfig, name: str) -> Endpoint:
     """``evaluate.models[name]``'s endpoint, else the policy server asked for model ``name``."""
     if name in config.evaluate.models:
-        return Endpoint(config.evaluate.models[name])
-    return Endpoint(config.policy, name)
+        return Endpoint(config.evaluate.models[name], ray_address=config.ray_address)
+    return Endpoint(config.policy, name, ray_address=config.ray_address)
 
 
 def slug(name: str) -> str:
@@ -53,7 +53,7 @@ async def evaluate(config: PipelineConfig, models: list[str], out_dir: Path | No
     if not articles:
         raise ConfigError("data.eval_limit is 0: there are no evaluation articles")
     out_dir = out_dir or config.run_dir / "eval"
-    judge = Endpoint(config.judge)
+    judge = Endpoint(config.judge, ray_address=config.ray_address)
     try:
         scored = await _score_models(config, models, articles, judge, out_dir)
     finally:

@@ -53,8 +53,8 @@ async def generate(config: PipelineConfig, *, policy_model: str | None = None,
     run_dir = run_dir or config.run_dir
     articles, _ = split_for_run(load_articles(config.data), config.data)
     _pin_articles(run_dir, articles)
-    judge = Endpoint(config.judge)
-    policy = Endpoint(config.policy, policy_model)
+    judge = Endpoint(config.judge, ray_address=config.ray_address)
+    policy = Endpoint(config.policy, policy_model, ray_address=config.ray_address)
     try:
         return await _stages(config, run_dir, articles, judge, policy)
     finally:

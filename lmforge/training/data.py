@@ -135,6 +135,15 @@ def split_holdout(examples: Sequence[Row], seed: int,
     return train, [e for i, e in enumerate(examples) if i in held]
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order the trainer visits ``n`` training examples in epoch ``epoch`` (0-based): a
+    shuffle seeded by (seed, epoch), so that a resumed run sees the same batches, and a method
+    that works ahead of the loop (DPO's reference log-probs on Ray actors) can follow it."""
+    order = list(range(n))
+    random.Random(seed * 1000 + epoch).shuffle(order)
+    return order
+
+
 # --- rows -> token ids -----------------------------------------------------------------------
 
 def chat_to_ids(messages: object, tokenizer: Tokenizer, line: int,

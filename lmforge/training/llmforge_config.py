@@ -17,9 +17,20 @@ Keys read (the seed's names):
   ``num_data_blocks_per_device``, ``no_gradient_checkpoint``, ``flash_attention_2``,
   ``padding: longest`` (what the collators do).
 
-Keys that need a cluster (``num_devices`` above 1, ``deepspeed``, ``worker_resources``,
-``preference_tuning_config.logprob_processor_scaling_config``) are refused with a message naming
-the scale-out path, never ignored; so is any key not listed here.
+Keys that run on a Ray cluster (``lmforge.cluster.reference_logprobs.run_on_ray`` runs them;
+``FinetuneRun.on_ray`` says when):
+
+- ``preference_tuning_config.logprob_processor_scaling_config``: the reference model's log-probs
+  on their own Ray actors while training runs (the seed's "logprob processor"):
+  ``concurrency`` (actors, each loading the base model once), ``batch_size`` (pairs per call),
+  ``custom_resources`` (Ray resources of each actor, e.g. ``accelerator_type:A10G: 1``,
+  ``CPU``, ``GPU``).
+- ``worker_resources``: the Ray resources of the one training worker, which then runs as a Ray
+  task on a node that has them.
+
+Refused with a message saying why, never ignored: ``num_devices`` above 1 (data-parallel
+training over several workers is not built: one worker trains the adapter), ``deepspeed``
+(ZeRO shards what one LoRA worker does not need sharded), and any key not listed here.
 """
 
 from __future__ import annotations
@@ -35,8 +46,16 @@ from lmforge.models.lora import LoRAConfig
 from lmforge.training.training_config import TrainingConfig
 
 TASKS = {"preference_tuning": "dpo", "instruction_tuning": "sft"}
-SCALE_OUT = ("needs a cluster; this run trains in one process. Remove it to train here, or scale "
-             "out with Ray (lmforge's scale-out path, not built yet)")
+MULTI_WORKER = ("needs a cluster of data-parallel training workers, which lmforge does not run: "
+                "one worker trains the LoRA adapter. Set num_devices: 1; on Ray, "
+                "worker_resources places that worker and preference_tuning_config."
+                "logprob_processor_scaling_config computes the reference log-probs on actors "
+                "of their own")
+DEEPSPEED = ("shards the optimizer and weights over several workers (ZeRO), which lmforge does "
+             "not do: one worker trains the LoRA adapter, whose optimizer state is small; "
+             "remove it")
+PROCESSOR = "preference_tuning_config.logprob_processor_scaling_config"
+_PROCESSOR_KEYS = {"concurrency", "batch_size", "custom_resources"}
 _NO_EFFECT = {"num_data_blocks_per_device": "Ray Data's blocks: the data is read in-process",
               "no_gradient_checkpoint": "gradient checkpointing is not used",
               "flash_attention_2": "attention runs the engine's own kernels"}
@@ -51,9 +70,20 @@ _KNOWN = {"model_id", "train_path", "valid_path", "task", "output_dir", "num_dev
           "worker_resources", *_NO_EFFECT, *_PLAIN}
 
 
+@dataclass(frozen=True)
+class LogprobProcessorConfig:
+    """``preference_tuning_config.logprob_processor_scaling_config``: the Ray actors computing
+    the DPO reference log-probs while training runs (seed 002's "logprob processor")."""
+
+    concurrency: int = 1  # actors, each with the base model loaded once
+    batch_size: int = 8  # pairs per call to an actor (one no-grad forward of up to 8 pairs)
+    custom_resources: dict[str, float] = field(default_factory=dict)  # Ray resources per actor
+
+
 @dataclass
 class FinetuneRun:
-    """One offline run read from an llmforge YAML: what to train, on what, into where."""
+    """One offline run read from an llmforge YAML: what to train, on what, into where, and on
+    which Ray workers when the YAML asks for them."""
 
     model: str
     train_path: Path
@@ -61,6 +91,13 @@ class FinetuneRun:
     output_dir: Path
     config: TrainingConfig
     notes: list[str] = field(default_factory=list)  # keys accepted with no effect, said so
+    logprob_processor: LogprobProcessorConfig | None = None  # reference log-probs on Ray actors
+    worker_resources: dict[str, float] | None = None  # the training worker as a Ray task
+
+    @property
+    def on_ray(self) -> bool:
+        """Part of the run goes to a Ray cluster (``lmforge.cluster.reference_logprobs``)."""
+        return self.logprob_processor is not None or self.worker_resources is not None
 
 
 def read_llmforge_config(path: str | Path) -> FinetuneRun:
@@ -68,9 +105,9 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
 
     Raises:
         InvalidRequestError: unreadable YAML, a missing required key (``model_id``,
-            ``train_path``, ``task``), an unknown key or task, a cluster key (``param`` names
-            it; the message names the scale-out path), or a value out of range
-            (``TrainingConfig.validate``).
+            ``train_path``, ``task``), an unknown key or task, a refused cluster key
+            (``num_devices`` above 1, ``deepspeed``: ``param`` names it, the message says why),
+            or a value out of range (``TrainingConfig.validate``, the Ray resources).
     """
     path = Path(path)
     try:
@@ -79,7 +116,7 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
         raise InvalidRequestError(f"cannot read {path}: {e}", param="config") from None
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"{path} must hold a mapping of settings", param="config")
-    _refuse_cluster_keys(raw)
+    _refuse_multi_worker(raw)
     unknown = sorted(set(raw) - _KNOWN)
     if unknown:
         raise InvalidRequestError(f"unknown key(s) {', '.join(unknown)}; the keys are "
@@ -102,14 +139,16 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
                        train_path=base / raw["train_path"],
                        valid_path=base / raw["valid_path"] if raw.get("valid_path") else None,
                        output_dir=base / raw.get("output_dir", "output"), config=config,
-                       notes=notes)
+                       notes=notes, logprob_processor=_processor(raw),
+                       worker_resources=_resources("worker_resources",
+                                                   raw.get("worker_resources")))
 
 
 def _training_config(raw: dict[str, Any]) -> TrainingConfig:
     values: dict[str, Any] = {ours: raw[theirs] for theirs, ours in _PLAIN.items()
                               if raw.get(theirs) is not None}
     preference = raw.get("preference_tuning_config") or {}
-    unknown = sorted(set(preference) - {"beta"})
+    unknown = sorted(set(preference) - {"beta", "logprob_processor_scaling_config"})
     if unknown:
         raise InvalidRequestError(f"unknown preference_tuning_config key(s) {', '.join(unknown)}",
                                   param=f"preference_tuning_config.{unknown[0]}")
@@ -121,18 +160,50 @@ def _training_config(raw: dict[str, Any]) -> TrainingConfig:
     return config
 
 
-def _refuse_cluster_keys(raw: dict[str, Any]) -> None:
+def _refuse_multi_worker(raw: dict[str, Any]) -> None:
     devices = raw.get("num_devices", 1)
     if devices != 1:
-        raise InvalidRequestError(f"num_devices: {devices} {SCALE_OUT}", param="num_devices")
-    for key in ("deepspeed", "worker_resources"):
-        if raw.get(key):
-            raise InvalidRequestError(f"{key} {SCALE_OUT}", param=key)
-    if (raw.get("preference_tuning_config") or {}).get("logprob_processor_scaling_config"):
-        raise InvalidRequestError(
-            "preference_tuning_config.logprob_processor_scaling_config (reference log-probs on "
-            f"their own workers) {SCALE_OUT}; here they are computed once before training",
-            param="preference_tuning_config.logprob_processor_scaling_config")
+        raise InvalidRequestError(f"num_devices: {devices} {MULTI_WORKER}", param="num_devices")
+    if raw.get("deepspeed"):
+        raise InvalidRequestError(f"deepspeed {DEEPSPEED}", param="deepspeed")
+
+
+def _processor(raw: dict[str, Any]) -> LogprobProcessorConfig | None:
+    """The logprob processor's settings, None when the YAML has none (computed in-process)."""
+    scaling = (raw.get("preference_tuning_config") or {}).get("logprob_processor_scaling_config")
+    if scaling is None:
+        return None
+    if not isinstance(scaling, dict):
+        raise InvalidRequestError(f"{PROCESSOR} must be a mapping of "
+                                  f"{', '.join(sorted(_PROCESSOR_KEYS))}", param=PROCESSOR)
+    unknown = sorted(set(scaling) - _PROCESSOR_KEYS)
+    if unknown:
+        raise InvalidRequestError(f"unknown {PROCESSOR} key(s) {', '.join(unknown)}; the keys "
+                                  f"are {', '.join(sorted(_PROCESSOR_KEYS))}",
+                                  param=f"{PROCESSOR}.{unknown[0]}")
+    values: dict[str, Any] = {}
+    for key in ("concurrency", "batch_size"):
+        if key in scaling:
+            value = scaling[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidRequestError(f"{PROCESSOR}.{key} must be a whole number of at "
+                                          f"least 1, got {value!r}", param=f"{PROCESSOR}.{key}")
+            values[key] = value
+    resources = _resources(f"{PROCESSOR}.custom_resources", scaling.get("custom_resources"))
+    return LogprobProcessorConfig(custom_resources=resources or {}, **values)
+
+
+def _resources(name: str, value: Any) -> dict[str, float] | None:
+    """Ray resources ``{name: amount}`` (amounts above 0), None when not given."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v > 0 for k, v in value.items()):
+        raise InvalidRequestError(f"{name} must map Ray resource names to amounts above 0, "
+                                  f"e.g. {{'accelerator_type:A10G': 1}} or {{'CPU': 2}}; got "
+                                  f"{value!r}", param=name)
+    return {k: float(v) for k, v in value.items()}
 
 
 def _lora(raw: dict[str, Any]) -> LoRAConfig:

@@ -18,17 +18,28 @@ fails with its line and the reason (``data.DataError``), and an answer that does
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.data import MIN_ROWS, DataError, chat_to_ids, text_to_ids, uniform_rows
 
 
+class PendingReference(Protocol):
+    """A pair's reference log-probs being computed elsewhere (``methods.dpo.ReferenceLogprobs``,
+    e.g. Ray actors: ``lmforge.cluster.reference_logprobs``)."""
+
+    def result(self) -> tuple[float, float]:
+        """(chosen, rejected) log-probs, nats; blocks until they are computed."""
+        ...
+
+
 @dataclass(frozen=True)
 class PreferenceExample:
     """One pair: the shared prompt's ids and each answer's (never empty), and the reference
-    model's log-probs of the two answers once the DPO method's reference pass computed them."""
+    model's log-probs of the two answers once the DPO method's reference pass computed them (or
+    ``ref_pending``, their promise, while other workers compute them)."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]  # the preferred answer (TRL's "chosen")
@@ -37,6 +48,8 @@ class PreferenceExample:
     truncated: bool = False  # an answer was cut to max_seq_len
     ref_chosen_logp: float | None = None  # log pi_ref(chosen | prompt), nats
     ref_rejected_logp: float | None = None  # log pi_ref(rejected | prompt), nats
+    # the two above while they are computed elsewhere (ahead of the loop, on other workers)
+    ref_pending: PendingReference | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_tokens(self) -> int:

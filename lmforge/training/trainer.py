@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from lmforge.models.lora import (
     save_peft_adapter,
 )
 from lmforge.models.lora_merge import merge_adapter_
-from lmforge.training.data import split_holdout
+from lmforge.training.data import epoch_order, split_holdout
 from lmforge.training.events import (
     CheckpointEvent,
     MessageEvent,
@@ -59,6 +58,7 @@ from lmforge.training.events import (
     TrainingEvent,
 )
 from lmforge.training.methods import MicroBatch, TrainingMethod, get_method
+from lmforge.training.methods.dpo import ReferenceLogprobs
 from lmforge.training.training_config import TrainingConfig
 
 STATE_FILE = "trainer_state.pt"  # written last: a checkpoint without it is incomplete
@@ -115,11 +115,10 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | None,
           config: TrainingConfig, output_dir: str | Path, *,
-          on_event: Callable[[TrainingEvent], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, resume: bool = True,
-          base_adapter: str | Path | None = None) -> TrainingResult:
-    """Fine-tune a LoRA adapter on ``model`` with ``config.method`` and return the best
-    checkpoint by validation loss.
+          on_event: Callable[[TrainingEvent], None] | None = None, resume: bool = True,
+          should_stop: Callable[[], bool] | None = None, base_adapter: str | Path | None = None,
+          reference_logprobs: ReferenceLogprobs | None = None) -> TrainingResult:
+    """Fine-tune a LoRA adapter on ``model`` by ``config.method``; the best validation loss wins.
 
     Args:
         model: a GGUF file, HF directory or alias (loaded in float32, unfused), or a
@@ -135,6 +134,8 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
         base_adapter: a PEFT adapter of ``model`` to train on (an ``ft:`` model), folded into
             the weights first (``lora_merge.merge_adapter_``): the DPO reference, under the new
             adapter; checkpoints hold the new one alone (``lora_merge.export_adapter`` stacks).
+        reference_logprobs: DPO: a ``dpo.ReferenceLogprobs`` computing the reference log-probs
+            elsewhere while training runs (Ray actors); None: here, before training.
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
@@ -144,15 +145,14 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     """
     config.validate()
     method = get_method(config.method)
-    emit = on_event or (lambda event: None)
+    emit, stop = on_event or (lambda event: None), should_stop or (lambda: False)
     loaded = model if isinstance(model, LoadedModel) else load_model(
         ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
     _check_context(config, loaded)
     if base_adapter is not None:
         merge_adapter_(loaded.model, str(base_adapter))
-    stop = should_stop or (lambda: False)
     sets = _prepare(method, loaded, _datasets(method, train_rows, val_rows, loaded, config),
-                    config, Path(output_dir) / "prepared", resume, emit, stop)
+                    config, Path(output_dir) / "prepared", resume, emit, stop, reference_logprobs)
     if sets is None:  # stopped during the method's pass over the data
         return TrainingResult(None, None, 0, 0, stopped=True)
     torch.manual_seed(config.seed)
@@ -167,19 +167,21 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
 
 def _prepare(method: TrainingMethod, loaded: LoadedModel, sets: tuple[list[Any], list[Any]],
              config: TrainingConfig, cache: Path, resume: bool,
-             emit: Callable[[TrainingEvent], None], should_stop: Callable[[], bool]
+             emit: Callable[[TrainingEvent], None], should_stop: Callable[[], bool],
+             reference: ReferenceLogprobs | None = None
              ) -> tuple[list[Any], list[Any]] | None:
     """The method's pass over the training and validation sets (e.g. DPO's reference log-probs,
     on the base alone), kept in ``cache`` (emptied first unless the run resumes); the sets as
-    they are for a method without one; None when ``should_stop`` ended it."""
+    they are for a method without one; None when ``should_stop`` ended it. ``reference`` goes to
+    the method's pass when given (DPO's ``ReferenceLogprobs``)."""
     if method.prepare is None:
         return sets
     if not resume:
         shutil.rmtree(cache, ignore_errors=True)
-    out = []
+    out, extra = [], {} if reference is None else {"reference": reference}
     for name, rows in zip(("train", "valid"), sets, strict=True):
         out.append(method.prepare(loaded.model, rows, config, pad_token_id(loaded),  # type: ignore
-                                  cache / f"{name}.pt", emit, should_stop))
+                                  cache / f"{name}.pt", emit, should_stop, **extra))
         if out[-1] is None:
             return None
     return out[0], out[1]
@@ -264,8 +266,7 @@ class _Loop:
 
         The order is a shuffle seeded by (seed, epoch), so a resumed run sees the same batches.
         """
-        order = list(range(len(self.train_set)))
-        random.Random(self.config.seed * 1000 + epoch).shuffle(order)
+        order = epoch_order(len(self.train_set), self.config.seed, epoch)
         size, accum = self.config.batch_size, self.config.gradient_accumulation_steps
         batches = [self.method.collate([self.train_set[i] for i in order[s:s + size]],
                                        self.pad_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 from support.batching import batch_server, line
@@ -79,3 +80,18 @@ def test_offline_batch_run_writes_every_line_in_order(tiny_llama_dir, tmp_path):
     bad = run("batches", "run", source, "-o", output, "--model", tiny_llama_dir,
               "--served-model-name", "tiny")
     assert bad.exit_code == 2 and "line 1" in bad.output and "other" in bad.output
+
+
+def test_batch_run_ray_without_ray_names_the_extra(tmp_path, monkeypatch):
+    """``batch`` is ``batches``; ``--ray`` without Ray installed fails in one line naming the
+    extra, before any model loads (``--model`` here does not even exist)."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    source = tmp_path / "in.jsonl"
+    source.write_text(line("a", {"model": "m", "prompt": "Hi"}, "/v1/completions") + "\n")
+    result = run("batch", "run", "--ray", source, "-o", tmp_path / "out.jsonl", "--model",
+                 tmp_path / "no-such-model")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "Error: this needs Ray, which is not installed: pip install 'lmforge[ray]'"]
+    plain = run("batches", "run", source, "-o", tmp_path / "out.jsonl", "--replicas", "2")
+    assert plain.exit_code == 2 and "--replicas: only with --ray (add --ray" in plain.output

@@ -1,11 +1,12 @@
-"""Anyscale llmforge YAML -> one offline run: the seed's keys map to ``TrainingConfig``, keys that
-need a cluster and unknown keys are refused naming the key, no-effect keys are said."""
+"""Anyscale llmforge YAML -> one offline run: the seed's keys map to ``TrainingConfig``, its Ray
+keys (the logprob processor, the worker's resources) to the run's Ray parts, keys for several
+training workers and unknown keys are refused naming the key, no-effect keys are said."""
 
 import pytest
 import yaml
 
 from lmforge.errors import InvalidRequestError
-from lmforge.training.llmforge_config import read_llmforge_config
+from lmforge.training.llmforge_config import LogprobProcessorConfig, read_llmforge_config
 
 BASE = {"model_id": "smollm2-135m-instruct", "train_path": "train.jsonl",
         "task": "preference_tuning"}
@@ -34,15 +35,33 @@ def test_the_seed_keys_map_to_the_training_config(tmp_path):
     assert run.notes == ["flash_attention_2: no effect here (attention runs the engine's own "
                          "kernels)"]
     assert read(tmp_path, task="instruction_tuning").config.method == "sft"
+    assert run.logprob_processor is None and run.worker_resources is None and not run.on_ray
+
+
+def test_the_seed_ray_keys_describe_the_runs_ray_parts(tmp_path):
+    run = read(tmp_path, worker_resources={"accelerator_type:A10G": 1}, num_devices=1,
+               preference_tuning_config={"beta": 0.01, "logprob_processor_scaling_config": {
+                   "custom_resources": {"accelerator_type:A10G": 1}, "concurrency": 2,
+                   "batch_size": 2}})
+    assert run.logprob_processor == LogprobProcessorConfig(
+        concurrency=2, batch_size=2, custom_resources={"accelerator_type:A10G": 1.0})
+    assert run.worker_resources == {"accelerator_type:A10G": 1.0} and run.on_ray
+    assert run.config.beta == 0.01
+    defaults = read(tmp_path, preference_tuning_config={"logprob_processor_scaling_config": {}})
+    assert defaults.logprob_processor == LogprobProcessorConfig(1, 8, {})
 
 
 @pytest.mark.parametrize("keys, param, words", [
-    ({"num_devices": 2}, "num_devices", "needs a cluster"),
-    ({"deepspeed": {"config_path": "z3.json"}}, "deepspeed", "Ray"),
-    ({"worker_resources": {"accelerator_type:A10G": 1}}, "worker_resources", "one process"),
-    ({"preference_tuning_config": {"beta": 0.1, "logprob_processor_scaling_config": {
-        "concurrency": 2}}}, "preference_tuning_config.logprob_processor_scaling_config",
-     "computed once before training"),
+    ({"num_devices": 6}, "num_devices", "data-parallel training workers"),
+    ({"deepspeed": {"config_path": "z3.json"}}, "deepspeed", "ZeRO"),
+    ({"worker_resources": {"CPU": 0}}, "worker_resources", "amounts above 0"),
+    ({"worker_resources": ["GPU"]}, "worker_resources", "Ray resource names"),
+    ({"preference_tuning_config": {"logprob_processor_scaling_config": {"num_gpus": 2}}},
+     "preference_tuning_config.logprob_processor_scaling_config.num_gpus", "concurrency"),
+    ({"preference_tuning_config": {"logprob_processor_scaling_config": {"concurrency": 0}}},
+     "preference_tuning_config.logprob_processor_scaling_config.concurrency", "at least 1"),
+    ({"preference_tuning_config": {"logprob_processor_scaling_config": 2}},
+     "preference_tuning_config.logprob_processor_scaling_config", "mapping"),
     ({"lora_config": {"bias": "all"}}, "lora_config.bias", "must be 'none'"),
     ({"epochs": 3}, "epochs", "unknown key"),
     ({"task": "causal_language_modeling"}, "task", "lmforge pretrain"),

@@ -84,7 +84,9 @@ class TrainingMethod:
             directory) and reads back instead of recomputing when the run resumes; ``emit``
             takes ``events.MessageEvent``s; ``should_stop`` is polled between batches, and
             True makes it return None (a cancelled job or a stopping server does not wait for
-            the whole pass).
+            the whole pass). A method may take a keyword ``reference`` too, which ``train``
+            passes on when its caller gives one (DPO: ``dpo.ReferenceLogprobs``, the reference
+            log-probs computed elsewhere while training runs).
     """
 
     name: str

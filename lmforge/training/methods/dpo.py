@@ -20,6 +20,14 @@ serving engine's prompt-logprob path). Pairs without them (a caller's own exampl
 from a no-grad forward with the adapter switched off (``models.lora.lora_disabled``) inside
 ``loss``. Log-probs are summed over the answer's tokens (averaged for IPO, as TRL does), the
 prompt masked.
+
+Or other workers compute them while training runs (seed 002's "logprob processor": Anyscale's
+llmforge overlaps the reference model's log-probs with training on their own Ray workers):
+``prepare`` given a ``ReferenceLogprobs`` (``lmforge.cluster.reference_logprobs`` implements it
+on Ray actors; training never imports the cluster) submits every pair to it in the order the
+first epoch visits them and returns at once; each pair carries a ``PendingReference``, and
+``loss`` waits for a batch's own pairs only. Those log-probs are not saved: a resumed run asks
+for them again.
 """
 
 from __future__ import annotations
@@ -32,20 +40,37 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from lmforge.models.lora import lora_disabled
-from lmforge.training.data import Example
+from lmforge.training.data import Example, epoch_order
 from lmforge.training.events import MessageEvent
 from lmforge.training.forward import label_logps
 from lmforge.training.losses import dpo_loss
 from lmforge.training.methods import sft
 from lmforge.training.methods.base import LossOutput, TrainingMethod
-from lmforge.training.preferences import PreferenceExample, read_preferences
+from lmforge.training.preferences import (
+    PendingReference,
+    PreferenceExample,
+    read_preferences,
+)
 
 REFERENCE_BATCH_PAIRS = 8  # pairs per no-grad forward of the reference pass
+
+
+class ReferenceLogprobs(Protocol):
+    """Computes reference log-probs of pairs elsewhere while the loop trains (the seed's
+    "logprob processor"; ``lmforge.cluster.reference_logprobs.LogprobProcessor`` on Ray)."""
+
+    def submit(self, examples: Sequence[PreferenceExample], average: bool
+               ) -> list[PendingReference]:
+        """Start computing each pair's answer log-probs under the base model without any
+        adapter, exactly as ``reference_logps`` (summed over the answer's tokens, averaged when
+        ``average``), in the order given, and return at once: one promise per pair, in order."""
+        ...
 
 
 @dataclass
@@ -58,6 +83,7 @@ class DPOBatch:
     attention_mask: torch.Tensor
     ref_chosen_logps: torch.Tensor | None = None
     ref_rejected_logps: torch.Tensor | None = None
+    ref_pending: list[PendingReference] | None = None  # (B,) promises of those two, else None
 
     @property
     def num_items(self) -> int:
@@ -72,13 +98,14 @@ class DPOBatch:
         def move(t):
             return None if t is None else t.to(device)
         return DPOBatch(move(self.input_ids), move(self.labels), move(self.attention_mask),
-                        move(self.ref_chosen_logps), move(self.ref_rejected_logps))
+                        move(self.ref_chosen_logps), move(self.ref_rejected_logps),
+                        self.ref_pending)
 
 
 def collate(examples: Sequence[PreferenceExample], pad_id: int) -> DPOBatch:
     """Pad ``examples`` into one ``DPOBatch``: rows 0..B-1 are prompt + chosen, rows B..2B-1
     prompt + rejected, padded on the right as ``methods.sft.collate`` pads; the reference
-    log-probs come along when every pair has them."""
+    log-probs come along when every pair has them (or their promises, ``ref_pending``)."""
     rows = ([Example(e.prompt_ids, e.chosen_ids, e.line) for e in examples]
             + [Example(e.prompt_ids, e.rejected_ids, e.line) for e in examples])
     padded = sft.collate(rows, pad_id)
@@ -86,6 +113,8 @@ def collate(examples: Sequence[PreferenceExample], pad_id: int) -> DPOBatch:
     if all(e.ref_chosen_logp is not None for e in examples):
         batch.ref_chosen_logps = torch.tensor([e.ref_chosen_logp for e in examples])
         batch.ref_rejected_logps = torch.tensor([e.ref_rejected_logp for e in examples])
+    elif all(e.ref_pending is not None for e in examples):
+        batch.ref_pending = [e.ref_pending for e in examples]  # type: ignore[misc]
     return batch
 
 
@@ -115,11 +144,7 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
     average = config.dpo_loss_type == "ipo"
     summed, count = answer_logps(model, batch)  # one forward: the pairs and the NLL term
     chosen, rejected = (summed / count if average else summed).chunk(2)
-    if batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None:
-        ref_chosen, ref_rejected = batch.ref_chosen_logps, batch.ref_rejected_logps
-    else:
-        with torch.no_grad(), lora_disabled(model):
-            ref_chosen, ref_rejected = sequence_logps_of(model, batch, average)
+    ref_chosen, ref_rejected = reference_of(model, batch, average)
     out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta,
                    loss_type=config.dpo_loss_type, label_smoothing=config.label_smoothing)
     chosen_nll = -(summed / count).chunk(2)[0]  # each chosen answer's mean token NLL, (B,)
@@ -136,14 +161,32 @@ def loss(model: torch.nn.Module, batch: DPOBatch, config) -> LossOutput:
     return LossOutput(losses.sum(), batch.num_items, metrics)
 
 
+def reference_of(model: torch.nn.Module, batch: DPOBatch, average: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's reference (chosen, rejected) log-probs, (B,) each: those it carries, else
+    those its promises give (waiting for the workers computing them), else computed here by a
+    no-grad forward with the adapter off."""
+    if batch.ref_chosen_logps is not None and batch.ref_rejected_logps is not None:
+        return batch.ref_chosen_logps, batch.ref_rejected_logps
+    if batch.ref_pending is not None:
+        pairs = torch.tensor([p.result() for p in batch.ref_pending])  # (B, 2) float32
+        return pairs[:, 0].to(batch.input_ids.device), pairs[:, 1].to(batch.input_ids.device)
+    with torch.no_grad(), lora_disabled(model):
+        return sequence_logps_of(model, batch, average)
+
+
 def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, pad_id: int,
             cache: Path, emit: Callable[[MessageEvent], None],
-            should_stop: Callable[[], bool] = lambda: False) -> list[PreferenceExample] | None:
+            should_stop: Callable[[], bool] = lambda: False,
+            reference: ReferenceLogprobs | None = None) -> list[PreferenceExample] | None:
     """``examples`` with the reference model's log-probs (``ref_chosen_logp``,
     ``ref_rejected_logp``), read from ``cache`` when it holds them for exactly these token ids
     and this loss type, else computed (``reference_logps``) and saved there (a temporary file,
     then a rename). ``model`` is the reference: the base, before the adapter is added (or the
-    policy; the adapter is switched off). None when ``should_stop`` ended the pass."""
+    policy; the adapter is switched off). None when ``should_stop`` ended the pass.
+
+    With ``reference`` and no saved log-probs, the pairs are submitted to it instead
+    (``submit_reference``): they come back at once, each with its ``ref_pending`` promise."""
     average = config.dpo_loss_type == "ipo"
     key = fingerprint(examples, average)
     saved = torch.load(cache, weights_only=True) if cache.is_file() else None
@@ -151,6 +194,8 @@ def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, p
         logps = saved["logps"]
         emit(MessageEvent(f"Reference log-probs of {len(examples)} pairs read from {cache.name} "
                           "(computed before a restart, not again)"))
+    elif reference is not None:
+        return submit_reference(reference, examples, config, emit)
     else:
         start = time.perf_counter()
         logps = reference_logps(model, examples, pad_id, average, should_stop)
@@ -165,6 +210,19 @@ def prepare(model: torch.nn.Module, examples: list[PreferenceExample], config, p
                           f"{seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)"))
     return [dataclasses.replace(e, ref_chosen_logp=float(c), ref_rejected_logp=float(r))
             for e, (c, r) in zip(examples, logps.tolist(), strict=True)]
+
+
+def submit_reference(reference: ReferenceLogprobs, examples: list[PreferenceExample], config,
+                     emit: Callable[[MessageEvent], None]) -> list[PreferenceExample]:
+    """``examples`` (in their order) each with its ``ref_pending`` promise from ``reference``,
+    to which they are submitted in the order the loop's first epoch visits them
+    (``data.epoch_order``), so that the first batches' log-probs are the first computed."""
+    order = epoch_order(len(examples), config.seed, 0)
+    pending = reference.submit([examples[i] for i in order], config.dpo_loss_type == "ipo")
+    promise = dict(zip(order, pending, strict=True))
+    emit(MessageEvent(f"Reference log-probs of {len(examples)} pairs: computed by {reference} "
+                      "while training runs"))
+    return [dataclasses.replace(e, ref_pending=promise[i]) for i, e in enumerate(examples)]
 
 
 @torch.no_grad()
