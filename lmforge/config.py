@@ -191,6 +191,9 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     # the jobs store (files, batches): a SQLAlchemy URL; None = SQLite at $LMFORGE_HOME/lmforge.db
     database_url: str | None = None
+    # servers sharing that store drive each batch and fine-tuning job under a lease of this many
+    # seconds, renewed every third of it; a killed server's jobs are taken over once it lapses
+    job_lease_s: float = 15.0
     max_upload_mb: int = 512  # POST /v1/files answers 413 above this size
     # every other request body answers 413 above this size (MiB): JSON is parsed whole on the
     # event loop (~1 s per 30 MB of token ids). A full 128k-token context is ~1 MB of JSON token
@@ -225,3 +228,5 @@ class ServerConfig:
             raise ValueError(f"batch_concurrency ({self.batch_concurrency}) must be at least 1")
         if self.batch_window_s is not None and self.batch_window_s <= 0:
             raise ValueError(f"batch_window_s ({self.batch_window_s}) must be positive")
+        if self.job_lease_s <= 0:
+            raise ValueError(f"job_lease_s ({self.job_lease_s}) must be positive, e.g. 15")

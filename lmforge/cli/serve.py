@@ -20,6 +20,7 @@ from typing import Any
 import click
 import uvicorn
 
+from lmforge.cli.serve_ray import pop_ray_options, ray_options, serve_ray
 from lmforge.config import (
     DEFAULT_MODEL,
     CacheConfig,
@@ -124,6 +125,10 @@ class StartupError(click.ClickException):
 @click.option("--database-url", default=None,
               help="The jobs store (files, batches) as a SQLAlchemy URL, e.g. "
                    "postgresql://user@host/db (default: SQLite in $LMFORGE_HOME).")
+@click.option("--job-lease-s", type=float, default=15.0, show_default=True,
+              help="Servers sharing a jobs store drive each batch or fine-tuning job under a "
+                   "lease renewed every third of this; a dead server's jobs are taken over "
+                   "this many seconds after its last renewal.")
 @click.option("--lora", "loras", multiple=True, metavar="NAME=PATH",
               help="Serve the PEFT LoRA adapter directory PATH as the model NAME (repeatable).")
 @click.option("--lora-root", "lora_roots", multiple=True, metavar="DIR",
@@ -134,10 +139,11 @@ class StartupError(click.ClickException):
 @click.option("--fine-tuning/--no-fine-tuning", default=True, show_default=True,
               help="Run fine-tuning jobs on this server (a worker beside the engine).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(_LOG_LEVELS))
+@ray_options
 def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level: str,
           host: str, port: int, watchdog_timeout: float, shutdown_timeout: float,
           batch_concurrency: int, batch_window_s: float | None, max_upload_mb: int,
-          max_request_mb: int, database_url: str | None, fine_tuning: bool,
+          max_request_mb: int, database_url: str | None, job_lease_s: float, fine_tuning: bool,
           loras: tuple[str, ...], lora_roots: tuple[str, ...], **options: Any) -> None:
     """Serve a model behind the OpenAI API.
 
@@ -157,6 +163,7 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     chat_template = chat_template_file.read_text(encoding="utf-8") if chat_template_file else None
+    on_ray = pop_ray_options(options)
     config = engine_config(chat_template=chat_template, **options)
     server_config = ServerConfig(host=host, port=port, api_keys=list(api_keys),
                                  watchdog_timeout=watchdog_timeout,
@@ -164,7 +171,8 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
                                  batch_window_s=batch_window_s, fine_tuning=fine_tuning,
                                  loras=_lora_modules(loras),
                                  max_upload_mb=max_upload_mb, max_request_mb=max_request_mb,
-                                 database_url=database_url, shutdown_timeout=shutdown_timeout)
+                                 database_url=database_url, shutdown_timeout=shutdown_timeout,
+                                 job_lease_s=job_lease_s)
     if lora_roots:  # else the dataclass default, $LMFORGE_HOME/adapters
         server_config.lora_roots = list(lora_roots)
     try:
@@ -172,6 +180,8 @@ def serve(chat_template_file: Path | None, api_keys: tuple[str, ...], log_level:
             model_name = precheck(config, server_config)
     except (ModelLoadError, ValueError) as e:
         raise StartupError(str(e)) from e
+    if on_ray is not None:
+        return serve_ray(on_ray, config, server_config, model_name, chat_template)
     loading = AsyncEngine.load_in_background(config, profile)
     app = build_loading_app(loading, server_config, chat_template=chat_template,
                             on_ready=lambda engine: server.on_ready(engine))

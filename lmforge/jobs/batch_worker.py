@@ -19,11 +19,16 @@ worker finds the batch still ``in_progress`` and runs exactly the lines without 
 every ``custom_id`` ends up once in the output or error file; each such resume is logged (a
 warning) with the lines already done. Output files get ids derived from the batch id, so
 finalizing twice (a crash between writing them and the status change) replaces, never doubles.
+
+Several servers may share one store: a batch is validated, run or closed only by the worker
+holding its lease (``jobs/lease.py``), so each server runs a different batch, and a batch whose
+server died (its lease expired) is taken over by another and resumed as after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -40,6 +45,8 @@ from lmforge.jobs.batch_lines import (
     unrun_result,
 )
 from lmforge.jobs.batch_store import BatchRecord, BatchStore
+from lmforge.jobs.lease import DEFAULT_TTL_S, JobLeases, Lease
+from lmforge.jobs.schema import BATCHES
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker, in_process_client
 from lmforge.protocol.statuses import BatchStatus
@@ -60,12 +67,15 @@ class BatchWorker(PollingWorker):
         concurrency: lines in flight at once.
         poll_s: how often a running batch checks for cancel and expiry, and an idle worker for
             new batches (``wake()`` cuts the idle wait short).
+        lease_s: the ttl of its batch leases (seconds): how long after this server dies
+            another one takes over its batch.
     """
 
     def __init__(self, store: Store, app: Any, model_names: Callable[[], set[str]],
-                 concurrency: int = 8, poll_s: float = 0.5):
+                 concurrency: int = 8, poll_s: float = 0.5, lease_s: float = DEFAULT_TTL_S):
         super().__init__(poll_s)
         self.store, self.batches = store, BatchStore(store)
+        self.leases = JobLeases(store.db, BATCHES, lease_s)
         self.app, self.model_names = app, model_names
         self.concurrency = concurrency
         self.intake = _Intake(self, poll_s)
@@ -90,15 +100,26 @@ class BatchWorker(PollingWorker):
         """What happens to batches before their turn, whatever batch runs meanwhile: a new
         batch is validated at once (``failed`` with its errors, or ``in_progress`` with
         ``total`` and ``model`` set, its lines kept for the run), and one cancelled while it
-        waits is closed at once (``cancelled``, every line reported ``batch_cancelled``)."""
+        waits is closed at once (``cancelled``, every line reported ``batch_cancelled``).
+        Each under the batch's lease: a batch another server validates or runs is skipped."""
         for batch in await asyncio.to_thread(self.batches.unfinished_batches):
             if batch.status is BatchStatus.VALIDATING:
-                await self._validate(batch)
+                await self.leases.drive(batch.id, functools.partial(self._validate, batch.id))
             elif batch.status is BatchStatus.CANCELLING and batch.id != self.running:
-                await self._close(batch, await self._lines(batch) or [], "batch_cancelled",
-                                  BatchStatus.CANCELLED)
+                await self.leases.drive(batch.id, functools.partial(self._close_cancelled,
+                                                                    batch.id))
 
-    async def _validate(self, batch: BatchRecord) -> None:
+    async def _close_cancelled(self, batch_id: str, lease: Lease) -> None:
+        batch = await self._get(batch_id)  # as it is now that the lease is ours
+        await self._close(batch, await self._lines(batch) or [], "batch_cancelled",
+                          BatchStatus.CANCELLED)
+
+    async def _validate(self, batch_id: str, lease: Lease) -> None:
+        """Validate a new batch; each outcome is one conditional update (``transition``), so a
+        batch is validated once even if two servers race to."""
+        batch = await self._get(batch_id)
+        if batch.status is not BatchStatus.VALIDATING:  # another server validated it meanwhile
+            return
         names = self.model_names()
         parsed = await read_lines(self.batches, batch, names)
         if parsed is None:
@@ -109,29 +130,33 @@ class BatchWorker(PollingWorker):
                 logger.info("batch %s: failed validation (%d errors)", batch.id, len(errors))
             return
         default = next(iter(names)) if len(names) == 1 else None  # lines may omit the model
-        await asyncio.to_thread(self.batches.set_batch, batch.id, total=len(lines),
-                                model=lines[0].body.get("model") or default)
         self.validated[batch.id] = lines
-        if not await self._transition(batch, BatchStatus.IN_PROGRESS):  # cancelled meanwhile
-            self.validated.pop(batch.id, None)
+        if not await self._transition(batch, BatchStatus.IN_PROGRESS, total=len(lines),
+                                      model=lines[0].body.get("model") or default):
+            self.validated.pop(batch.id, None)  # cancelled meanwhile
 
     async def drive_all(self) -> None:
         batches = await asyncio.to_thread(self.batches.unfinished_batches)
         if self._interrupted is None:  # the first pass: what a stop or crash interrupted
             self._interrupted = {b.id for b in batches if b.status is not BatchStatus.VALIDATING}
+        unfinished = {b.id for b in batches}  # forget the lines of batches run elsewhere
+        self.validated = {k: v for k, v in self.validated.items() if k in unfinished}
         for batch in batches:
             if batch.status is not BatchStatus.VALIDATING:  # the intake's
                 self.running = batch.id
-                try:
-                    await self._drive(batch.id)
+                try:  # skipped while another server (or this one's intake) holds its lease
+                    await self.leases.drive(batch.id, functools.partial(self._drive, batch.id))
                 finally:
                     self.running = None
 
-    async def _drive(self, batch_id: str) -> None:
+    async def _drive(self, batch_id: str, lease: Lease) -> None:
         """Advance one validated batch as far as it goes now (to a final status, normally)."""
-        batch = await self._get(batch_id)
-        if self._interrupted and batch_id in self._interrupted:
-            self._interrupted.discard(batch_id)
+        batch = await self._get(batch_id)  # as it is now that the lease is ours
+        if batch.status.is_final():  # another server finished it meanwhile
+            return
+        interrupted = self._interrupted if self._interrupted is not None else set()
+        if batch_id in interrupted or lease.previous_owner:  # a restart, or a takeover
+            interrupted.discard(batch_id)
             await self._log_resume(batch)
         if batch.status is BatchStatus.CANCELLING:
             await self._close(batch, await self._lines(batch) or [], "batch_cancelled",

@@ -4,16 +4,19 @@ Statuses (``jobs/statuses.py``) move forward only (``FINE_TUNING_FROM``: the sta
 follow), through conditional updates, as batches do: ``validating_files -> queued -> running ->
 succeeded``, ``failed`` or ``cancelled`` from any unfinished status. A job that was ``running`` when
 the server died is found by ``unfinished_jobs`` and resumed from its last checkpoint (or failed
-with a reason) by the fine-tune worker.
+with a reason) by the fine-tune worker. The functions at the end say what the trainer's events
+become here: event messages and data, and the results CSV.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.jobs.schema import (
     FINE_TUNING_CHECKPOINTS,
@@ -23,6 +26,9 @@ from lmforge.jobs.schema import (
 from lmforge.jobs.statuses import FINE_TUNING_FROM, UNFINISHED_FINE_TUNES
 from lmforge.jobs.store import Store, new_id
 from lmforge.protocol.statuses import FineTuningStatus
+
+if TYPE_CHECKING:
+    from lmforge.training.events import ResumeEvent, StepEvent
 
 _JSON_COLUMNS = ("hyperparameters", "method", "metadata", "error", "result_files")
 OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -283,3 +289,58 @@ def _event(row: Any) -> EventRecord:
 def _checkpoint(row: Any) -> CheckpointRecord:
     return CheckpointRecord(**{f.name: getattr(row, f.name) for f in fields(CheckpointRecord)}
                             | {"metrics": json.loads(row.metrics)})
+
+
+# -- what the trainer's events become in the store: event messages and the results file --
+
+
+def resume_message(event: ResumeEvent) -> str:
+    """The job event of the trainer's ``ResumeEvent``."""
+    if event.checkpoint is None:
+        return "Restarting from step 1: no checkpoint was saved before the server stopped"
+    return f"Resuming from {event.checkpoint} (epoch {event.epoch}, step {event.step})"
+
+
+def metrics_message(event: StepEvent) -> str:
+    """The message of a ``metrics`` job event: ``Step 3: training loss=1.2345`` and, when the
+    step has them, reward accuracy and validation values."""
+    text = f"Step {event.step}: training loss={event.train_loss:.4f}"
+    if "rewards/accuracies" in event.metrics:
+        text += f", reward accuracy={event.metrics['rewards/accuracies']:.2f}"
+    if event.eval_loss is not None:
+        text += f", validation loss={event.eval_loss:.4f}"
+    if event.eval_metrics and "rewards/accuracies" in event.eval_metrics:
+        text += f", validation reward accuracy={event.eval_metrics['rewards/accuracies']:.2f}"
+    return text
+
+
+def metrics_data(event: StepEvent) -> dict[str, Any]:
+    """The ``data`` of a ``metrics`` job event: step, epoch, train_loss, learning_rate, the
+    method's metrics under their names (DPO: TRL's ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``), and
+    only on the step that ends an epoch eval_loss and the metrics on the validation set
+    (``eval_rewards/chosen``, ..., TRL's names)."""
+    data: dict[str, Any] = {"step": event.step, "epoch": event.epoch,
+                            "train_loss": event.train_loss, "learning_rate": event.learning_rate,
+                            **event.metrics}
+    if event.eval_loss is not None:
+        data["eval_loss"] = event.eval_loss
+    data |= {f"eval_{k}": v for k, v in (event.eval_metrics or {}).items()}
+    return data
+
+
+def results_csv(metrics: list[StepEvent]) -> bytes:
+    """OpenAI's result file: one row per step (step, epoch, train_loss, valid_loss,
+    learning_rate), then the method's metrics and their validation values, if any."""
+    names = list(dict.fromkeys(k for m in metrics for k in m.metrics))
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate", *names,
+                     *(f"valid_{k}" for k in names)])
+    for m in metrics:
+        evaluated = m.eval_metrics or {}
+        writer.writerow([m.step, m.epoch, m.train_loss,
+                         "" if m.eval_loss is None else m.eval_loss, m.learning_rate,
+                         *(m.metrics.get(k, "") for k in names),
+                         *(evaluated.get(k, "") for k in names)])
+    return out.getvalue().encode()

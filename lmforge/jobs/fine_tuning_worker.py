@@ -17,15 +17,15 @@ and registered with the engine as ``ft:<base>:<suffix>:<job id>``, and every che
 start-up the adapters of all succeeded jobs are registered again. A job that was ``running`` when
 the server stopped continues from its last checkpoint (``training.trainer.train(resume=True)``)
 in ``<home>/fine_tunes/<job id>``, or from step 1 if none was saved; an event and a log line say
-which.
+which. With several servers on one store, a job is driven only under its lease (``jobs/lease.py``):
+a server that loses it stops training at the next step, and one whose server died is taken over
+(and resumed so) by another once the lease expires.
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import functools
-import io
 import logging
 import threading
 import time
@@ -37,7 +37,13 @@ from lmforge.jobs.fine_tuning_store import (
     OPENAI_HYPERPARAMETERS,
     FineTuningStore,
     JobRecord,
+    metrics_data,
+    metrics_message,
+    results_csv,
+    resume_message,
 )
+from lmforge.jobs.lease import DEFAULT_TTL_S, JobLeases, Lease
+from lmforge.jobs.schema import FINE_TUNING_JOBS
 from lmforge.jobs.store import Store
 from lmforge.jobs.worker import PollingWorker
 from lmforge.protocol.fine_tuning import TRAINING_METHODS
@@ -110,11 +116,14 @@ class FineTuningWorker(PollingWorker):
         store: the jobs store (files, and the fine-tuning tables).
         engine: the ``AsyncEngine`` serving the base model; adapters are registered with it.
         poll_s: how often an idle worker looks for new jobs.
+        lease_s: the ttl of its job leases (seconds), as ``BatchWorker``'s.
     """
 
-    def __init__(self, store: Store, engine: Any, poll_s: float = 1.0):
+    def __init__(self, store: Store, engine: Any, poll_s: float = 1.0,
+                 lease_s: float = DEFAULT_TTL_S):
         super().__init__(poll_s)
         self.store, self.jobs, self.engine = store, FineTuningStore(store), engine
+        self.leases = JobLeases(store.db, FINE_TUNING_JOBS, lease_s)
         self.adapter_dir = store.home / "adapters"
         self._shutdown = threading.Event()  # read by the training thread
         self._registered = False
@@ -164,10 +173,11 @@ class FineTuningWorker(PollingWorker):
             await self.register_adapters()
             self._registered = True
         for job in await asyncio.to_thread(self.jobs.unfinished_jobs):
-            await self._drive(job)
+            await self.leases.drive(job.id, functools.partial(self._drive, job.id))
 
-    async def _drive(self, job: JobRecord) -> None:
-        resumed = job.status is FineTuningStatus.RUNNING  # the server stopped while it trained
+    async def _drive(self, job_id: str, lease: Lease) -> None:
+        job = await self._get(job_id)  # as it is now that the lease is ours
+        resumed = job.status is FineTuningStatus.RUNNING  # a server stopped while it trained
         if job.status is FineTuningStatus.VALIDATING_FILES:
             if not await self._validate(job):
                 return
@@ -176,7 +186,7 @@ class FineTuningWorker(PollingWorker):
                 job, FineTuningStatus.RUNNING, "Fine-tuning job started"):
             job = await self._get(job.id)
         if job.status is FineTuningStatus.RUNNING:
-            await self._train(job, resumed)
+            await self._train(job, resumed, lease)
 
     async def _validate(self, job: JobRecord) -> bool:
         """Read and check the files now (a bad one fails the job at once, naming the line),
@@ -231,9 +241,11 @@ class FineTuningWorker(PollingWorker):
                       param="validation_file", min_rows=1)
         return len(examples)
 
-    async def _train(self, job: JobRecord, resumed: bool) -> None:
-        """Train in a thread until done, failed, cancelled or stopped; ``resumed``: the job was
-        running when the server stopped, so it continues from its last checkpoint."""
+    async def _train(self, job: JobRecord, resumed: bool, lease: Lease) -> None:
+        """Train in a thread until done, failed, cancelled, stopped or ``lease`` is lost;
+        ``resumed``: the job was running when a server stopped: it goes on from its last
+        checkpoint. Cancelled, it waits for the thread to stop (at its next step), so the
+        lease is released only once nothing trains here."""
         from lmforge.training.trainer import train
 
         config = training_config(job)
@@ -243,7 +255,7 @@ class FineTuningWorker(PollingWorker):
         last_check = [0.0, False]
 
         def should_stop() -> bool:
-            if self._shutdown.is_set():
+            if self._shutdown.is_set() or not lease.held:
                 return True
             now = time.monotonic()
             if now - last_check[0] >= _CANCEL_CHECK_S:
@@ -255,12 +267,15 @@ class FineTuningWorker(PollingWorker):
         metrics: list[StepEvent] = []  # this run's, for the results file
         on_event = functools.partial(self._record, job, metrics)
         validation = self.store.path(job.validation_file) if job.validation_file else None
+        thread = asyncio.ensure_future(asyncio.to_thread(
+            train, self.engine.config.model.model, self.store.path(job.training_file),
+            validation, config, self.jobs.work_dir(job.id), on_event=on_event,
+            should_stop=should_stop, resume=resumed, base_adapter=base_adapter))
         try:
-            result = await asyncio.to_thread(
-                train, self.engine.config.model.model,
-                self.store.path(job.training_file), validation, config,
-                self.jobs.work_dir(job.id), on_event=on_event, should_stop=should_stop,
-                resume=resumed, base_adapter=base_adapter)
+            result = await asyncio.shield(thread)
+        except asyncio.CancelledError:  # stopping, or the lease is lost: should_stop says so
+            await asyncio.wait({thread})
+            raise
         except LMForgeError as e:
             await self._fail(job, "training_failed", e.message, e.param)
             return
@@ -291,8 +306,8 @@ class FineTuningWorker(PollingWorker):
         match event:
             case StepEvent():
                 metrics.append(event)
-                self.jobs.add_event(job.id, _metrics_message(event), type="metrics",
-                                    data=_metrics_data(event))
+                self.jobs.add_event(job.id, metrics_message(event), type="metrics",
+                                    data=metrics_data(event))
             case CheckpointEvent():
                 self.jobs.add_checkpoint(job.id, event.step, {
                     "step": event.step, "train_loss": event.train_loss,
@@ -300,7 +315,7 @@ class FineTuningWorker(PollingWorker):
                     **{f"eval_{k}": v for k, v in event.eval_metrics.items()}},
                     str(event.path))
             case ResumeEvent():
-                message = _resume_message(event)
+                message = resume_message(event)
                 logger.warning("fine-tuning job %s: %s", job.id, message)
                 self.jobs.add_event(job.id, message, data={
                     "checkpoint": event.checkpoint, "epoch": event.epoch, "step": event.step})
@@ -316,7 +331,7 @@ class FineTuningWorker(PollingWorker):
         if parent is False:
             return
         await asyncio.to_thread(export_adapter, Path(result.best_checkpoint), target, parent)
-        results = await asyncio.to_thread(self.store.add_file, _results_csv(metrics),
+        results = await asyncio.to_thread(self.store.add_file, results_csv(metrics),
                                           f"{job.id}_results.csv", RESULTS_PURPOSE)
         await self.engine.add_lora(name, str(target))
         if await asyncio.to_thread(self.jobs.transition, job.id, FineTuningStatus.SUCCEEDED,
@@ -347,53 +362,3 @@ class FineTuningWorker(PollingWorker):
         job = await asyncio.to_thread(self.jobs.get_job, job_id)
         assert job is not None, job_id  # jobs are never deleted
         return job
-
-
-def _resume_message(event: ResumeEvent) -> str:
-    """The job event of the trainer's ``ResumeEvent``."""
-    if event.checkpoint is None:
-        return "Restarting from step 1: no checkpoint was saved before the server stopped"
-    return f"Resuming from {event.checkpoint} (epoch {event.epoch}, step {event.step})"
-
-
-def _metrics_message(event: StepEvent) -> str:
-    text = f"Step {event.step}: training loss={event.train_loss:.4f}"
-    if "rewards/accuracies" in event.metrics:
-        text += f", reward accuracy={event.metrics['rewards/accuracies']:.2f}"
-    if event.eval_loss is not None:
-        text += f", validation loss={event.eval_loss:.4f}"
-    if event.eval_metrics and "rewards/accuracies" in event.eval_metrics:
-        text += f", validation reward accuracy={event.eval_metrics['rewards/accuracies']:.2f}"
-    return text
-
-
-def _metrics_data(event: StepEvent) -> dict[str, Any]:
-    """The ``data`` of a ``metrics`` job event: step, epoch, train_loss, learning_rate, the
-    method's metrics under their names (DPO: TRL's ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``), and
-    only on the step that ends an epoch eval_loss and the metrics on the validation set
-    (``eval_rewards/chosen``, ..., TRL's names)."""
-    data: dict[str, Any] = {"step": event.step, "epoch": event.epoch,
-                            "train_loss": event.train_loss, "learning_rate": event.learning_rate,
-                            **event.metrics}
-    if event.eval_loss is not None:
-        data["eval_loss"] = event.eval_loss
-    data |= {f"eval_{k}": v for k, v in (event.eval_metrics or {}).items()}
-    return data
-
-
-def _results_csv(metrics: list[StepEvent]) -> bytes:
-    """OpenAI's result file: one row per step (step, epoch, train_loss, valid_loss,
-    learning_rate), then the method's metrics and their validation values, if any."""
-    names = list(dict.fromkeys(k for m in metrics for k in m.metrics))
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(["step", "epoch", "train_loss", "valid_loss", "learning_rate", *names,
-                     *(f"valid_{k}" for k in names)])
-    for m in metrics:
-        evaluated = m.eval_metrics or {}
-        writer.writerow([m.step, m.epoch, m.train_loss,
-                         "" if m.eval_loss is None else m.eval_loss, m.learning_rate,
-                         *(m.metrics.get(k, "") for k in names),
-                         *(evaluated.get(k, "") for k in names)])
-    return out.getvalue().encode()

@@ -127,6 +127,17 @@ _V2_FINE_TUNING_CHECKPOINTS_INDEX = (
     "CREATE INDEX IF NOT EXISTS ix_fine_tuning_checkpoints_job_id "
     "ON fine_tuning_checkpoints (job_id)")
 
+# -- version 3: job leases (``jobs/lease.py``): the worker driving a batch or fine-tuning job ---
+
+_V3_LEASES = (
+    "ALTER TABLE batches ADD COLUMN lease_owner VARCHAR(255)",
+    "ALTER TABLE batches ADD COLUMN lease_heartbeat_ms BIGINT",
+    "ALTER TABLE batches ADD COLUMN lease_expires_ms BIGINT",
+    "ALTER TABLE fine_tuning_jobs ADD COLUMN lease_owner VARCHAR(255)",
+    "ALTER TABLE fine_tuning_jobs ADD COLUMN lease_heartbeat_ms BIGINT",
+    "ALTER TABLE fine_tuning_jobs ADD COLUMN lease_expires_ms BIGINT",
+)
+
 
 def ddl(*statements: str) -> Callable[[Connection], None]:
     """A migration step that executes ``statements`` (SQL text) in order."""
@@ -143,6 +154,7 @@ MIGRATIONS: list[tuple[int, str, Callable[[Connection], None]]] = [
     (2, "fine-tuning jobs, their events and checkpoints",
      ddl(_V2_FINE_TUNING_JOBS, _V2_FINE_TUNING_EVENTS, _V2_FINE_TUNING_EVENTS_INDEX,
          _V2_FINE_TUNING_CHECKPOINTS, _V2_FINE_TUNING_CHECKPOINTS_INDEX)),
+    (3, "leases of batches and fine-tuning jobs", ddl(*_V3_LEASES)),
 ]
 
 
@@ -158,6 +170,8 @@ def migrate(db: Engine) -> list[int]:
     """
     applied = []
     with db.begin() as conn:
+        if db.dialect.name == "postgresql":  # servers starting together migrate one at a time
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7510642)"))
         conn.execute(sa.text("CREATE TABLE IF NOT EXISTS _migrations "
                              "(version INTEGER PRIMARY KEY, name VARCHAR(255) NOT NULL)"))
         done = {v for (v,) in conn.execute(sa.text("SELECT version FROM _migrations"))}

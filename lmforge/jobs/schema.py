@@ -18,6 +18,15 @@ from lmforge.protocol.statuses import BatchStatus, FineTuningStatus
 METADATA = sa.MetaData()
 
 
+def _lease() -> tuple[sa.Column, ...]:
+    """The lease columns of a job table (``jobs/lease.py``; appended by migration 3). Never part
+    of the OpenAI objects."""
+    return (sa.Column("lease_owner", sa.String(255)),  # <host>:<pid>:<random>, NULL: free
+            # the last renewal, and when the lease lapses: unix ms of the database's clock
+            sa.Column("lease_heartbeat_ms", sa.BigInteger),
+            sa.Column("lease_expires_ms", sa.BigInteger))
+
+
 def _status(enum_class: type[enum.Enum]) -> sa.Enum:
     """A VARCHAR(16) column type that stores an enum's values and reads them back as members
     (no database enum type, no CHECK constraint: the DDL is a plain VARCHAR(16))."""
@@ -61,6 +70,7 @@ BATCHES = sa.Table(
         "created", "in_progress", "expires", "finalizing", "completed", "failed", "expired",
         "cancelling", "cancelled")),
     sa.Column("rank", sa.BigInteger, nullable=False),
+    *_lease(),
 )
 BATCH_RESULTS = sa.Table(
     "batch_results", METADATA,
@@ -90,6 +100,7 @@ FINE_TUNING_JOBS = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     sa.Column("finished_at", sa.BigInteger),
     sa.Column("rank", sa.BigInteger, nullable=False),
+    *_lease(),
 )
 FINE_TUNING_EVENTS = sa.Table(
     "fine_tuning_events", METADATA,

@@ -136,10 +136,12 @@ async def _start_workers(app: FastAPI, engine: AsyncEngine) -> None:
     for name, path in config.loras.items():
         await engine.add_lora(name, path)
     app.state.batch_worker = BatchWorker(app.state.store, app, lambda: {engine.model_name},
-                                         concurrency=config.batch_concurrency)
+                                         concurrency=config.batch_concurrency,
+                                         lease_s=config.job_lease_s)
     app.state.batch_worker.start()
     if config.fine_tuning:
-        app.state.fine_tuning_worker = FineTuningWorker(app.state.store, engine)
+        app.state.fine_tuning_worker = FineTuningWorker(app.state.store, engine,
+                                                        lease_s=config.job_lease_s)
         app.state.fine_tuning_worker.start()
 
 

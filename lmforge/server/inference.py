@@ -26,7 +26,7 @@ from lmforge.server import beam
 from lmforge.server.choices import ChatChoices, CompletionChoices
 from lmforge.server.generation import Generation, collect, request_priority, stream
 from lmforge.server.logprobs import TokenTexts
-from lmforge.server.models import requested_model, resolve_model
+from lmforge.server.models import requested_model, resolve_model, serve_on_first_use
 from lmforge.server.prompts import chat_template_text, encode_request
 from lmforge.server.routing import StrictJSONRoute
 from lmforge.server.sampling import for_best_of, for_tools, sampling_params
@@ -44,6 +44,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI "Create chat completion" (text only; ``n`` choices)."""
     engine: AsyncEngine = request.app.state.engine
     body.model = requested_model(engine, body.model)
+    await serve_on_first_use(request, body.model)
     lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):
@@ -74,6 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     ``echo`` with ``max_tokens: 0`` returns only that (``Generation(prompt_only=True)``)."""
     engine: AsyncEngine = request.app.state.engine
     body.model = requested_model(engine, body.model)
+    await serve_on_first_use(request, body.model)
     lora = _check_model(engine, body.model, beam.is_beam_search(body))
     body.check()
     if beam.is_beam_search(body):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import re
 import shutil
@@ -30,7 +31,13 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from lmforge.errors import ConflictError, InvalidRequestError, ModelLoadError, ModelNotFoundError
+from lmforge.errors import (
+    ConflictError,
+    InvalidRequestError,
+    LMForgeError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 from lmforge.jobs.fine_tuning_store import FineTuningStore
 from lmforge.models.lora import CONFIG_FILE, WEIGHTS_FILE
 from lmforge.protocol import ModelCard, ModelList
@@ -40,6 +47,7 @@ from lmforge.server.routing import StrictJSONRoute
 if TYPE_CHECKING:
     from lmforge.engine.async_engine import AsyncEngine
 
+logger = logging.getLogger(__name__)
 router = APIRouter(route_class=StrictJSONRoute)
 
 # What the download sends: the files ``models/lora.py`` reads (it refuses adapter_model.bin).
@@ -79,6 +87,29 @@ def requested_model(engine: AsyncEngine, model: str | None) -> str:
         raise InvalidRequestError(f"Missing required parameter: 'model'. This server serves "
                                   f"several models ({served}); name one of them.", param="model")
     return engine.model_name
+
+
+async def serve_on_first_use(request: Request, model: str | None) -> None:
+    """Serve ``model`` now if it is a fine-tuned model (or a checkpoint of one) the jobs store
+    knows and this server does not serve yet: a job finished by another server sharing the
+    store (Ray Serve replicas, servers on one ``--database-url``) after this one started. Its
+    adapter directory must be on storage this server reads. Any other name is left to
+    ``resolve_model`` (a 404 for an unknown one)."""
+    engine = request.app.state.engine
+    if not model or not model.startswith("ft:") or engine.has_lora(model):
+        return
+    jobs = FineTuningStore(request.app.state.store)
+    job = await asyncio.to_thread(jobs.served_job, model)
+    path = job.adapter_path if job is not None else None
+    if path is None:
+        checkpoint = await asyncio.to_thread(jobs.checkpoint_of, model)
+        path = checkpoint.path if checkpoint is not None else None
+    if path is None or not Path(path).is_dir() or engine.has_lora(model):
+        return
+    try:
+        await engine.add_lora(model, path)
+    except LMForgeError as e:  # served meanwhile by a concurrent request, or unreadable
+        logger.warning("cannot serve %s from %s on first use: %s", model, path, e.message)
 
 
 def resolve_model(engine: AsyncEngine, model: str) -> str | None:

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from lmforge.jobs.fine_tuning_worker import FineTuningWorker, _results_csv
+from lmforge.jobs.fine_tuning_store import results_csv
+from lmforge.jobs.fine_tuning_worker import FineTuningWorker
 from lmforge.training.events import (
     CheckpointEvent,
     MessageEvent,
@@ -54,5 +55,5 @@ def test_events_are_stored_in_the_openai_shapes():
                                       '"full_valid_loss": 10.125}'), "/w/ftjob-1/checkpoint-3"),
     ]
     assert metrics == [events[4], events[5]]
-    assert _results_csv(metrics) == (b"step,epoch,train_loss,valid_loss,learning_rate\r\n"
+    assert results_csv(metrics) == (b"step,epoch,train_loss,valid_loss,learning_rate\r\n"
                                      b"1,1,12.5,,0.0\r\n3,1,11.25,10.125,0.03\r\n")

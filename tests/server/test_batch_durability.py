@@ -35,7 +35,8 @@ def check_each_line_once(client, batch, ids: list[str]):
 
 
 def test_a_killed_batch_resumes_and_runs_each_line_once(tiny_llama_dir, tmp_path):
-    server = ServerProcess(tiny_llama_dir, tmp_path / "home", "--batch-concurrency", "2")
+    server = ServerProcess(tiny_llama_dir, tmp_path / "home", "--batch-concurrency", "2",
+                           "--job-lease-s", "3")  # a restart takes its own jobs back sooner
     ids = [f"r{i}" for i in range(16)]
     try:
         client = server.start()
@@ -60,7 +61,7 @@ def test_a_killed_batch_resumes_and_runs_each_line_once(tiny_llama_dir, tmp_path
 
 def test_cancel_and_expiry_that_span_a_kill(tiny_llama_dir, tmp_path):
     server = ServerProcess(tiny_llama_dir, tmp_path / "home", "--batch-concurrency", "1",
-                           "--batch-window-s", "6")
+                           "--batch-window-s", "6", "--job-lease-s", "3")
     try:
         client = server.start()
         expiring = client.batches.create(
