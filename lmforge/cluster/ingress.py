@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -84,42 +84,45 @@ class IngressCore:
 
     async def _unary(self, proxied: ProxiedRequest, key: str | None, repeatable: bool
                      ) -> Response:
-        tried: tuple[str, ...] = ()
-        while len(tried) < (2 if repeatable else 1):
-            try:
-                name = self.router.choose(key, exclude=tried)
-            except NoReplicaError:
-                break
+        async def send(name: str) -> Response:
             try:
                 head, body = await self.handles[name].handle.remote(proxied)
-            except self._lost as e:
-                self._replica_lost(name, e)
-                tried += (name,)
-                continue
             finally:
                 self.router.release(name)
             return _response(head, body)
-        return unavailable("the engine replica serving this request stopped; retry")
+
+        return await self._with_retry(key, repeatable, send)
 
     async def _stream(self, proxied: ProxiedRequest, key: str | None, repeatable: bool
                       ) -> Response:
+        async def send(name: str) -> Response:
+            stream = self.handles[name].options(stream=True).handle_stream.remote(proxied)
+            try:
+                head = await stream.__anext__()
+            except BaseException:
+                self.router.release(name)
+                raise
+            response = StreamingResponse(self._rest(stream, name), status_code=head.status)
+            response.raw_headers = list(head.headers)
+            return response  # ``_rest`` releases the replica when the stream ends
+
+        return await self._with_retry(key, repeatable, send)
+
+    async def _with_retry(self, key: str | None, repeatable: bool,
+                          send: Callable[[str], Awaitable[Response]]) -> Response:
+        """``send(replica)`` on the routed replica; if that replica is lost before answering,
+        once more on another when ``repeatable``; else a retryable 503."""
         tried: tuple[str, ...] = ()
         while len(tried) < (2 if repeatable else 1):
             try:
                 name = self.router.choose(key, exclude=tried)
             except NoReplicaError:
                 break
-            stream = self.handles[name].options(stream=True).handle_stream.remote(proxied)
             try:
-                head = await stream.__anext__()
+                return await send(name)
             except self._lost as e:
-                self.router.release(name)
                 self._replica_lost(name, e)
                 tried += (name,)
-                continue
-            response = StreamingResponse(self._rest(stream, name), status_code=head.status)
-            response.raw_headers = list(head.headers)
-            return response
         return unavailable("the engine replica serving this request stopped; retry")
 
     async def _rest(self, stream: Any, name: str) -> AsyncIterator[bytes]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 from lmforge.cluster.asgi_call import ProxiedRequest, ResponseHead, call_app, iterate_app
 from lmforge.config import EngineConfig, ServerConfig

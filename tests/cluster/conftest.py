@@ -1,6 +1,7 @@
 """One local Ray cluster for the session's cluster tests (``ray.init`` on 127.0.0.1 with 4
 logical CPUs on this 2-core machine: two engine replicas, the router and a data actor fit), so
-that Serve, Data and actor tests share its start-up; shut down when the session ends.
+that Serve, Data and actor tests share its start-up; shut down after the last test of this
+directory (package scope), so that its processes do not idle through the rest of the suite.
 
 The whole directory skips when Ray is not installed (the ``lmforge[ray]`` extra)."""
 
@@ -13,7 +14,7 @@ ray = pytest.importorskip("ray")
 CLUSTER_CPUS = 4
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster():
     """The cluster's address (``host:port`` of its GCS), for ``ray.init(address=...)`` or a
     CLI's ``--ray-address`` in a subprocess."""

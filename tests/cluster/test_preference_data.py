@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 from click.testing import CliRunner
-from support.scripted_endpoint import Script, ScriptedEndpoint
+from support.scripted_endpoint import Script, ScriptedEndpoint, summ
 
 from lmforge.cli import main
 from lmforge.preference.config import ConfigError, load_config
@@ -24,11 +24,6 @@ ARTICLES = {"1": "First article: a storm hit the coast and closed two roads.",
             "3": "Third article: a local team won the regional final.",
             "4": "Eval one: prices rose by three percent in May.",
             "5": "Eval two: a bridge reopened after repairs."}
-
-
-def summ(score: int, words: int, tag: str) -> str:
-    """A summary the scripted judge scores ``score``, of exactly ``words`` words."""
-    return " ".join([f"S{score}", tag] + ["w"] * (words - 2))
 
 
 A1 = [summ(5, 10, "a"), summ(5, 14, "b"), summ(2, 4, "short"), summ(4, 12, "c"),

@@ -48,6 +48,9 @@ def ray_server(ray_cluster, tiny_llama_dir, tmp_path_factory):
         yield url
     finally:
         server.terminate()
+        from ray import serve
+
+        serve.shutdown()  # its controller and HTTP proxy would idle on in the cluster
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 import pytest
 import yaml
 from click.testing import CliRunner
-from support.scripted_endpoint import Script, ScriptedEndpoint
+from support.scripted_endpoint import Script, ScriptedEndpoint, summ
 
 from lmforge.cli import main
 from lmforge.preference.config import CANDIDATES_PROMPT, ConfigError, load_config
@@ -31,11 +31,6 @@ ARTICLES = {"1": "First article: a storm hit the coast and closed two roads.",
             "5": "Eval two: a bridge reopened after repairs.",
             "6": "Eval three: the museum doubled its visitors.",
             "7": "Eval four: a new school opened in the north."}
-
-
-def summ(score: int, words: int, tag: str) -> str:
-    """A summary the scripted judge scores ``score``, of exactly ``words`` words."""
-    return " ".join([f"S{score}", tag] + ["w"] * (words - 2))
 
 
 A1 = [summ(5, 10, "a"), summ(5, 14, "b"), summ(2, 4, "short"), summ(3, 200, "long"),

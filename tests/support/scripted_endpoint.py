@@ -107,3 +107,8 @@ class ScriptedEndpoint:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def summ(score: int, words: int, tag: str) -> str:
+    """A summary the scripted judge scores ``score``, of exactly ``words`` words."""
+    return " ".join([f"S{score}", tag] + ["w"] * (words - 2))
