@@ -114,8 +114,9 @@ def create(model: str | None, training_path: Path | None, training_file: str | N
 @click.argument("config_file", metavar="CONFIG.yaml",
                 type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--ray-address", default=None, metavar="ADDRESS",
-              help="The Ray cluster of a YAML with logprob_processor_scaling_config or "
-                   "worker_resources (default: $RAY_ADDRESS, else a local one).")
+              help="The Ray cluster of a YAML with logprob_processor_scaling_config, "
+                   "worker_resources or num_devices above 1 (default: $RAY_ADDRESS, else a "
+                   "local one).")
 def run(config_file: Path, ray_address: str | None) -> None:
     """Fine-tune offline, in this process, from an Anyscale llmforge YAML (seed 002's keys:
     model_id, train_path, valid_path, task, context_length, learning_rate, num_epochs,
@@ -124,7 +125,8 @@ def run(config_file: Path, ray_address: str | None) -> None:
     resumes after the last checkpoint. With preference_tuning_config.
     logprob_processor_scaling_config the DPO reference log-probs are computed on Ray actors
     while training runs; with worker_resources the training runs as a Ray task
-    (lmforge/cluster/reference_logprobs.py)."""
+    (lmforge/cluster/reference_logprobs.py); with num_devices above 1 on that many Ray workers,
+    data-parallel (lmforge/cluster/data_parallel.py)."""
     from lmforge.errors import LMForgeError
     from lmforge.models.lora_merge import export_adapter
     from lmforge.training.events import MessageEvent

@@ -26,9 +26,11 @@ implementations compute them in the trainer, first or between steps. Here:
 ``run_on_ray(plan)`` runs an llmforge YAML's ``FinetuneRun`` (``training.llmforge_config``) on
 a cluster: the processor when the YAML has ``logprob_processor_scaling_config``, and the
 training itself as one Ray task on a node with ``worker_resources`` when it has those (its
-events come back through a Ray queue). Resources are Ray's (``ray_options``): ``CPU``,
-``GPU``, or custom names such as ``accelerator_type:A10G``, which Ray gives nodes with that
-GPU and which then asks for one GPU too (the seed's "runs ... on 2 GPUs" with concurrency 2).
+events come back through a Ray queue), or on ``num_devices`` Ray workers data-parallel
+(``data_parallel``; each with ``worker_resources``) when it has ``num_devices`` above 1.
+Resources are Ray's (``ray_options``): ``CPU``, ``GPU``, or custom names such as
+``accelerator_type:A10G``, which Ray gives nodes with that GPU and which then asks for one GPU
+too (the seed's "runs ... on 2 GPUs" with concurrency 2).
 """
 
 from __future__ import annotations
@@ -218,8 +220,10 @@ class LogprobProcessor:
 def run_on_ray(plan: FinetuneRun, *, address: str | None = None,
                on_event: Callable[[TrainingEvent], None] | None = None) -> TrainingResult:
     """Run ``plan`` as ``lmforge fine-tune run`` does, with its Ray parts: the reference
-    log-probs on a ``LogprobProcessor`` (``plan.logprob_processor``), the training in one Ray
-    task on a node with ``plan.worker_resources`` (else in this process). Checkpoints go to
+    log-probs on a ``LogprobProcessor`` (``plan.logprob_processor``), the training on
+    ``plan.num_devices`` workers data-parallel (``data_parallel.train_data_parallel``) when
+    above 1, else in one Ray task on a node with ``plan.worker_resources`` (else in this
+    process); every training worker gets the processor. Checkpoints go to
     ``plan.output_dir / "checkpoints"`` (on the training worker's node: on a cluster of several
     machines make it shared storage).
 
@@ -236,6 +240,10 @@ def run_on_ray(plan: FinetuneRun, *, address: str | None = None,
     if plan.logprob_processor is not None and plan.config.method == "dpo":
         processor = LogprobProcessor.from_config(plan.model, plan.logprob_processor)
     try:
+        if plan.num_devices > 1:
+            from lmforge.cluster.data_parallel import train_data_parallel
+
+            return train_data_parallel(ray, plan, processor, on_event or (lambda event: None))
         if plan.worker_resources is None:
             return _train(plan, processor, on_event)
         return _train_as_task(ray, plan, processor, on_event or (lambda event: None))

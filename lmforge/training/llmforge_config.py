@@ -13,9 +13,9 @@ Keys read (the seed's names):
 - ``preference_tuning_config.beta``; ``lora_config.r``, ``lora_alpha``, ``lora_dropout``,
   ``target_modules`` (and PEFT's ``modules_to_save: []``, ``bias: none``, ``fan_in_fan_out:
   false``, ``init_lora_weights: true``, the only values our LoRA has).
-- Accepted with no effect in one process, and said so: ``num_devices: 1``,
-  ``num_data_blocks_per_device``, ``no_gradient_checkpoint``, ``flash_attention_2``,
-  ``padding: longest`` (what the collators do).
+- Accepted with no effect in one process, and said so: ``num_data_blocks_per_device``,
+  ``no_gradient_checkpoint``, ``flash_attention_2``, ``padding: longest`` (what the collators
+  do).
 
 Keys that run on a Ray cluster (``lmforge.cluster.reference_logprobs.run_on_ray`` runs them;
 ``FinetuneRun.on_ray`` says when):
@@ -25,12 +25,17 @@ Keys that run on a Ray cluster (``lmforge.cluster.reference_logprobs.run_on_ray`
   ``concurrency`` (actors, each loading the base model once), ``batch_size`` (pairs per call),
   ``custom_resources`` (Ray resources of each actor, e.g. ``accelerator_type:A10G: 1``,
   ``CPU``, ``GPU``).
-- ``worker_resources``: the Ray resources of the one training worker, which then runs as a Ray
-  task on a node that has them.
+- ``num_devices``: training workers (default 1, in this process or the ``worker_resources``
+  task). Above 1, that many Ray workers train the adapter data-parallel
+  (``lmforge.cluster.data_parallel``), each on ``train_batch_size_per_device`` examples per
+  micro-batch: an optimizer step is ``train_batch_size_per_device * num_devices *
+  gradient_accumulation_steps`` examples, llmforge's global batch, so more devices make fewer
+  steps per epoch.
+- ``worker_resources``: the Ray resources of each training worker (the one Ray task, or each of
+  the ``num_devices`` workers).
 
-Refused with a message saying why, never ignored: ``num_devices`` above 1 (data-parallel
-training over several workers is not built: one worker trains the adapter), ``deepspeed``
-(ZeRO shards what one LoRA worker does not need sharded), and any key not listed here.
+Refused with a message saying why, never ignored: ``deepspeed`` (ZeRO shards what LoRA workers
+do not need sharded), and any key not listed here.
 """
 
 from __future__ import annotations
@@ -46,14 +51,9 @@ from lmforge.models.lora import LoRAConfig
 from lmforge.training.training_config import TrainingConfig
 
 TASKS = {"preference_tuning": "dpo", "instruction_tuning": "sft"}
-MULTI_WORKER = ("needs a cluster of data-parallel training workers, which lmforge does not run: "
-                "one worker trains the LoRA adapter. Set num_devices: 1; on Ray, "
-                "worker_resources places that worker and preference_tuning_config."
-                "logprob_processor_scaling_config computes the reference log-probs on actors "
-                "of their own")
 DEEPSPEED = ("shards the optimizer and weights over several workers (ZeRO), which lmforge does "
-             "not do: one worker trains the LoRA adapter, whose optimizer state is small; "
-             "remove it")
+             "not do: each LoRA worker keeps the whole adapter, whose optimizer state is small; "
+             "remove it (num_devices alone trains data-parallel on Ray workers)")
 PROCESSOR = "preference_tuning_config.logprob_processor_scaling_config"
 _PROCESSOR_KEYS = {"concurrency", "batch_size", "custom_resources"}
 _NO_EFFECT = {"num_data_blocks_per_device": "Ray Data's blocks: the data is read in-process",
@@ -92,12 +92,14 @@ class FinetuneRun:
     config: TrainingConfig
     notes: list[str] = field(default_factory=list)  # keys accepted with no effect, said so
     logprob_processor: LogprobProcessorConfig | None = None  # reference log-probs on Ray actors
-    worker_resources: dict[str, float] | None = None  # the training worker as a Ray task
+    worker_resources: dict[str, float] | None = None  # each training worker's, on Ray
+    num_devices: int = 1  # training workers; above 1 data-parallel on Ray
 
     @property
     def on_ray(self) -> bool:
         """Part of the run goes to a Ray cluster (``lmforge.cluster.reference_logprobs``)."""
-        return self.logprob_processor is not None or self.worker_resources is not None
+        return (self.logprob_processor is not None or self.worker_resources is not None
+                or self.num_devices > 1)
 
 
 def read_llmforge_config(path: str | Path) -> FinetuneRun:
@@ -105,9 +107,9 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
 
     Raises:
         InvalidRequestError: unreadable YAML, a missing required key (``model_id``,
-            ``train_path``, ``task``), an unknown key or task, a refused cluster key
-            (``num_devices`` above 1, ``deepspeed``: ``param`` names it, the message says why),
-            or a value out of range (``TrainingConfig.validate``, the Ray resources).
+            ``train_path``, ``task``), an unknown key or task, ``deepspeed`` (refused:
+            ``param`` names it, the message says why), or a value out of range
+            (``TrainingConfig.validate``, ``num_devices``, the Ray resources).
     """
     path = Path(path)
     try:
@@ -116,7 +118,7 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
         raise InvalidRequestError(f"cannot read {path}: {e}", param="config") from None
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"{path} must hold a mapping of settings", param="config")
-    _refuse_multi_worker(raw)
+    devices = _devices(raw)
     unknown = sorted(set(raw) - _KNOWN)
     if unknown:
         raise InvalidRequestError(f"unknown key(s) {', '.join(unknown)}; the keys are "
@@ -141,7 +143,8 @@ def read_llmforge_config(path: str | Path) -> FinetuneRun:
                        output_dir=base / raw.get("output_dir", "output"), config=config,
                        notes=notes, logprob_processor=_processor(raw),
                        worker_resources=_resources("worker_resources",
-                                                   raw.get("worker_resources")))
+                                                   raw.get("worker_resources")),
+                       num_devices=devices)
 
 
 def _training_config(raw: dict[str, Any]) -> TrainingConfig:
@@ -160,12 +163,15 @@ def _training_config(raw: dict[str, Any]) -> TrainingConfig:
     return config
 
 
-def _refuse_multi_worker(raw: dict[str, Any]) -> None:
-    devices = raw.get("num_devices", 1)
-    if devices != 1:
-        raise InvalidRequestError(f"num_devices: {devices} {MULTI_WORKER}", param="num_devices")
+def _devices(raw: dict[str, Any]) -> int:
+    """``num_devices`` (a whole number of at least 1, default 1); refuses ``deepspeed``."""
     if raw.get("deepspeed"):
         raise InvalidRequestError(f"deepspeed {DEEPSPEED}", param="deepspeed")
+    devices = raw.get("num_devices", 1)
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise InvalidRequestError(f"num_devices must be a whole number of at least 1 (training "
+                                  f"workers), got {devices!r}", param="num_devices")
+    return devices
 
 
 def _processor(raw: dict[str, Any]) -> LogprobProcessorConfig | None:

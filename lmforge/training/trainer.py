@@ -23,7 +23,7 @@ followed by a ``CheckpointEvent``) and ``MessageEvent`` lines, and stops the run
 micro-batches by returning True from ``should_stop()`` (cancellation; nothing is saved). With
 ``resume=True`` a run continues after the last complete checkpoint in ``output_dir``, and says
 where it starts first with a ``ResumeEvent`` (checkpoint None, epoch 0, step 0: none was found,
-so step 1).
+so step 1). With ``parallel`` the run is one rank of a data-parallel one (``distributed``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ from lmforge.models.lora import (
 )
 from lmforge.models.lora_merge import merge_adapter_
 from lmforge.training.data import epoch_order, split_holdout
+from lmforge.training.distributed import (DataParallel, MetricSums, my_share, sum_over_ranks,
+                                          sync_grads, world_size, writes_files)
 from lmforge.training.events import (
     CheckpointEvent,
     MessageEvent,
@@ -79,17 +81,7 @@ class TrainingResult:
 
 
 _BAR_METRICS = ("rewards/accuracies",)  # shown on the progress bar beside the loss
-
-
-class _Sums(dict):
-    """Metric sums over micro-batches (``LossOutput.metrics``), and their means per item."""
-
-    def add(self, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self[name] = self.get(name, 0.0) + value
-
-    def means(self, num_items: int) -> dict[str, float]:
-        return {name: total / max(num_items, 1) for name, total in self.items()}
+_TOTAL, _COUNT = "\0loss", "\0count"  # the loss sum and item count among summed metrics
 
 
 @dataclass
@@ -117,25 +109,25 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
           config: TrainingConfig, output_dir: str | Path, *,
           on_event: Callable[[TrainingEvent], None] | None = None, resume: bool = True,
           should_stop: Callable[[], bool] | None = None, base_adapter: str | Path | None = None,
-          reference_logprobs: ReferenceLogprobs | None = None) -> TrainingResult:
+          reference_logprobs: ReferenceLogprobs | None = None,
+          parallel: DataParallel | None = None) -> TrainingResult:
     """Fine-tune a LoRA adapter on ``model`` by ``config.method``; the best validation loss wins.
 
     Args:
         model: a GGUF file, HF directory or alias (loaded in float32, unfused), or a
             ``LoadedModel`` loaded with ``for_training=True`` (LoRA is injected into it in place).
-        train_rows: the method's examples (SFT: ``data.read_examples``) or a file path to read
-            them from.
+        train_rows: the method's examples (SFT: ``data.read_examples``), or a file of them.
         val_rows: the same, or None to hold out 10% of ``train_rows`` (``split_holdout``).
         output_dir: where checkpoints go; with ``resume`` the last complete one is continued.
         on_event: called with the ``events`` dataclasses (module docstring).
         should_stop: polled before every micro-batch and prepare batch; True ends the run.
-        resume: continue after the last complete checkpoint in ``output_dir`` (if any), and emit
-            a ``ResumeEvent`` saying where the run starts.
-        base_adapter: a PEFT adapter of ``model`` to train on (an ``ft:`` model), folded into
-            the weights first (``lora_merge.merge_adapter_``): the DPO reference, under the new
-            adapter; checkpoints hold the new one alone (``lora_merge.export_adapter`` stacks).
+        resume: continue after the last complete checkpoint in ``output_dir``, if any (a
+            ``ResumeEvent`` says where the run starts).
+        base_adapter: a PEFT adapter of ``model`` (``ft:``) folded in first (``merge_adapter_``):
+            the DPO reference; checkpoints hold the new one alone (``export_adapter`` stacks).
         reference_logprobs: DPO: a ``dpo.ReferenceLogprobs`` computing the reference log-probs
             elsewhere while training runs (Ray actors); None: here, before training.
+        parallel: this process as one rank of a data-parallel run (``distributed``), or None.
 
     Raises:
         InvalidRequestError: an invalid config (``TrainingConfig.validate``; an unknown method
@@ -152,13 +144,13 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     if base_adapter is not None:
         merge_adapter_(loaded.model, str(base_adapter))
     sets = _prepare(method, loaded, _datasets(method, train_rows, val_rows, loaded, config),
-                    config, Path(output_dir) / "prepared", resume, emit, stop, reference_logprobs)
+                    config, _cache(output_dir, parallel), resume, emit, stop, reference_logprobs)
     if sets is None:  # stopped during the method's pass over the data
         return TrainingResult(None, None, 0, 0, stopped=True)
     torch.manual_seed(config.seed)
     inject_lora(loaded.model, config.lora)
     params = [p for p in loaded.model.parameters() if p.requires_grad]
-    loop = _Loop(method, loaded, params, *sets, config, Path(output_dir), emit)
+    loop = _Loop(method, loaded, params, *sets, config, Path(output_dir), emit, parallel)
     if resume:
         checkpoint = loop.restore_last_checkpoint()
         emit(ResumeEvent(checkpoint, loop.state.epoch, loop.state.step))
@@ -185,6 +177,12 @@ def _prepare(method: TrainingMethod, loaded: LoadedModel, sets: tuple[list[Any],
         if out[-1] is None:
             return None
     return out[0], out[1]
+
+
+def _cache(output_dir: str | Path, parallel: DataParallel | None) -> Path:
+    """Where the method's pass keeps its results: a directory of each rank's own."""
+    return Path(output_dir) / ("prepared" if parallel is None or parallel.rank == 0
+                               else f"prepared-rank{parallel.rank}")
 
 
 def pad_token_id(loaded: LoadedModel) -> int:
@@ -221,14 +219,15 @@ class _Loop:
     def __init__(self, method: TrainingMethod, loaded: LoadedModel,
                  params: list[torch.nn.Parameter], train_set: list[Any], val_set: list[Any],
                  config: TrainingConfig, output_dir: Path,
-                 emit: Callable[[TrainingEvent], None]):
+                 emit: Callable[[TrainingEvent], None], parallel: DataParallel | None = None):
         self.method, self.loaded, self.model, self.config = method, loaded, loaded.model, config
         self.train_set, self.val_set, self.output_dir, self.emit = (
             train_set, val_set, output_dir, emit)
-        self.params = params
+        self.params, self.parallel = params, parallel
         self.pad_id = pad_token_id(loaded)
         micro = math.ceil(len(train_set) / config.batch_size)
-        self.steps_per_epoch = math.ceil(micro / config.gradient_accumulation_steps)
+        self.accum = config.gradient_accumulation_steps * world_size(parallel)  # micro per step
+        self.steps_per_epoch = math.ceil(micro / self.accum)
         self.total_steps = self.steps_per_epoch * config.n_epochs
         warmup = round(config.warmup_ratio * self.total_steps)
         self.optimizer = torch.optim.AdamW(params, lr=config.peak_learning_rate,
@@ -244,7 +243,7 @@ class _Loop:
         self.message(f"Training on {len(self.train_set)} examples, validating on "
                      f"{len(self.val_set)}: {self.total_steps} steps over {cfg.n_epochs} epochs")
         with tqdm(total=self.total_steps, initial=self.state.step, desc="Fine-tuning",
-                  unit="step") as bar:
+                  unit="step", disable=not writes_files(self.parallel)) as bar:
             for epoch in range(self.state.epoch, cfg.n_epochs):
                 for step_batches in self.epoch_steps(epoch):
                     if should_stop():
@@ -267,7 +266,7 @@ class _Loop:
         The order is a shuffle seeded by (seed, epoch), so a resumed run sees the same batches.
         """
         order = epoch_order(len(self.train_set), self.config.seed, epoch)
-        size, accum = self.config.batch_size, self.config.gradient_accumulation_steps
+        size, accum = self.config.batch_size, self.accum
         batches = [self.method.collate([self.train_set[i] for i in order[s:s + size]],
                                        self.pad_id)
                    for s in range(0, len(order), size)]
@@ -280,7 +279,8 @@ class _Loop:
         """Forward/backward every micro-batch, clip, step.
 
         Each micro-batch's summed loss is divided by the items of the whole step, so the
-        step's gradient is that of one big batch (every item weighs the same).
+        step's gradient is that of one big batch (every item weighs the same), here or summed
+        over the ranks (``distributed``).
 
         Returns:
             (the step's mean loss per item, the learning rate it used, the method's metrics as
@@ -288,15 +288,17 @@ class _Loop:
         """
         self.model.train()
         num_items = max(sum(b.num_items for b in batches), 1)
-        total, metrics = 0.0, _Sums()
-        for batch in batches:
-            batch = batch.to(self.device)
-            out = self.method.loss(self.model, batch, self.config)
+        self.state.trained_tokens += sum(b.num_tokens for b in batches)
+        total, metrics = 0.0, MetricSums()
+        for batch in my_share(batches, self.parallel):
+            out = self.method.loss(self.model, batch.to(self.device), self.config)
             loss = out.loss / num_items
             loss.backward()
             total += loss.item()
             metrics.add(out.metrics)
-            self.state.trained_tokens += batch.num_tokens
+        sync_grads(self.parallel, self.params)
+        metrics = MetricSums(sum_over_ranks(self.parallel, {**metrics, _TOTAL: total}))
+        total = metrics.pop(_TOTAL)
         if self.config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -324,26 +326,32 @@ class _Loop:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, dict[str, float]]:
         """Mean loss per item over the validation set (dropout off), and the method's metrics
-        as means per item."""
+        as means per item; data-parallel, each rank runs its share of the batches."""
         self.model.eval()
-        total, count, metrics = 0.0, 0, _Sums()
+        total, count, metrics = 0.0, 0, MetricSums()
         size = self.config.eval_batch_size or self.config.batch_size
-        for s in range(0, len(self.val_set), size):
+        for s in my_share(range(0, len(self.val_set), size), self.parallel):
             batch = self.method.collate(self.val_set[s:s + size], self.pad_id)
             out = self.method.loss(self.model, batch.to(self.device), self.config)
             total += out.loss.item()
             count += out.num_items
             metrics.add(out.metrics)
+        metrics = MetricSums(sum_over_ranks(self.parallel,
+                                            {**metrics, _TOTAL: total, _COUNT: count}))
+        total, count = metrics.pop(_TOTAL), int(metrics.pop(_COUNT))
         return total / max(count, 1), metrics.means(count)
 
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self, eval_loss: float) -> Path:
-        """Save the adapter and the resume state in ``checkpoint-<step>``; returns its path."""
+        """Save the adapter and the resume state in ``checkpoint-<step>`` (rank 0 alone, the
+        others only keep the best in step); returns its path."""
         directory = self.output_dir / f"checkpoint-{self.state.step}"
-        save_peft_adapter(self.model, self.config.lora, directory, self.loaded.name)
         if self.state.best_eval_loss is None or eval_loss < self.state.best_eval_loss:
             self.state.best_eval_loss, self.state.best_checkpoint = eval_loss, str(directory)
+        if not writes_files(self.parallel):
+            return directory
+        save_peft_adapter(self.model, self.config.lora, directory, self.loaded.name)
         tmp = directory / f"{STATE_FILE}.tmp"
         torch.save({"state": vars(self.state), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),

@@ -7,7 +7,11 @@ The whole directory skips when Ray is not installed (the ``lmforge[ray]`` extra)
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 ray = pytest.importorskip("ray")
 
@@ -23,3 +27,24 @@ def ray_cluster():
                  _node_ip_address="127.0.0.1")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process: the workers and actors compute on the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="package")
+def scaled_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with its matrices x10 (``tests/training/conftest.py::load_scaled``), saved
+    as a checkpoint: Ray workers and actors load the model from a path, as the trainer does."""
+    directory = tmp_path_factory.mktemp("scaled_llama")
+    shutil.copytree(tiny_llama_dir, directory, dirs_exist_ok=True)
+    weights = load_file(directory / "model.safetensors")
+    save_file({k: v * 10 if v.dim() == 2 else v for k, v in weights.items()},
+              directory / "model.safetensors", metadata={"format": "pt"})
+    return directory

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
 from lmforge.cluster.reference_logprobs import LogprobProcessor, ray_options
@@ -31,25 +30,7 @@ BAD = "I could not say, since there are so many things one might consider here."
 ACTOR = {"CPU": 0.5}  # two actors and a training task fit beside anything else on 4 CPUs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in this process: the actors compute on the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def scaled_dir(tiny_llama_dir, tmp_path_factory):
-    """The tiny Llama with its matrices x10 (``tests/training/conftest.py::load_scaled``), saved
-    as a checkpoint: the actors load the model from a path, as the trainer does."""
-    directory = tmp_path_factory.mktemp("scaled_llama")
-    shutil.copytree(tiny_llama_dir, directory, dirs_exist_ok=True)
-    weights = load_file(directory / "model.safetensors")
-    save_file({k: v * 10 if v.dim() == 2 else v for k, v in weights.items()},
-              directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Seed 002 (Anyscale's preference tuning): its DPO config, ``configs/mistral_dpo_summarization.yaml``
 as the notebook prints it, given to ``lmforge fine-tune run`` in place of ``llmforge anyscale
-finetune``. As written it asks for six GPUs, DeepSpeed and reference-model workers: refused,
-naming the scale-out path, never silently run on one process. With the model, the data paths
+finetune``. As written it asks for six GPUs, DeepSpeed and reference-model workers: DeepSpeed is
+refused, naming the scale-out path (``num_devices`` on Ray), never silently run on one process. With the model, the data paths
 and the context length changed to the tiny test model's (and the cluster keys removed), the same
 file trains a DPO LoRA adapter on Anyscale-format pairs (``chosen``/``rejected`` conversations)
 and writes a PEFT adapter."""
@@ -53,7 +53,8 @@ def test_the_seed_config_as_written_is_refused_naming_the_scale_out_path(tiny_ll
     path.write_text(text.replace("mistralai/Mistral-7B-Instruct-v0.1", str(tiny_llama_dir)))
     result = CliRunner().invoke(cli, ["fine-tune", "run", str(path)])
     assert result.exit_code == 2, result.output
-    assert "num_devices: 6 needs a cluster" in result.output and "Ray" in result.output
+    assert "deepspeed shards" in result.output and "num_devices" in result.output
+    assert "Ray" in result.output
     assert not (tmp_path / "out").exists()
 
 

@@ -1,6 +1,6 @@
 """Anyscale llmforge YAML -> one offline run: the seed's keys map to ``TrainingConfig``, its Ray
-keys (the logprob processor, the worker's resources) to the run's Ray parts, keys for several
-training workers and unknown keys are refused naming the key, no-effect keys are said."""
+keys (the logprob processor, the workers' resources, data-parallel workers) to the run's Ray
+parts, DeepSpeed and unknown keys are refused naming the key, no-effect keys are said."""
 
 import pytest
 import yaml
@@ -36,6 +36,7 @@ def test_the_seed_keys_map_to_the_training_config(tmp_path):
                          "kernels)"]
     assert read(tmp_path, task="instruction_tuning").config.method == "sft"
     assert run.logprob_processor is None and run.worker_resources is None and not run.on_ray
+    assert run.num_devices == 1
 
 
 def test_the_seed_ray_keys_describe_the_runs_ray_parts(tmp_path):
@@ -51,9 +52,18 @@ def test_the_seed_ray_keys_describe_the_runs_ray_parts(tmp_path):
     assert defaults.logprob_processor == LogprobProcessorConfig(1, 8, {})
 
 
+def test_num_devices_above_one_trains_data_parallel_on_ray(tmp_path):
+    run = read(tmp_path, num_devices=6, worker_resources={"CPU": 2})
+    assert run.num_devices == 6 and run.on_ray  # Ray even without other Ray keys
+    assert run.worker_resources == {"CPU": 2.0}  # each of the six workers'
+    assert run.logprob_processor is None
+    assert read(tmp_path, num_devices=2).on_ray
+
+
 @pytest.mark.parametrize("keys, param, words", [
-    ({"num_devices": 6}, "num_devices", "data-parallel training workers"),
-    ({"deepspeed": {"config_path": "z3.json"}}, "deepspeed", "ZeRO"),
+    ({"num_devices": 0}, "num_devices", "at least 1"),
+    ({"num_devices": "2"}, "num_devices", "whole number"),
+    ({"num_devices": 6, "deepspeed": {"config_path": "z3.json"}}, "deepspeed", "ZeRO"),
     ({"worker_resources": {"CPU": 0}}, "worker_resources", "amounts above 0"),
     ({"worker_resources": ["GPU"]}, "worker_resources", "Ray resource names"),
     ({"preference_tuning_config": {"logprob_processor_scaling_config": {"num_gpus": 2}}},
