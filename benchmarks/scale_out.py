@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-requests", type=int, default=30)
     p.add_argument("--port", type=int, default=8931)
     p.add_argument("--startup-timeout", type=float, default=600)
-    p.add_argument("--serve-args", default="--kv-cache-memory 256MiB")
+    p.add_argument("--serve-args", default="--kv-cache-tokens 16384")
     return p.parse_args(argv)
 
 
