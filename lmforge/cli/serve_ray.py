@@ -32,6 +32,7 @@ _OPTIONS = [
                  show_default=True, help="Ray GPUs per replica (with --ray)."),
 ]
 _KEYS = ("ray", "ray_address", "replicas", "replica_cpus", "replica_gpus")
+_DEFAULTS = {"ray_address": None, "replicas": 1, "replica_cpus": 1.0, "replica_gpus": 0.0}
 
 
 def ray_options(command: Callable) -> Callable:
@@ -42,9 +43,19 @@ def ray_options(command: Callable) -> Callable:
 
 
 def pop_ray_options(options: dict[str, Any]) -> dict[str, Any] | None:
-    """Take the ``--ray`` options out of ``serve``'s ``options``; None without ``--ray``."""
+    """Take the ``--ray`` options out of ``serve``'s ``options``; None without ``--ray``.
+
+    Raises:
+        click.UsageError: a replica option without ``--ray`` (it would do nothing)."""
     values = {key: options.pop(key) for key in _KEYS}
-    return values if values.pop("ray") else None
+    if values.pop("ray"):
+        return values
+    given = [f"--{key.replace('_', '-')}" for key, default in _DEFAULTS.items()
+             if values[key] != default]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} only apply with --ray (replicas on a Ray "
+                               "cluster); add --ray or drop them")
+    return None
 
 
 def serve_ray(values: dict[str, Any], config: EngineConfig, server_config: ServerConfig,

@@ -36,6 +36,12 @@ def test_bad_config_exits_2_naming_the_field(tiny_llama_dir):
     assert result.output.strip() == "Error: block_size (3) must be a power of two, e.g. 16"
 
 
+def test_replica_options_without_ray_are_a_usage_error():
+    result = CliRunner().invoke(main, ["serve", "--replicas", "2", "--replica-gpus", "1"])
+    assert result.exit_code == 2
+    assert "--replicas, --replica-gpus only apply with --ray" in result.output
+
+
 def test_missing_chat_template_file_exits_2(tmp_path):
     result = CliRunner().invoke(main, ["serve", "--chat-template", str(tmp_path / "none.jinja")])
     assert result.exit_code == 2 and "does not exist" in result.output
