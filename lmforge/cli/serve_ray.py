@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from lmforge.config import EngineConfig, ServerConfig
 
@@ -32,7 +33,6 @@ _OPTIONS = [
                  show_default=True, help="Ray GPUs per replica (with --ray)."),
 ]
 _KEYS = ("ray", "ray_address", "replicas", "replica_cpus", "replica_gpus")
-_DEFAULTS = {"ray_address": None, "replicas": 1, "replica_cpus": 1.0, "replica_gpus": 0.0}
 
 
 def ray_options(command: Callable) -> Callable:
@@ -50,8 +50,9 @@ def pop_ray_options(options: dict[str, Any]) -> dict[str, Any] | None:
     values = {key: options.pop(key) for key in _KEYS}
     if values.pop("ray"):
         return values
-    given = [f"--{key.replace('_', '-')}" for key, default in _DEFAULTS.items()
-             if values[key] != default]
+    source = click.get_current_context().get_parameter_source
+    given = [f"--{key.replace('_', '-')}" for key in values
+             if source(key) is not ParameterSource.DEFAULT]
     if given:
         raise click.UsageError(f"{', '.join(given)} only apply with --ray (replicas on a Ray "
                                "cluster); add --ray or drop them")

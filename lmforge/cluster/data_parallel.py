@@ -88,14 +88,12 @@ class TrainingRank:
         its result and the sum of its adapter's weights (float64), equal on every rank."""
         import torch
 
-        from lmforge.config import ModelConfig
-        from lmforge.models.loader import load_model
         from lmforge.training.distributed import TorchDistributed
+        from lmforge.training.forward import load_base
         from lmforge.training.trainer import train
 
         config = dataclasses.replace(plan.config, device="cuda") if self.gpu else plan.config
-        loaded = load_model(ModelConfig(model=plan.model, dtype="float32", device=config.device),
-                            for_training=True)
+        loaded = load_base(plan.model, config.device)
         emit = None if events is None else events.put  # a Ray Queue: len() 0 is falsy
         result = train(loaded, plan.train_path, plan.valid_path, config,
                        plan.output_dir / "checkpoints", on_event=emit, resume=True,

@@ -97,17 +97,12 @@ class ReferenceWorker:
     def __init__(self, model: str, base_adapter: str | None, threads: int):
         import torch
 
-        from lmforge.config import ModelConfig
-        from lmforge.models.loader import load_model
-        from lmforge.models.lora_merge import merge_adapter_
+        from lmforge.training.forward import load_base
         from lmforge.training.trainer import pad_token_id
 
         torch.set_num_threads(max(1, threads))
         device = "cuda" if import_ray().get_gpu_ids() else "cpu"
-        loaded = load_model(ModelConfig(model=model, dtype="float32", device=device),
-                            for_training=True)
-        if base_adapter is not None:
-            merge_adapter_(loaded.model, base_adapter)
+        loaded = load_base(model, device, base_adapter)
         self.model, self.pad_id = loaded.model, pad_token_id(loaded)
 
     def logps(self, examples: list[PreferenceExample], average: bool) -> list[list[float]]:

@@ -14,6 +14,7 @@ import torch
 
 from lmforge.models.attention import AttentionMetadata, PrefillChunk
 from lmforge.models.interface import CausalLM
+from lmforge.models.loader import LoadedModel
 from lmforge.training.losses import IGNORE_INDEX, selective_log_softmax
 
 
@@ -107,3 +108,18 @@ def label_logps(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.
     logps = hidden.new_zeros(b, t - 1, dtype=torch.float32)
     logps[mask] = selective_log_softmax(logits, labels[:, 1:][mask])
     return logps, mask
+
+
+def load_base(model: str, device: str, base_adapter: str | None = None) -> LoadedModel:
+    """The base model as every training process loads it: float32, unfused
+    (``load_model(..., for_training=True)``), with ``base_adapter`` (an ``ft:`` model's PEFT
+    directory) folded into its weights. Raises ``ModelLoadError`` as ``load_model``."""
+    from lmforge.config import ModelConfig
+    from lmforge.models.loader import load_model
+    from lmforge.models.lora_merge import merge_adapter_
+
+    loaded = load_model(ModelConfig(model=model, dtype="float32", device=device),
+                        for_training=True)
+    if base_adapter is not None:
+        merge_adapter_(loaded.model, str(base_adapter))
+    return loaded

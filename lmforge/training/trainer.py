@@ -39,9 +39,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lmforge.config import ModelConfig
 from lmforge.errors import InvalidRequestError
-from lmforge.models.loader import LoadedModel, load_model
+from lmforge.models.loader import LoadedModel
 from lmforge.models.lora import (
     inject_lora,
     load_lora_state_dict_,
@@ -59,6 +58,7 @@ from lmforge.training.events import (
     StepEvent,
     TrainingEvent,
 )
+from lmforge.training.forward import load_base
 from lmforge.training.methods import MicroBatch, TrainingMethod, get_method
 from lmforge.training.methods.dpo import ReferenceLogprobs
 from lmforge.training.training_config import TrainingConfig
@@ -138,8 +138,7 @@ def train(model: str | Path | LoadedModel, train_rows: Rows, val_rows: Rows | No
     config.validate()
     method = get_method(config.method)
     emit, stop = on_event or (lambda event: None), should_stop or (lambda: False)
-    loaded = model if isinstance(model, LoadedModel) else load_model(
-        ModelConfig(model=str(model), dtype="float32", device=config.device), for_training=True)
+    loaded = model if isinstance(model, LoadedModel) else load_base(str(model), config.device)
     _check_context(config, loaded)
     if base_adapter is not None:
         merge_adapter_(loaded.model, str(base_adapter))
